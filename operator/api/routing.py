@@ -1,0 +1,82 @@
+"""RoutingTable: the one document the control plane writes and the data plane reads (DESIGN.md §5).
+
+The gateway never asks the Kubernetes API anything: everything it needs to route a request, fall
+back, pick the retrieval mode and enforce a budget is in here, with the reason for each choice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from .common import ApiModel, SecretKeyRef
+
+
+class BackendPricing(ApiModel):
+    input_per_million_usd: float = Field(alias="inputPerMillionUSD")
+    output_per_million_usd: float = Field(alias="outputPerMillionUSD")
+
+
+class Backend(ApiModel):
+    model_deployment: str = Field(description="ModelDeployment name.")
+    engine: Literal["vllm", "external"]
+    endpoint: str | None = Field(description="OpenAI-compatible base URL; None until the model reports one.")
+    model: str = Field(description="Value to send in the OpenAI `model` field.")
+    tier: str
+    pricing: BackendPricing
+    context_window: int | None = None
+    api_key_secret_ref: SecretKeyRef | None = None
+    healthy: bool
+    role: Literal["primary", "fallback", "downgrade"]
+    reason: str = Field(description="Why this backend holds this place in the order.")
+
+
+class Route(ApiModel):
+    step: str = Field(description="Generate step the route serves; clients call model '<workflow>/<step>'.")
+    tier: str
+    backends: list[Backend] = Field(description="Try in order; healthy first.")
+    max_tokens: int
+
+
+class Retrieval(ApiModel):
+    step: str
+    vector_index: str
+    collection: str | None = Field(description="Milvus alias to query.")
+    milvus_uri: str | None
+    mode: Literal["hybrid", "dense", "keyword", "keyword-only"]
+    top_k: int
+    reason: str
+
+
+class BudgetRule(ApiModel):
+    policy: str
+    state: Literal["Ok", "Warning", "Exhausted", "Unknown"]
+    action: Literal["none", "downgrade", "queue", "reject"] = Field(
+        description="What the gateway does now: none while budget remains, else the policy's onExhausted."
+    )
+    downgrade_tier: str | None = None
+    queue_timeout_seconds: int | None = None
+    per_request_max_cost_usd: float | None = Field(default=None, alias="perRequestMaxCostUSD")
+    per_request_max_tokens: int | None = None
+
+
+class RoutingTable(ApiModel):
+    api_version: Literal["pilothouse.io/v1alpha1"] = "pilothouse.io/v1alpha1"
+    kind: Literal["RoutingTable"] = "RoutingTable"
+    workflow: str
+    namespace: str
+    revision: int = Field(ge=1, description="Increases by one whenever routing content changes.")
+    generated_at: datetime
+    degraded: bool
+    active_fallbacks: list[str] = Field(default_factory=list)
+    routes: list[Route]
+    retrieval: list[Retrieval] = Field(default_factory=list)
+    budget: BudgetRule | None = None
+    audit_store_prompts: bool = False
+    audit_store_outputs: bool = False
+
+    def content_key(self) -> str:
+        """Everything that matters for routing; the revision bumps only when this changes."""
+        return self.model_dump_json(exclude={"revision", "generated_at"}, by_alias=True)

@@ -1,0 +1,91 @@
+"""Health of a ModelDeployment: classify KubeRay/pod state (pure) and probe external endpoints (I/O).
+
+Reasons are specific on purpose: a platform team must tell "buy GPUs" (InsufficientGPUCapacity)
+from "wait" (PodsNotReady) from "the provider is down or the key is wrong" (EndpointUnreachable).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .conditions import Observation
+
+
+@dataclass(frozen=True)
+class Health:
+    ready: bool
+    reason: str
+    message: str
+    ready_replicas: int | None = None
+    latency_ms: float | None = None
+
+    def observations(self) -> list[Observation]:
+        return [
+            Observation("Ready", self.ready, self.reason, self.message),
+            Observation("Degraded", not self.ready, self.reason if not self.ready else "Healthy",
+                        "" if self.ready else self.message),
+        ]
+
+
+def _unschedulable_gpu(pod: dict[str, Any]) -> str | None:
+    for cond in pod.get("status", {}).get("conditions", []):
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and (
+            "nvidia.com/gpu" in cond.get("message", "")
+        ):
+            return cond.get("message", "")
+    return None
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions", []))
+
+
+def _rayservice_running(rayservice: dict[str, Any]) -> bool:
+    status = rayservice.get("status", {})
+    if status.get("serviceStatus") == "Running":
+        return True
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
+
+
+def classify_vllm(rayservice: dict[str, Any] | None, pods: list[dict[str, Any]], min_replicas: int) -> Health:
+    """Ready only when KubeRay says the Serve app runs; otherwise say why not."""
+    for pod in pods:
+        message = _unschedulable_gpu(pod)
+        if message is not None:
+            name = pod.get("metadata", {}).get("name", "?")
+            return Health(False, "InsufficientGPUCapacity",
+                          f"pod {name} cannot be scheduled: {message} — add GPU nodes to the pool "
+                          "or lower spec.nodePool.gpu.count / spec.replicas.min")
+    ready_pods = sum(_pod_ready(p) for p in pods)
+    if rayservice is not None and _rayservice_running(rayservice):
+        return Health(True, "ServeRunning", "vLLM is serving through Ray Serve", ready_replicas=ready_pods)
+    if rayservice is None:
+        return Health(False, "PodsNotReady", "RayService not created yet", ready_replicas=0)
+    return Health(False, "PodsNotReady",
+                  f"{ready_pods} of {len(pods)} Ray pods ready; waiting for the Serve application "
+                  f"(at least {min_replicas} replica(s))", ready_replicas=ready_pods)
+
+
+async def probe_external(client: httpx.AsyncClient, base_url: str, api_key: str | None,
+                         timeout: float = 5.0) -> Health:
+    """GET {base}/models: the cheapest call every OpenAI-compatible server answers."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    started = time.perf_counter()
+    try:
+        response = await client.get(f"{base_url.rstrip('/')}/models", headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return Health(False, "EndpointUnreachable", f"GET {base_url}/models failed: {type(exc).__name__}: {exc}")
+    latency = round((time.perf_counter() - started) * 1000, 1)
+    if response.status_code in (401, 403):
+        return Health(False, "EndpointUnauthorized",
+                      f"GET {base_url}/models answered {response.status_code}: check spec.external.apiKeySecretRef",
+                      latency_ms=latency)
+    if response.status_code >= 400:
+        return Health(False, "EndpointUnreachable",
+                      f"GET {base_url}/models answered HTTP {response.status_code}", latency_ms=latency)
+    return Health(True, "EndpointHealthy", f"{base_url} answered in {latency} ms", latency_ms=latency)

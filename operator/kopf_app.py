@@ -1,0 +1,241 @@
+"""The kopf operator: thin handlers that load an object, run its reconciler, and do the I/O.
+
+Per kind: create/update/resume reconcile at once; a timer re-checks health, so degraded mode
+needs no human. Dependency kinds also have a watch-event hook: when a ModelDeployment,
+VectorIndex or BudgetPolicy changes phase, every workflow in its namespace is recompiled at once
+instead of at its next timer tick.
+
+Finalizers: only VectorIndex has an explicit delete handler (reclaimPolicy: Delete must drop
+Milvus collections). Timers make kopf add its finalizer to every kind, so while the operator is
+down deletions of Pilothouse objects wait; remove ``pilothouse.io/finalizer`` by hand to force one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import kopf
+import lightkube
+from pydantic import ValidationError
+
+from . import budget_policy, conditions, model_deployment, vector_index, workflow
+from .api import GROUP, VERSION, AutonomousWorkflow, BudgetPolicy, ModelDeployment, Resource, VectorIndex
+from .budget import SqlSpendReader
+from .conditions import Observation
+from .env import Outcome, status_doc
+from .k8s import ClusterEnv, parse
+from .manifests import describe
+from .render_gateway import GATEWAY_IMAGE
+
+log = logging.getLogger("pilothouse.operator")
+FINALIZER = "pilothouse.io/finalizer"
+
+
+@dataclass
+class OperatorConfig:
+    milvus_uri: str | None = None
+    store_url: str = "sqlite:///pilothouse.db"
+    health_interval: float = 10.0
+    gateway_image: str = GATEWAY_IMAGE
+    kubeconfig: lightkube.KubeConfig | None = None  # None: in-cluster or $KUBECONFIG
+
+
+@dataclass
+class Runtime:
+    """Per-process state: the Env, a lock per object, and what was last applied."""
+
+    config: OperatorConfig
+    env: ClusterEnv | None = None
+    locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+    applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    phases: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
+
+    def lock(self, key: tuple[str, str, str]) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+
+def _key(kind: type[Resource], body: kopf.Body | dict[str, Any]) -> tuple[str, str, str]:
+    meta = body["metadata"]
+    return kind.KIND, meta.get("namespace", "default"), meta["name"]
+
+
+def _raw(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(body)))
+
+
+async def _reconcile_workflow(wf: AutonomousWorkflow, env: ClusterEnv, config: OperatorConfig) -> Outcome:
+    return await workflow.reconcile(wf, env, gateway_image=config.gateway_image)
+
+
+def _reconciler(kind: type[Resource], config: OperatorConfig) -> Callable[[Any, ClusterEnv], Awaitable[Outcome]]:
+    if kind is AutonomousWorkflow:
+        return lambda obj, env: _reconcile_workflow(obj, env, config)
+    return {ModelDeployment: model_deployment.reconcile, VectorIndex: vector_index.reconcile,
+            BudgetPolicy: budget_policy.reconcile}[kind]  # type: ignore[return-value]
+
+
+async def sync(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runtime, *, force_apply: bool) -> None:
+    """Reconcile one object: status, events on transitions, children. Never raises for bad specs."""
+    assert rt.env is not None
+    key = _key(kind, body)
+    raw = _raw(body)
+    old_status = raw.get("status") or {}
+    generation = raw["metadata"].get("generation")
+    async with rt.lock(key):
+        try:
+            obj = parse(kind, raw)
+        except ValidationError as exc:
+            message = "; ".join(describe(exc))
+            outcome = Outcome(phase="Failed", observations=[
+                Observation("Ready", False, "InvalidSpec", f"{message} — fix the spec and re-apply")])
+            await _write_status(kind, body, rt, outcome, old_status, generation)
+            raise kopf.PermanentError(f"InvalidSpec: {message}") from None
+        outcome = await _reconciler(kind, rt.config)(obj, rt.env)
+        for child in outcome.children:
+            kopf.append_owner_reference(child, owner=body)
+            child_key = (child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
+            digest = hashlib.sha256(json.dumps(child, sort_keys=True).encode()).hexdigest()
+            if force_apply or rt.applied.get(child_key) != digest:
+                await rt.env.apply(child)
+                rt.applied[child_key] = digest
+        await _write_status(kind, body, rt, outcome, old_status, generation)
+    if outcome.retry_after is not None:
+        raise kopf.TemporaryError(_summary(outcome), delay=outcome.retry_after)
+
+
+def _summary(outcome: Outcome) -> str:
+    return next((f"{o.reason}: {o.message}" for o in outcome.observations if o.type == "Ready"), "retry")
+
+
+async def _write_status(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runtime, outcome: Outcome,
+                        old_status: dict[str, Any], generation: int | None) -> None:
+    assert rt.env is not None
+    new = status_doc(outcome, old_status, generation)
+    if new == old_status:
+        return
+    _, namespace, name = _key(kind, body)
+    await rt.env.patch_status(kind, namespace, name, new)
+    for cond in conditions.transitions(old_status.get("conditions", []), new["conditions"]):
+        bad = (cond["type"] == "Ready") == (cond["status"] != "True")
+        kopf.event(body, type="Warning" if bad else "Normal", reason=cond["reason"],
+                   message=f"{cond['type']}={cond['status']}: {cond['message']}"[:1000])
+
+
+async def refresh_workflows(namespace: str, rt: Runtime) -> None:
+    """Recompile every workflow of a namespace (a dependency changed health)."""
+    assert rt.env is not None
+    for raw in await rt.env.list_raw(AutonomousWorkflow, namespace):
+        try:
+            await sync(AutonomousWorkflow, raw, rt, force_apply=False)
+        except (kopf.PermanentError, kopf.TemporaryError):
+            pass  # the workflow's own handlers report and retry
+
+
+def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
+    """Attach all handlers to a registry (the CLI uses kopf's default one, tests a fresh one)."""
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings)
+        client = lightkube.AsyncClient(config=rt.config.kubeconfig, field_manager="pilothouse") \
+            if rt.config.kubeconfig else lightkube.AsyncClient(field_manager="pilothouse")
+        rt.env = ClusterEnv(client, httpx.AsyncClient(), SqlSpendReader(rt.config.store_url), rt.config.milvus_uri)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        env, rt.env = rt.env, None  # timers still finishing see no env and stand down
+        if env is not None:
+            await env.http.aclose()
+            await env.client.close()
+
+    @kopf.on.probe(registry=registry, id="reconciled")
+    def probe(**_: Any) -> int:
+        return len(rt.applied)
+
+    for kind in (ModelDeployment, VectorIndex, BudgetPolicy, AutonomousWorkflow):
+        _register_kind(registry, rt, kind)
+
+    @kopf.on.delete(GROUP, VERSION, VectorIndex.PLURAL, registry=registry, id="reclaim")
+    async def reclaim(body: kopf.Body, **_: Any) -> None:
+        from .milvus import MilvusUnreachable
+
+        assert rt.env is not None
+        try:
+            vi = parse(VectorIndex, _raw(body))
+        except ValidationError:
+            return  # never reconciled, nothing to reclaim
+        try:
+            message = await vector_index.finalize(vi, rt.env)
+        except MilvusUnreachable as exc:
+            raise kopf.TemporaryError(f"{exc}; the finalizer waits for Milvus", delay=15) from exc
+        kopf.info(body, reason="Reclaimed", message=message)
+
+    for kind in (ModelDeployment, VectorIndex, BudgetPolicy):
+        _register_dependency_watch(registry, rt, kind)
+
+
+def _register_kind(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Resource]) -> None:
+    args = (GROUP, VERSION, kind.PLURAL)
+
+    @kopf.on.resume(*args, registry=registry, id="reconcile")
+    @kopf.on.create(*args, registry=registry, id="reconcile")
+    @kopf.on.update(*args, registry=registry, id="reconcile")
+    async def reconcile(body: kopf.Body, **_: Any) -> None:
+        await sync(kind, body, rt, force_apply=True)
+
+    @kopf.on.timer(*args, registry=registry, id="health", interval=rt.config.health_interval,
+                   initial_delay=rt.config.health_interval)
+    async def health(body: kopf.Body, **_: Any) -> None:
+        if rt.env is None:
+            return
+        try:
+            await sync(kind, body, rt, force_apply=False)
+        except kopf.PermanentError:
+            pass  # InvalidSpec is already in the status; the timer keeps quiet until the spec changes
+        except kopf.TemporaryError:
+            pass  # the next tick is the retry
+
+
+def _register_dependency_watch(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Resource]) -> None:
+    @kopf.on.event(GROUP, VERSION, kind.PLURAL, registry=registry, id="dependents")
+    async def changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+        key = _key(kind, body)
+        phase = None if type == "DELETED" else (body.get("status") or {}).get("phase")
+        if rt.phases.get(key, "<unseen>") == phase:
+            return
+        first = key not in rt.phases
+        rt.phases[key] = phase
+        if not first and rt.env is not None:
+            await refresh_workflows(key[1], rt)
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf settings for long-lived, well-behaved operation (DESIGN.md §9 pitfalls)."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="pilothouse.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="pilothouse.io")
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.inactivity_timeout = 600  # watch streams go quiet behind load balancers
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    settings.posting.level = logging.INFO
+
+
+async def run(*, namespaces: list[str], milvus_uri: str | None, store_url: str, liveness: str,
+              verbose: bool) -> None:
+    """Entry point of `pilothouse operator`."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    registry = kopf.OperatorRegistry()
+    register(registry, Runtime(OperatorConfig(milvus_uri=milvus_uri, store_url=store_url)))
+    await kopf.operator(registry=registry, clusterwide=not namespaces, namespaces=namespaces,
+                        liveness_endpoint=liveness, standalone=True)

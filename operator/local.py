@@ -1,0 +1,100 @@
+"""Local provider: the operator's reconcilers with no cluster (``pilothouse run``).
+
+State lives in one folder (default ``.pilothouse/``): a Milvus Lite database, the SQLite store the
+gateway's ledger writes, one RoutingTable file per workflow, and the last status of every object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+from . import budget_policy, model_deployment, vector_index, workflow
+from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, Resource, RoutingTable, VectorIndex
+from .api.common import SecretKeyRef
+from .budget import SqlSpendReader
+from .env import Outcome, status_doc
+from .health import Health
+from .manifests import Bundle
+
+R = TypeVar("R", bound=Resource)
+ORDER: tuple[type[Resource], ...] = (BudgetPolicy, ModelDeployment, VectorIndex, AutonomousWorkflow)
+RECONCILERS = {
+    BudgetPolicy: budget_policy.reconcile,
+    ModelDeployment: model_deployment.reconcile,
+    VectorIndex: vector_index.reconcile,
+    AutonomousWorkflow: workflow.reconcile,
+}
+
+
+@dataclass
+class LocalEnv:
+    state_dir: Path
+    secrets: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    objects: dict[tuple[str, str, str], Resource] = field(default_factory=dict)
+    http: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
+
+    def __post_init__(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.spend = SqlSpendReader(f"sqlite:///{self.state_dir / 'pilothouse.db'}")
+        self.default_milvus_uri: str | None = str(self.state_dir / "milvus.db")
+
+    async def secret(self, namespace: str, ref: SecretKeyRef) -> str | None:
+        """Secret manifests in the run folder first, then PILOTHOUSE_SECRET_<NAME>_<KEY>."""
+        value = self.secrets.get((namespace, ref.name), {}).get(ref.key)
+        env_name = f"PILOTHOUSE_SECRET_{ref.name}_{ref.key}".upper().replace("-", "_").replace(".", "_")
+        return value if value is not None else os.environ.get(env_name)
+
+    async def list(self, kind: type[R], namespace: str) -> dict[str, R]:
+        return {name: obj for (k, ns, name), obj in self.objects.items()  # type: ignore[misc]
+                if k == kind.KIND and ns == namespace}
+
+    async def vllm_health(self, md: ModelDeployment) -> Health:
+        """Locally, vLLM runs inside the gateway process; what can be checked here is the weights."""
+        source = md.spec.model.name
+        if Path(source).expanduser().exists():
+            return Health(True, "LocalEngine", f"weights at {source}; served in-process by the local gateway")
+        if source.startswith(("/", "./", "~", "s3://")):
+            return Health(False, "ModelUnavailable", f"spec.model.name {source} does not exist on this machine")
+        return Health(False, "ModelUnavailable",
+                      f"spec.model.name {source!r} is a Hugging Face id and this machine cannot download "
+                      "weights; point it at a local directory or use engine: external")
+
+    def table_path(self, namespace: str, name: str) -> Path:
+        return self.state_dir / "routing" / namespace / f"{name}.json"
+
+    async def routing_table(self, namespace: str, workflow: str) -> RoutingTable | None:
+        path = self.table_path(namespace, workflow)
+        return RoutingTable.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def _apply(obj: Resource, outcome: Outcome) -> Resource:
+    old = obj.status.dump() if obj.status else None
+    doc = status_doc(outcome, old, obj.metadata.generation)
+    status_type = type(obj).model_fields["status"].annotation.__args__[0]  # type: ignore[union-attr]
+    return obj.model_copy(update={"status": status_type.model_validate(doc)})
+
+
+async def reconcile_all(bundle: Bundle, env: LocalEnv) -> list[Resource]:
+    """One pass in dependency order; returns the objects with their new status."""
+    for obj in bundle.objects:
+        env.objects[(obj.KIND, obj.namespace, obj.name)] = obj
+    env.secrets.update(bundle.secrets)
+    for kind in ORDER:
+        for key, obj in sorted(env.objects.items()):
+            if key[0] != kind.KIND:
+                continue
+            outcome = await RECONCILERS[kind](obj, env)  # type: ignore[operator]
+            env.objects[key] = _apply(obj, outcome)
+            if outcome.routing_table is not None:
+                path = env.table_path(obj.namespace, obj.name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(outcome.routing_table.model_dump_json(by_alias=True, indent=2))
+    status = {f"{k}/{ns}/{n}": o.status.dump() if o.status else {} for (k, ns, n), o in env.objects.items()}
+    (env.state_dir / "status.json").write_text(json.dumps(status, indent=2))
+    return [env.objects[k] for k in sorted(env.objects)]

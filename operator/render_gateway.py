@@ -1,0 +1,114 @@
+"""AutonomousWorkflow → its RoutingTable ConfigMap and the gateway application that serves it.
+
+The gateway watches the mounted ConfigMap file and hot-reloads on a new revision, so a routing
+change never restarts pods: the Deployment template deliberately does not hash the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .api import AutonomousWorkflow, RoutingTable
+from .render_model import LABELS, RAY_IMAGE
+
+GATEWAY_IMAGE = "ghcr.io/pilothouse/pilothouse:0.1.0"
+PORT = 8000
+ROUTING_FILE = "routing.json"
+MOUNT = "/etc/pilothouse/routing"
+
+
+def routing_configmap(workflow: str) -> str:
+    return f"{workflow}-routing"
+
+
+def names(wf: AutonomousWorkflow) -> dict[str, str]:
+    return {"configmap": routing_configmap(wf.name), "gateway": f"{wf.name}-gateway"}
+
+
+def endpoint(wf: AutonomousWorkflow) -> str:
+    return f"http://{names(wf)['gateway']}.{wf.namespace}.svc:{PORT}/v1"
+
+
+def _labels(wf: AutonomousWorkflow) -> dict[str, str]:
+    return {**LABELS, "app.kubernetes.io/name": "pilothouse-gateway", "pilothouse.io/workflow": wf.name}
+
+
+def configmap(wf: AutonomousWorkflow, table: RoutingTable) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": names(wf)["configmap"], "namespace": wf.namespace,
+                     "labels": {**_labels(wf), "pilothouse.io/routing-revision": str(table.revision)}},
+        "data": {ROUTING_FILE: table.model_dump_json(by_alias=True, indent=2)},
+    }
+
+
+def _container(wf: AutonomousWorkflow, image: str) -> dict[str, Any]:
+    return {
+        "name": "gateway",
+        "image": image,
+        "args": ["serve", "--routing", f"{MOUNT}/{ROUTING_FILE}", "--port", str(PORT)],
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
+                            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "routing", "mountPath": MOUNT, "readOnly": True}],
+    }
+
+
+def _volumes(wf: AutonomousWorkflow) -> list[dict[str, Any]]:
+    return [{"name": "routing", "configMap": {"name": names(wf)["configmap"]}}]
+
+
+def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_IMAGE) -> list[dict[str, Any]]:
+    """ConfigMap + (Deployment | RayService) + Service for one workflow."""
+    n = names(wf)
+    meta = {"name": n["gateway"], "namespace": wf.namespace, "labels": _labels(wf)}
+    selector = {"app.kubernetes.io/name": "pilothouse-gateway", "pilothouse.io/workflow": wf.name}
+    if wf.spec.gateway.mode == "deployment":
+        app: dict[str, Any] = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": wf.spec.gateway.replicas,
+                "selector": {"matchLabels": selector},
+                "template": {"metadata": {"labels": _labels(wf)}, "spec": {
+                    "containers": [_container(wf, image)], "volumes": _volumes(wf),
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                }},
+            },
+        }
+        service_selector = selector
+    else:
+        serve = {"applications": [{
+            "name": "gateway", "route_prefix": "/", "import_path": "pilothouse.serving.app:build_app",
+            "args": {"routing": f"{MOUNT}/{ROUTING_FILE}"},
+            "deployments": [{"name": "Gateway", "num_replicas": wf.spec.gateway.replicas}],
+        }]}
+        head = {"name": "ray-head", "image": image or RAY_IMAGE,
+                "ports": [{"containerPort": PORT, "name": "serve"}],
+                "volumeMounts": [{"name": "routing", "mountPath": MOUNT, "readOnly": True}]}
+        app = {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayService",
+            "metadata": meta,
+            "spec": {
+                "serveConfigV2": yaml.safe_dump(serve, sort_keys=False),
+                "rayClusterConfig": {"headGroupSpec": {"rayStartParams": {}, "template": {
+                    "metadata": {"labels": _labels(wf)}, "spec": {"containers": [head], "volumes": _volumes(wf)},
+                }}},
+            },
+        }
+        service_selector = {"ray.io/originated-from-cr-name": n["gateway"], "ray.io/serve": "true"}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"selector": service_selector, "ports": [{"name": "http", "port": PORT, "targetPort": PORT}]},
+    }
+    return [configmap(wf, table), app, service]

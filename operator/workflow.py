@@ -1,0 +1,61 @@
+"""Reconcile an AutonomousWorkflow: check references, compile the RoutingTable, render the gateway."""
+
+from __future__ import annotations
+
+from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, VectorIndex
+from .api.common import now
+from .conditions import Observation
+from .env import Env, Outcome
+from .render_gateway import endpoint, render
+from .routing import Dependencies, check_refs, compile_table
+
+
+async def dependencies(env: Env, namespace: str) -> Dependencies:
+    return Dependencies(
+        models=await env.list(ModelDeployment, namespace),
+        indexes=await env.list(VectorIndex, namespace),
+        budgets=await env.list(BudgetPolicy, namespace),
+    )
+
+
+async def reconcile(wf: AutonomousWorkflow, env: Env, *, gateway_image: str | None = None) -> Outcome:
+    deps = await dependencies(env, wf.namespace)
+    problems = check_refs(wf, deps)
+    if problems:
+        first = problems[0]
+        message = "; ".join(p.message for p in problems)
+        return Outcome(phase="Failed", retry_after=30, observations=[
+            Observation("Ready", False, first.reason, message),
+            Observation("Degraded", False, first.reason, ""),
+        ])
+    previous = await env.routing_table(wf.namespace, wf.name)
+    table = compile_table(wf, deps, previous, now())
+    retrieval = {r.mode for r in table.retrieval}
+    status = {
+        "endpoint": endpoint(wf),
+        "routingRevision": table.revision,
+        "retrievalMode": "keyword-only" if "keyword-only" in retrieval else ("hybrid" if retrieval else "none"),
+        "budgetState": table.budget.state if table.budget else None,
+        "activeFallbacks": table.active_fallbacks,
+    }
+    summary = "; ".join(table.active_fallbacks) or "all dependencies healthy"
+    message = f"revision {table.revision}: {summary}"
+    if not all(r.backends and r.backends[0].healthy for r in table.routes):
+        ready, reason = False, "NoHealthyBackend"
+    elif table.budget and table.budget.action == "reject":
+        ready, reason = False, "BudgetExhausted"
+    else:
+        ready, reason = True, "DegradedMode" if table.degraded else "RoutingCompiled"
+    kwargs = {"image": gateway_image} if gateway_image else {}
+    return Outcome(
+        status={k: v for k, v in status.items() if v is not None},
+        phase=("Degraded" if table.degraded else "Ready") if ready else "Failed",
+        observations=[
+            Observation("Ready", ready, reason, message),
+            Observation("Degraded", table.degraded, "DegradedMode" if table.degraded else "Healthy",
+                        message if table.degraded else ""),
+            Observation("Progressing", False, "Stable", ""),
+        ],
+        children=render(wf, table, **kwargs),
+        routing_table=table,
+    )

@@ -1,0 +1,94 @@
+"""kmock's KubernetesEmulator, completed where kopf depends on real API-server behaviour.
+
+kmock 0.8 stores objects and serves watches, but (DESIGN.md §9) it does not generate uid,
+resourceVersion, generation or names from generateName, answers JSON-patch test failures with 500
+(a real server: 422), sends error bodies as ``application/json; charset=utf-8`` (lightkube only
+raises ApiError on exactly ``application/json``), replays every object on watch whatever
+resourceVersion is asked, and snapshots before subscribing (events written in between are lost).
+Each of those makes kopf misbehave in ways a real cluster never would; this subclass fixes them
+and nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp.web
+import jsonpatch
+import jsonpointer
+import kmock
+
+
+class Emulator(kmock.KubernetesEmulator):
+    _rv = [1000]
+
+    def _next_rv(self) -> str:
+        self._rv[0] += 1
+        return str(self._rv[0])
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        data = request.data
+        if request.resource is not None and request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + secrets.token_hex(3)
+            if request.namespace and not meta.get("namespace"):
+                meta["namespace"] = request.namespace
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            meta.setdefault("generation", 1)
+            meta["resourceVersion"] = self._next_rv()
+        elif request.resource is not None and request.action == kmock.action.UPDATE:
+            key = (request.resource, request.namespace, request.name)
+            current = self._objects[key] if key in self._objects else None
+            generation = (current.get("metadata", {}).get("generation") or 0) if current is not None else 0
+            rv = self._next_rv()
+            if isinstance(data, dict):
+                meta = data.get("metadata") or {}
+                data["metadata"] = meta
+                meta["resourceVersion"] = rv
+                if "spec" in data and request.subresource != "status":
+                    meta["generation"] = generation + 1
+            elif isinstance(data, list):
+                data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
+                if request.subresource != "status" and any(str(op.get("path", "")).startswith("/spec")
+                                                           for op in data):
+                    data.append({"op": "add", "path": "/metadata/generation", "value": generation + 1})
+        try:
+            return await super()._handle(request)
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from exc
+
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        response = await super()._render_error(exc)
+        return aiohttp.web.Response(body=response.body, status=response.status,
+                                    headers={"Content-Type": "application/json"})
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        result = await super()._serve_list(request)
+        result["metadata"]["resourceVersion"] = str(self._rv[0])
+        return result
+
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        yield b""
+        since = request.params.get("resourceVersion", "")
+        since_n = int(since) if since.isdigit() else None
+        bus = self._buses[request.resource]
+        get_objs = self._KubernetesEmulator__get_objs  # type: ignore[attr-defined]
+        check = self._KubernetesEmulator__check  # type: ignore[attr-defined]
+        async with self._lock:  # writers publish under this lock: snapshot and mark are atomic
+            objs = [o for o in get_objs(request, strict=False) if not o.deleted]
+            if since_n is not None:
+                objs = [o for o in objs if int(o.get("metadata", {}).get("resourceVersion") or 0) > since_n]
+            events = [{"type": "ADDED", "object": o.raw} for o in objs]
+            mark = await bus.mark()
+        for event in events:
+            yield event
+        async for event in bus.stream(since=mark):
+            meta = event.get("object", {}).get("metadata", {})
+            if check(request, request.resource, meta.get("namespace"), meta.get("name"), strict=False):
+                yield event
