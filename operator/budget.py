@@ -87,7 +87,7 @@ class BudgetView:
 
 
 def evaluate(policy: BudgetPolicy, reader: SpendReader, at: datetime) -> BudgetView:
-    """State is the worst over windows: Exhausted at a cap, Warning at warnAt × cap."""
+    """State is the worst over windows: Exhausted at a cap, Warning at warnAt x cap."""
     state = BudgetState.OK
     windows: list[WindowSpend] = []
     notes: list[str] = []

@@ -13,6 +13,7 @@ down deletions of Pilothouse objects wait; remove ``pilothouse.io/finalizer`` by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,7 +84,9 @@ def _reconciler(kind: type[Resource], config: OperatorConfig) -> Callable[[Any, 
 
 async def sync(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runtime, *, force_apply: bool) -> None:
     """Reconcile one object: status, events on transitions, children. Never raises for bad specs."""
-    assert rt.env is not None
+    env = rt.env
+    if env is None:
+        return  # shutting down
     key = _key(kind, body)
     raw = _raw(body)
     old_status = raw.get("status") or {}
@@ -95,17 +98,17 @@ async def sync(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runti
             message = "; ".join(describe(exc))
             outcome = Outcome(phase="Failed", observations=[
                 Observation("Ready", False, "InvalidSpec", f"{message} — fix the spec and re-apply")])
-            await _write_status(kind, body, rt, outcome, old_status, generation)
+            await _write_status(kind, body, env, outcome, old_status, generation)
             raise kopf.PermanentError(f"InvalidSpec: {message}") from None
-        outcome = await _reconciler(kind, rt.config)(obj, rt.env)
+        outcome = await _reconciler(kind, rt.config)(obj, env)
         for child in outcome.children:
             kopf.append_owner_reference(child, owner=body)
             child_key = (child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
             digest = hashlib.sha256(json.dumps(child, sort_keys=True).encode()).hexdigest()
             if force_apply or rt.applied.get(child_key) != digest:
-                await rt.env.apply(child)
+                await env.apply(child)
                 rt.applied[child_key] = digest
-        await _write_status(kind, body, rt, outcome, old_status, generation)
+        await _write_status(kind, body, env, outcome, old_status, generation)
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(_summary(outcome), delay=outcome.retry_after)
 
@@ -114,14 +117,13 @@ def _summary(outcome: Outcome) -> str:
     return next((f"{o.reason}: {o.message}" for o in outcome.observations if o.type == "Ready"), "retry")
 
 
-async def _write_status(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runtime, outcome: Outcome,
+async def _write_status(kind: type[Resource], body: kopf.Body | dict[str, Any], env: ClusterEnv, outcome: Outcome,
                         old_status: dict[str, Any], generation: int | None) -> None:
-    assert rt.env is not None
     new = status_doc(outcome, old_status, generation)
     if new == old_status:
         return
     _, namespace, name = _key(kind, body)
-    await rt.env.patch_status(kind, namespace, name, new)
+    await env.patch_status(kind, namespace, name, new)
     for cond in conditions.transitions(old_status.get("conditions", []), new["conditions"]):
         bad = (cond["type"] == "Ready") == (cond["status"] != "True")
         kopf.event(body, type="Warning" if bad else "Normal", reason=cond["reason"],
@@ -130,12 +132,11 @@ async def _write_status(kind: type[Resource], body: kopf.Body | dict[str, Any], 
 
 async def refresh_workflows(namespace: str, rt: Runtime) -> None:
     """Recompile every workflow of a namespace (a dependency changed health)."""
-    assert rt.env is not None
+    if rt.env is None:
+        return
     for raw in await rt.env.list_raw(AutonomousWorkflow, namespace):
-        try:
+        with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):  # its own handlers report and retry
             await sync(AutonomousWorkflow, raw, rt, force_apply=False)
-        except (kopf.PermanentError, kopf.TemporaryError):
-            pass  # the workflow's own handlers report and retry
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:

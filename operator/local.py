@@ -6,6 +6,7 @@ gateway's ledger writes, one RoutingTable file per workflow, and the last status
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class LocalEnv:
     async def vllm_health(self, md: ModelDeployment) -> Health:
         """Locally, vLLM runs inside the gateway process; what can be checked here is the weights."""
         source = md.spec.model.name
-        if Path(source).expanduser().exists():
+        if await asyncio.to_thread(_exists, source):
             return Health(True, "LocalEngine", f"weights at {source}; served in-process by the local gateway")
         if source.startswith(("/", "./", "~", "s3://")):
             return Health(False, "ModelUnavailable", f"spec.model.name {source} does not exist on this machine")
@@ -71,6 +72,10 @@ class LocalEnv:
     async def routing_table(self, namespace: str, workflow: str) -> RoutingTable | None:
         path = self.table_path(namespace, workflow)
         return RoutingTable.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def _exists(path: str) -> bool:
+    return Path(path).expanduser().exists()
 
 
 def _apply(obj: Resource, outcome: Outcome) -> Resource:

@@ -10,8 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Pilothouse: a Kubernetes-native control plane for autonomous AI systems.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Pilothouse: a Kubernetes-native control plane for autonomous AI systems.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 err = Console(stderr=True)
 out = Console()
 
@@ -24,8 +28,9 @@ def fail(message: str, hint: str | None = None, code: int = 2) -> typer.Exit:
 
 
 @app.command()
-def crds(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the CRD YAML to.")] = Path("crds"),
-         ) -> None:
+def crds(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the CRD YAML to.")] = Path("crds"),
+) -> None:
     """Write the CustomResourceDefinitions generated from the API models."""
     from pilothouse.operator import crdgen
 
@@ -47,8 +52,10 @@ def run(
     if bundle.errors:
         for error in bundle.errors:
             err.print(f"[red]invalid:[/] {error}")
-        raise fail(f"{len(bundle.errors)} problem(s) in {directory}; nothing was reconciled",
-                   "fix the fields named above; `kubectl explain <kind>.spec` documents each field")
+        raise fail(
+            f"{len(bundle.errors)} problem(s) in {directory}; nothing was reconciled",
+            "fix the fields named above; `kubectl explain <kind>.spec` documents each field",
+        )
     if not bundle.objects:
         raise fail(f"no pilothouse.io/v1alpha1 objects found in {directory}")
 
@@ -67,28 +74,42 @@ def run(
         status = obj.status.dump() if obj.status else {}
         ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
         colour = {"True": "green", "False": "red"}.get(ready.get("status", ""), "yellow")
-        table.add_row(obj.KIND, obj.name, status.get("phase", "-"), f"[{colour}]{ready.get('status', '-')}[/]",
-                      ready.get("reason", "-"), ready.get("message", ""))
+        table.add_row(
+            obj.KIND,
+            obj.name,
+            status.get("phase", "-"),
+            f"[{colour}]{ready.get('status', '-')}[/]",
+            ready.get("reason", "-"),
+            ready.get("message", ""),
+        )
     out.print(table)
     out.print(f"RoutingTables and status: {state_dir}/routing/, {state_dir}/status.json")
 
 
 @app.command()
 def operator(
-    namespaces: Annotated[list[str] | None, typer.Option("--namespace", "-n",
-                          help="Namespace to watch (repeatable); all namespaces when omitted.")] = None,
-    milvus_uri: Annotated[str | None, typer.Option(envvar="PILOTHOUSE_MILVUS_URI",
-                          help="Milvus URI for VectorIndexes that set none.")] = None,
-    store_url: Annotated[str, typer.Option(envvar="PILOTHOUSE_STORE_URL",
-                         help="SQLAlchemy URL of the store the gateway's ledger writes.")] = "sqlite:///pilothouse.db",
+    namespaces: Annotated[
+        list[str] | None,
+        typer.Option("--namespace", "-n", help="Namespace to watch (repeatable); all namespaces when omitted."),
+    ] = None,
+    milvus_uri: Annotated[
+        str | None, typer.Option(envvar="PILOTHOUSE_MILVUS_URI", help="Milvus URI for VectorIndexes that set none.")
+    ] = None,
+    store_url: Annotated[
+        str,
+        typer.Option(envvar="PILOTHOUSE_STORE_URL", help="SQLAlchemy URL of the store the gateway's ledger writes."),
+    ] = "sqlite:///pilothouse.db",
     liveness: Annotated[str, typer.Option(help="Liveness endpoint URL.")] = "http://0.0.0.0:8080/healthz",
     verbose: Annotated[bool, typer.Option("--verbose")] = False,
 ) -> None:
     """Run the in-cluster kopf operator."""
     from pilothouse.operator import kopf_app
 
-    asyncio.run(kopf_app.run(namespaces=namespaces or [], milvus_uri=milvus_uri, store_url=store_url,
-                             liveness=liveness, verbose=verbose))
+    asyncio.run(
+        kopf_app.run(
+            namespaces=namespaces or [], milvus_uri=milvus_uri, store_url=store_url, liveness=liveness, verbose=verbose
+        )
+    )
 
 
 def main() -> None:

@@ -34,12 +34,21 @@ class Scope(ApiModel):
 
 
 class Limit(ApiModel):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "has(self.maxCostUSD) || has(self.maxTokens)", "message": "a limit needs maxCostUSD or maxTokens"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.maxCostUSD) || has(self.maxTokens)",
+                    "message": "a limit needs maxCostUSD or maxTokens",
+                },
+            ]
+        }
+    )
 
     window: Window = Field(description="hour, day or month (calendar, UTC).")
-    max_cost_usd: float | None = Field(default=None, gt=0, alias="maxCostUSD", description="Spend cap in USD for the window.")
+    max_cost_usd: float | None = Field(
+        default=None, gt=0, alias="maxCostUSD", description="Spend cap in USD for the window."
+    )
     max_tokens: int | None = Field(default=None, gt=0, description="Token cap (prompt + completion).")
 
     @model_validator(mode="after")
@@ -50,7 +59,9 @@ class Limit(ApiModel):
 
 
 class PerRequest(ApiModel):
-    max_cost_usd: float | None = Field(default=None, gt=0, alias="maxCostUSD", description="Worst-case cost cap per request.")
+    max_cost_usd: float | None = Field(
+        default=None, gt=0, alias="maxCostUSD", description="Worst-case cost cap per request."
+    )
     max_tokens: int | None = Field(default=None, gt=0, description="prompt + max_tokens cap per request.")
 
 
@@ -111,7 +122,9 @@ class BudgetPolicyStatus(Status):
     phase: Literal["Ok", "Warning", "Exhausted", "Invalid"] | None = None
     state: BudgetState | None = Field(default=None, description="Ok, Warning or Exhausted.")
     windows: list[WindowSpend] = Field(default_factory=list, description="Spend and remaining per window.")
-    spent_usd: float | None = Field(default=None, alias="spentUSD", description="Spend in the tightest window, for kubectl get.")
+    spent_usd: float | None = Field(
+        default=None, alias="spentUSD", description="Spend in the tightest window, for kubectl get."
+    )
 
 
 class BudgetPolicy(Resource):
@@ -126,16 +139,23 @@ class BudgetPolicy(Resource):
         {"name": "OnExhausted", "type": "string", "jsonPath": ".spec.onExhausted.action"},
     ]
     CEL_RULES: ClassVar[list[dict[str, str]]] = [
-        {"rule": "!has(self.spec.onExhausted) || self.spec.onExhausted.action != 'downgrade' "
-                 "|| has(self.spec.onExhausted.downgradeTier)",
-         "message": "spec.onExhausted.downgradeTier is required when action is 'downgrade'",
-         "fieldPath": ".spec.onExhausted.downgradeTier"},
-        {"rule": "!has(self.spec.onExhausted) || self.spec.onExhausted.action != 'queue' "
-                 "|| has(self.spec.onExhausted.queueTimeoutSeconds)",
-         "message": "spec.onExhausted.queueTimeoutSeconds is required when action is 'queue'",
-         "fieldPath": ".spec.onExhausted.queueTimeoutSeconds"},
-        {"rule": "(has(self.spec.limits) && size(self.spec.limits) > 0) || has(self.spec.perRequest)",
-         "message": "spec needs at least one of limits or perRequest", "fieldPath": ".spec.limits"},
+        {
+            "rule": "!has(self.spec.onExhausted) || self.spec.onExhausted.action != 'downgrade' "
+            "|| has(self.spec.onExhausted.downgradeTier)",
+            "message": "spec.onExhausted.downgradeTier is required when action is 'downgrade'",
+            "fieldPath": ".spec.onExhausted.downgradeTier",
+        },
+        {
+            "rule": "!has(self.spec.onExhausted) || self.spec.onExhausted.action != 'queue' "
+            "|| has(self.spec.onExhausted.queueTimeoutSeconds)",
+            "message": "spec.onExhausted.queueTimeoutSeconds is required when action is 'queue'",
+            "fieldPath": ".spec.onExhausted.queueTimeoutSeconds",
+        },
+        {
+            "rule": "(has(self.spec.limits) && size(self.spec.limits) > 0) || has(self.spec.perRequest)",
+            "message": "spec needs at least one of limits or perRequest",
+            "fieldPath": ".spec.limits",
+        },
     ]
 
     kind: Literal["BudgetPolicy"] = "BudgetPolicy"

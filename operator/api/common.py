@@ -89,9 +89,7 @@ class Status(ApiModel):
     # Status is written by controllers, not users: keys another controller added are not errors.
     model_config = ConfigDict(extra="ignore")
 
-    observed_generation: int | None = Field(
-        default=None, description="The metadata.generation this status describes."
-    )
+    observed_generation: int | None = Field(default=None, description="The metadata.generation this status describes.")
     phase: str | None = Field(default=None, description="One-word summary for `kubectl get`.")
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -111,10 +111,17 @@ class Replicas(ApiModel):
 class Pricing(ApiModel):
     """What one token costs, for budgets and cost-aware routing."""
 
-    input_per_million_usd: float = Field(default=0.0, ge=0, alias="inputPerMillionUSD", description="USD per 1M prompt tokens.")
-    output_per_million_usd: float = Field(default=0.0, ge=0, alias="outputPerMillionUSD", description="USD per 1M completion tokens.")
+    input_per_million_usd: float = Field(
+        default=0.0, ge=0, alias="inputPerMillionUSD", description="USD per 1M prompt tokens."
+    )
+    output_per_million_usd: float = Field(
+        default=0.0, ge=0, alias="outputPerMillionUSD", description="USD per 1M completion tokens."
+    )
     gpu_hour_usd: float | None = Field(
-        default=None, ge=0, alias="gpuHourUSD", description="USD per GPU-hour, for reporting the cost of self-hosted replicas."
+        default=None,
+        ge=0,
+        alias="gpuHourUSD",
+        description="USD per GPU-hour, for reporting the cost of self-hosted replicas.",
     )
 
 
@@ -194,18 +201,29 @@ class ModelDeployment(Resource):
         {"name": "Tier", "type": "string", "jsonPath": ".spec.tier"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
-        {"name": "Reason", "type": "string",
-         "jsonPath": ".status.conditions[?(@.type=='Ready')].reason"},
+        {"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type=='Ready')].reason"},
     ]
     CEL_RULES: ClassVar[list[dict[str, str]]] = [
-        {"rule": "self.spec.engine != 'external' || has(self.spec.external)",
-         "message": "spec.external is required when spec.engine is 'external'", "fieldPath": ".spec.external"},
-        {"rule": "self.spec.engine != 'vllm' || !has(self.spec.external)",
-         "message": "spec.external is only valid with spec.engine: external", "fieldPath": ".spec.external"},
-        {"rule": "!has(self.spec.replicas) || self.spec.replicas.min <= self.spec.replicas.max",
-         "message": "spec.replicas.min must be <= spec.replicas.max", "fieldPath": ".spec.replicas"},
-        {"rule": "!has(self.spec.fallback) || !(self.metadata.name in self.spec.fallback)",
-         "message": "spec.fallback must not name the ModelDeployment itself", "fieldPath": ".spec.fallback"},
+        {
+            "rule": "self.spec.engine != 'external' || has(self.spec.external)",
+            "message": "spec.external is required when spec.engine is 'external'",
+            "fieldPath": ".spec.external",
+        },
+        {
+            "rule": "self.spec.engine != 'vllm' || !has(self.spec.external)",
+            "message": "spec.external is only valid with spec.engine: external",
+            "fieldPath": ".spec.external",
+        },
+        {
+            "rule": "!has(self.spec.replicas) || self.spec.replicas.min <= self.spec.replicas.max",
+            "message": "spec.replicas.min must be <= spec.replicas.max",
+            "fieldPath": ".spec.replicas",
+        },
+        {
+            "rule": "!has(self.spec.fallback) || !(self.metadata.name in self.spec.fallback)",
+            "message": "spec.fallback must not name the ModelDeployment itself",
+            "fieldPath": ".spec.fallback",
+        },
     ]
 
     kind: Literal["ModelDeployment"] = "ModelDeployment"

@@ -70,8 +70,10 @@ class Fields(ApiModel):
 class IndexSpec(ApiModel):
     """ANN index on the vector field. Changing it re-indexes with no read downtime."""
 
-    type: IndexType = Field(default=IndexType.HNSW, description="HNSW, IVF_FLAT, IVF_SQ8, IVF_PQ, FLAT, "
-                            "DISKANN (Milvus server only) or AUTOINDEX.")
+    type: IndexType = Field(
+        default=IndexType.HNSW,
+        description="HNSW, IVF_FLAT, IVF_SQ8, IVF_PQ, FLAT, DISKANN (Milvus server only) or AUTOINDEX.",
+    )
     m: int | None = Field(default=None, ge=2, le=2048, description="HNSW: max graph degree (default 16).")
     ef_construction: int | None = Field(default=None, ge=8, le=4096, description="HNSW: build beam (default 200).")
     nlist: int | None = Field(default=None, ge=1, le=65_536, description="IVF_*: cluster count (default 128).")
@@ -173,10 +175,12 @@ class VectorIndex(Resource):
         {"name": "Loaded", "type": "boolean", "jsonPath": ".status.loaded", "priority": 1},
     ]
     CEL_RULES: ClassVar[list[dict[str, str]]] = [
-        {"rule": "!has(self.spec.embedding) || "
-                 "(has(self.spec.embedding.modelDeploymentRef) != has(self.spec.embedding.localPath))",
-         "message": "spec.embedding needs exactly one of modelDeploymentRef or localPath",
-         "fieldPath": ".spec.embedding"},
+        {
+            "rule": "!has(self.spec.embedding) || "
+            "(has(self.spec.embedding.modelDeploymentRef) != has(self.spec.embedding.localPath))",
+            "message": "spec.embedding needs exactly one of modelDeploymentRef or localPath",
+            "fieldPath": ".spec.embedding",
+        },
     ]
 
     kind: Literal["VectorIndex"] = "VectorIndex"

@@ -39,8 +39,9 @@ class GenerateStep(ApiModel):
         default=None, pattern=DNS_LABEL, description="Pin one ModelDeployment (its fallback chain still applies)."
     )
     tier: str | None = Field(
-        default=None, pattern=DNS_LABEL, description="Route to the ModelDeployments of this tier "
-        "(default: spec.routing.defaultTier)."
+        default=None,
+        pattern=DNS_LABEL,
+        description="Route to the ModelDeployments of this tier (default: spec.routing.defaultTier).",
     )
     prompt_template: str = Field(
         min_length=1, description="Prompt; {input} and {context} are replaced by the document and retrieval."
@@ -89,9 +90,13 @@ class SqlWrite(ApiModel):
 
 
 class Action(ApiModel):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "has(self.webhook) != has(self.sql)", "message": "set exactly one of webhook or sql"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.webhook) != has(self.sql)", "message": "set exactly one of webhook or sql"},
+            ]
+        }
+    )
 
     webhook: Webhook | None = None
     sql: SqlWrite | None = None
@@ -119,10 +124,14 @@ class ReviewStep(ApiModel):
 
 
 class Step(ApiModel):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": f"self.type != '{t}' || has(self.{t})", "message": f"a step of type {t} needs a {t} block"}
-        for t in ("retrieve", "generate", "act")
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": f"self.type != '{t}' || has(self.{t})", "message": f"a step of type {t} needs a {t} block"}
+                for t in ("retrieve", "generate", "act")
+            ]
+        }
+    )
 
     name: str = Field(pattern=DNS_LABEL, max_length=63, description="Step name, unique in the workflow.")
     type: StepType = Field(description="retrieve, generate, validate, act or review.")
@@ -134,8 +143,13 @@ class Step(ApiModel):
 
     @model_validator(mode="after")
     def _block_matches_type(self) -> Self:
-        blocks = {"retrieve": self.retrieve, "generate": self.generate, "validate": self.validate_,
-                  "act": self.act, "review": self.review}
+        blocks = {
+            "retrieve": self.retrieve,
+            "generate": self.generate,
+            "validate": self.validate_,
+            "act": self.act,
+            "review": self.review,
+        }
         if self.type in ("retrieve", "generate", "act") and blocks[self.type] is None:
             raise ValueError(f"step {self.name!r} has type {self.type} but no {self.type} block")
         extra = [k for k, v in blocks.items() if v is not None and k != self.type]
@@ -153,8 +167,11 @@ class Slo(ApiModel):
 
 
 class Routing(ApiModel):
-    default_tier: str = Field(default="default", pattern=DNS_LABEL, description="Tier of generate steps "
-                              "that name neither a ModelDeployment nor a tier.")
+    default_tier: str = Field(
+        default="default",
+        pattern=DNS_LABEL,
+        description="Tier of generate steps that name neither a ModelDeployment nor a tier.",
+    )
     fallback: bool = Field(default=True, description="Follow ModelDeployment fallback chains when unhealthy.")
 
 
@@ -245,10 +262,14 @@ class AutonomousWorkflow(Resource):
             if step.generate and step.generate.model_deployment_ref:
                 refs.append((f"spec.steps[{i}].generate.modelDeploymentRef", step.generate.model_deployment_ref))
             if step.retrieve and step.retrieve.rerank and step.retrieve.rerank.model_deployment_ref:
-                refs.append((f"spec.steps[{i}].retrieve.rerank.modelDeploymentRef",
-                             step.retrieve.rerank.model_deployment_ref))
+                refs.append(
+                    (f"spec.steps[{i}].retrieve.rerank.modelDeploymentRef", step.retrieve.rerank.model_deployment_ref)
+                )
         return refs
 
     def index_refs(self) -> list[tuple[str, str]]:
-        return [(f"spec.steps[{i}].retrieve.vectorIndexRef", s.retrieve.vector_index_ref)
-                for i, s in enumerate(self.spec.steps) if s.retrieve]
+        return [
+            (f"spec.steps[{i}].retrieve.vectorIndexRef", s.retrieve.vector_index_ref)
+            for i, s in enumerate(self.spec.steps)
+            if s.retrieve
+        ]

@@ -37,7 +37,7 @@ async def emulator() -> AsyncIterator[Emulator]:
         yield k8s
 
 
-@pytest.fixture()
+@pytest.fixture
 def kubeconfig(emulator: Emulator) -> lightkube.KubeConfig:
     return lightkube.KubeConfig.from_one(cluster=Cluster(server=str(emulator.url).rstrip("/")), user=User(),
                                          namespace="default")

@@ -44,7 +44,7 @@ class Emulator(kmock.KubernetesEmulator):
             meta["resourceVersion"] = self._next_rv()
         elif request.resource is not None and request.action == kmock.action.UPDATE:
             key = (request.resource, request.namespace, request.name)
-            current = self._objects[key] if key in self._objects else None
+            current = self._objects[key] if key in self._objects else None  # noqa: SIM401 (no .get on kmock views)
             generation = (current.get("metadata", {}).get("generation") or 0) if current is not None else 0
             rv = self._next_rv()
             if isinstance(data, dict):
@@ -55,8 +55,7 @@ class Emulator(kmock.KubernetesEmulator):
                     meta["generation"] = generation + 1
             elif isinstance(data, list):
                 data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
-                if request.subresource != "status" and any(str(op.get("path", "")).startswith("/spec")
-                                                           for op in data):
+                if request.subresource != "status" and any(str(op.get("path", "")).startswith("/spec") for op in data):
                     data.append({"op": "add", "path": "/metadata/generation", "value": generation + 1})
         try:
             return await super()._handle(request)
@@ -65,8 +64,9 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         response = await super()._render_error(exc)
-        return aiohttp.web.Response(body=response.body, status=response.status,
-                                    headers={"Content-Type": "application/json"})
+        return aiohttp.web.Response(
+            body=response.body, status=response.status, headers={"Content-Type": "application/json"}
+        )
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         result = await super()._serve_list(request)

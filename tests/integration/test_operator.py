@@ -6,7 +6,6 @@ import asyncio
 import copy
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +112,9 @@ async def test_example_manifests_reconcile_to_ready(emulator, kube, operator, op
     assert table(emulator, "invoice-triage")["revision"] == routing["revision"]
     assert [b["modelDeployment"] for b in routing["routes"][0]["backends"]] == ["invoice-small", "invoice-large"]
     assert routing["retrieval"][0]["mode"] == "hybrid"
-    wf = status(emulator, "autonomousworkflows", "invoice-triage")
-    assert wf["routingRevision"] == routing["revision"] and wf["endpoint"].endswith(":8000/v1")
+    wf = await eventually(lambda: (w := status(emulator, "autonomousworkflows", "invoice-triage"))
+                          and w.get("routingRevision") == routing["revision"] and w)
+    assert wf["endpoint"].endswith(":8000/v1") and wf["phase"] == "Ready"
     assert obj(emulator, "apps/v1/deployments", "invoice-triage-gateway") is not None
 
     events = [e for e in emulator.objects if e[0] == kmock.resource("v1/events")]
@@ -199,7 +199,8 @@ async def test_bad_manifest_reports_invalid_spec_and_operator_keeps_running(emul
 
     await apply(kube, {"apiVersion": "pilothouse.io/v1alpha1", "kind": "ModelDeployment",
                        "metadata": {"name": "fine"},
-                       "spec": {"model": {"name": "m"}, "engine": "external", "external": {"url": openai_endpoint.url}}})
+                       "spec": {"model": {"name": "m"}, "engine": "external",
+                                "external": {"url": openai_endpoint.url}}})
     await eventually(lambda: (ready(emulator, "modeldeployments", "fine") or {}).get("status") == "True")
 
     # A workflow naming a ModelDeployment that does not exist names the field.
@@ -221,6 +222,7 @@ async def test_milvus_unreachable_degrades_index_and_retrieval(emulator, kube, o
         await apply(kube, doc)
     cond = await eventually(lambda: (c := ready(emulator, "vectorindexes", "invoice-docs")) and
                             c["reason"] == "MilvusUnreachable" and c)
+    assert "127.0.0.1:9" in cond["message"]
     assert status(emulator, "vectorindexes", "invoice-docs")["phase"] == "Degraded"
     routing = await eventually(lambda: table(emulator, "invoice-triage"))
     assert routing["retrieval"][0]["mode"] == "keyword-only"
@@ -256,6 +258,7 @@ async def test_budget_exhausted_downgrades_routing(emulator, kube, operator, ope
         "action") == "downgrade" and t)
     assert routing["routes"][0]["backends"][0]["modelDeployment"] == "invoice-small"
     assert routing["routes"][0]["backends"][0]["role"] == "downgrade"
-    assert status(emulator, "autonomousworkflows", "invoice-triage")["budgetState"] == "Exhausted"
+    await eventually(lambda: status(emulator, "autonomousworkflows", "invoice-triage").get("budgetState")
+                     == "Exhausted")
 
 

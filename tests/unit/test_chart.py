@@ -1,0 +1,196 @@
+"""The Helm chart, linted and rendered offline with Helm's Go SDK (helm-python-sdk; no helm binary, no cluster)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+from pilothouse.operator import crdgen
+
+ROOT = Path(__file__).parents[2]
+CHART = ROOT / "charts" / "pilothouse"
+RELEASE, NAMESPACE = "ph", "pilothouse-system"
+CRS = ("modeldeployments", "vectorindexes", "budgetpolicies", "autonomousworkflows")
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every object the chart renders (templates only; Helm installs crds/ separately)."""
+    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples a list of RBAC rules allows."""
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def expected_namespaced() -> set[tuple[str, str, str]]:
+    crud = ("get", "list", "watch", "create", "patch", "delete")
+    want = {("pilothouse.io", cr, v) for cr in CRS for v in ("get", "list", "watch", "patch", "update")}
+    want |= {("pilothouse.io", f"{cr}/status", v) for cr in CRS for v in ("get", "patch", "update")}
+    want |= {(g, r, v) for g, r in (("ray.io", "rayservices"), ("", "configmaps"), ("", "services"),
+                                    ("apps", "deployments")) for v in crud}
+    want |= {("", "pods", v) for v in ("get", "list", "watch")} | {("", "secrets", "get")}
+    want |= {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    return want
+
+
+EXPECTED_CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
+    ("", "namespaces", v) for v in ("list", "watch")}
+
+
+def test_chart_lints_clean() -> None:
+    for values in (None, {"watchNamespaces": ["team-a", "team-b"], "serviceMonitor": {"enabled": True}}):
+        report = helm.lint(CHART, values, strict=True)
+        assert report["errors"] == []
+        # severity 1 (info, e.g. "icon is recommended") is fine; warnings and errors are not
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_schema_rejects_a_misspelt_value(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmValuesError, match="watchNamespace"):
+        chart.render({"watchNamespace": ["team-a"]}, name=RELEASE)
+
+
+def test_default_deployment_is_hardened(chart: helm.Chart) -> None:
+    docs = render(chart)
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # kopf standalone: never two operators
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert "fsGroup" in pod["securityContext"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+    c = container(docs)
+    assert c["image"] == f"ghcr.io/pilothouse/pilothouse:{chart.metadata['appVersion']}"
+    assert c["command"] == ["pilothouse"]
+    assert c["args"][0] == "operator"
+    assert "--namespace" not in c["args"]
+    assert "--milvus-uri" not in c["args"]
+    assert c["args"][c["args"].index("--liveness") + 1] == "http://0.0.0.0:8080/healthz"
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": 8080}
+    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+    tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+
+    labels = deployment["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "pilothouse"
+    assert labels["app.kubernetes.io/instance"] == RELEASE
+    assert labels["app.kubernetes.io/managed-by"] == "Helm"
+    assert labels["app.kubernetes.io/part-of"] == "pilothouse"
+    assert labels["app.kubernetes.io/version"] == chart.metadata["appVersion"]
+
+
+def test_default_rbac_is_cluster_wide_least_privilege(chart: helm.Chart) -> None:
+    docs = render(chart)
+    sa = one(docs, "ServiceAccount")
+    assert sa["metadata"]["namespace"] == NAMESPACE
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ServiceMonitor")]
+
+    role = one(docs, "ClusterRole")
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert not any("*" in item for item in rule[field]), rule
+    granted = grants(role["rules"])
+    assert granted == expected_namespaced() | EXPECTED_CLUSTER_SCOPED
+    assert ("pilothouse.io", "modeldeployments/status", "patch") in granted
+    assert ("", "secrets", "get") in granted
+    assert not {("", "secrets", v) for v in ("list", "watch")} & granted
+    assert ("ray.io", "rayservices", "create") in granted
+    assert not {("pilothouse.io", cr, v) for cr in CRS for v in ("create", "delete")} & granted
+
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
+
+
+def test_watch_namespaces_get_a_role_each(chart: helm.Chart) -> None:
+    docs = render(chart, {"watchNamespaces": ["team-a", "team-b"]})
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    for ns, role in roles.items():
+        assert grants(role["rules"]) == expected_namespaced()
+        assert bindings[ns]["roleRef"]["kind"] == "Role"
+        assert bindings[ns]["roleRef"]["name"] == role["metadata"]["name"]
+        assert bindings[ns]["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    # cluster scope keeps only the reads kopf needs
+    assert grants(one(docs, "ClusterRole")["rules"]) == EXPECTED_CLUSTER_SCOPED
+    assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == sa
+
+    args = " ".join(container(docs)["args"])
+    assert "--namespace team-a --namespace team-b" in args
+
+
+def test_milvus_and_store_url_flow_into_args(chart: helm.Chart) -> None:
+    c = container(render(chart, {"milvus": {"uri": "http://milvus.db:19530"},
+                                 "store": {"url": "postgresql+psycopg://ledger@pg/pilothouse"}}))
+    args = c["args"]
+    assert args[args.index("--milvus-uri") + 1] == "http://milvus.db:19530"
+    assert args[args.index("--store-url") + 1] == "postgresql+psycopg://ledger@pg/pilothouse"
+    assert "PILOTHOUSE_STORE_URL" not in {e["name"] for e in c.get("env", [])}
+
+
+def test_default_store_lives_on_the_writable_tmp(chart: helm.Chart) -> None:
+    args = container(render(chart))["args"]
+    assert args[args.index("--store-url") + 1].startswith("sqlite:////tmp/")
+
+
+def test_store_url_from_an_existing_secret(chart: helm.Chart) -> None:
+    c = container(render(chart, {"store": {"existingSecret": "ledger-db", "existingSecretKey": "dsn"}}))
+    assert "--store-url" not in c["args"]  # the CLI reads PILOTHOUSE_STORE_URL
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PILOTHOUSE_STORE_URL"]["valueFrom"] == {"secretKeyRef": {"name": "ledger-db", "key": "dsn"}}
+
+
+def test_store_url_and_secret_are_exclusive(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match="not both"):
+        render(chart, {"store": {"url": "sqlite:///x.db", "existingSecret": "ledger-db"}})
+
+
+def test_service_monitor_selects_the_gateways(chart: helm.Chart) -> None:
+    monitor = one(render(chart, {"serviceMonitor": {"enabled": True}}), "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "pilothouse-gateway"}
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_chart_crds_are_the_generated_ones(chart: helm.Chart) -> None:
+    expected = {name: text.encode() for name, text in crdgen.render_all().items()}
+    on_disk = {p.name: p.read_bytes() for p in (CHART / "crds").iterdir()}
+    assert on_disk == expected, "charts/pilothouse/crds is stale: run `make crds`"
+    # and Helm sees exactly those files as the chart's CRDs
+    assert sorted(Path(c["filename"]).name for c in chart.crds) == sorted(expected)
