@@ -45,7 +45,6 @@ class OperatorConfig:
     store_url: str = "sqlite:///pilothouse.db"
     health_interval: float = 10.0
     gateway_image: str = GATEWAY_IMAGE
-    kubeconfig: lightkube.KubeConfig | None = None  # None: in-cluster or $KUBECONFIG
 
 
 @dataclass
@@ -142,11 +141,15 @@ async def refresh_workflows(namespace: str, rt: Runtime) -> None:
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     """Attach all handlers to a registry (the CLI uses kopf's default one, tests a fresh one)."""
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """In-cluster service account first, then KUBECONFIG / ~/.kube/config (a fresh registry has none)."""
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
-        client = lightkube.AsyncClient(config=rt.config.kubeconfig, field_manager="pilothouse") \
-            if rt.config.kubeconfig else lightkube.AsyncClient(field_manager="pilothouse")
+        client = lightkube.AsyncClient(field_manager="pilothouse")  # in-cluster, else $KUBECONFIG
         rt.env = ClusterEnv(client, httpx.AsyncClient(), SqlSpendReader(rt.config.store_url), rt.config.milvus_uri)
 
     @kopf.on.cleanup(registry=registry)

@@ -67,25 +67,21 @@ class _NotKopf:
 
 
 @pytest_asyncio.fixture()
-async def operator(emulator: Emulator, kubeconfig: lightkube.KubeConfig,
-                   tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Runtime]]]:
-    """`await operator(**config)` starts the operator with the same handlers `pilothouse operator` uses."""
+async def operator(emulator: Emulator, tmp_path: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Awaitable[Runtime]]]:
+    """`await operator(**config)` starts the operator with the same handlers and login `pilothouse operator` uses."""
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kubeconfig", str(emulator.url).rstrip("/"))))
     stop = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
 
     async def start(**overrides: Any) -> Runtime:
         config = OperatorConfig(milvus_uri=str(tmp_path / "milvus.db"), store_url=f"sqlite:///{tmp_path}/store.db",
-                                health_interval=0.5, kubeconfig=kubeconfig)
+                                health_interval=0.5)
         for key, value in overrides.items():
             setattr(config, key, value)
         registry = kopf.OperatorRegistry()
         runtime = Runtime(config)
         register(registry, runtime)
-        url = str(emulator.url).rstrip("/")
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=url, default_namespace="default")
 
         ready = asyncio.Event()
         settings = kopf.OperatorSettings()
@@ -147,3 +143,17 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 15.0) -> Any
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not reached within {timeout}s")
         await asyncio.sleep(0.05)
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    """A kubeconfig for the emulator: no auth, one context. Both kopf and lightkube read it."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+        "users": [{"name": "anonymous", "user": {}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "anonymous",
+                                                        "namespace": "default"}}],
+    }))
+    return path

@@ -1,0 +1,3 @@
+from pilothouse.cli import main
+
+main()
