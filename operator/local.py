@@ -19,7 +19,7 @@ from . import budget_policy, model_deployment, vector_index, workflow
 from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, Resource, RoutingTable, VectorIndex
 from .api.common import SecretKeyRef
 from .budget import SqlSpendReader
-from .env import Outcome, status_doc
+from .env import Outcome, secret_env_var, status_doc
 from .health import Health
 from .manifests import Bundle
 
@@ -48,8 +48,7 @@ class LocalEnv:
     async def secret(self, namespace: str, ref: SecretKeyRef) -> str | None:
         """Secret manifests in the run folder first, then PILOTHOUSE_SECRET_<NAME>_<KEY>."""
         value = self.secrets.get((namespace, ref.name), {}).get(ref.key)
-        env_name = f"PILOTHOUSE_SECRET_{ref.name}_{ref.key}".upper().replace("-", "_").replace(".", "_")
-        return value if value is not None else os.environ.get(env_name)
+        return value if value is not None else os.environ.get(secret_env_var(ref))
 
     async def list(self, kind: type[R], namespace: str) -> dict[str, R]:
         return {name: obj for (k, ns, name), obj in self.objects.items()  # type: ignore[misc]
@@ -102,4 +101,5 @@ async def reconcile_all(bundle: Bundle, env: LocalEnv) -> list[Resource]:
                 path.write_text(outcome.routing_table.model_dump_json(by_alias=True, indent=2))
     status = {f"{k}/{ns}/{n}": o.status.dump() if o.status else {} for (k, ns, n), o in env.objects.items()}
     (env.state_dir / "status.json").write_text(json.dumps(status, indent=2))
-    return [env.objects[k] for k in sorted(env.objects)]
+    rank = {kind.KIND: i for i, kind in enumerate(ORDER)}
+    return sorted(env.objects.values(), key=lambda o: (rank[o.KIND], o.namespace, o.name))

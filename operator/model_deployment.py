@@ -5,7 +5,7 @@ from __future__ import annotations
 from .api import ModelDeployment
 from .api.model_deployment import Engine
 from .conditions import Observation
-from .env import Env, Outcome
+from .env import Env, Outcome, secret_env_var
 from .health import probe_external
 from .render_model import endpoint, render
 
@@ -18,9 +18,11 @@ async def reconcile(md: ModelDeployment, env: Env) -> Outcome:
         if ref and key is None:
             return Outcome(
                 phase="Failed",
-                observations=[Observation("Ready", False, "SecretMissing",
-                                          f"spec.external.apiKeySecretRef: Secret {ref.name!r} key {ref.key!r} "
-                                          "not found; create it in this namespace")],
+                observations=[Observation(
+                    "Ready", False, "SecretMissing",
+                    f"spec.external.apiKeySecretRef: Secret {ref.name!r} key {ref.key!r} not found; create it in "
+                    f"this namespace (pilothouse run: a Secret manifest beside the others, or the environment "
+                    f"variable {secret_env_var(ref)})")],
                 retry_after=30,
             )
         health = await probe_external(env.http, md.spec.external.url, key,

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .api import AutonomousWorkflow, RoutingTable
-from .render_model import LABELS, RAY_IMAGE
+from .render_model import LABELS
 
 GATEWAY_IMAGE = "ghcr.io/pilothouse/pilothouse:0.1.0"
 PORT = 8000
@@ -90,7 +90,7 @@ def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_
             "args": {"routing": f"{MOUNT}/{ROUTING_FILE}"},
             "deployments": [{"name": "Gateway", "num_replicas": wf.spec.gateway.replicas}],
         }]}
-        head = {"name": "ray-head", "image": image or RAY_IMAGE,
+        head = {"name": "ray-head", "image": image,  # the Pilothouse image carries Ray Serve
                 "ports": [{"containerPort": PORT, "name": "serve"}],
                 "volumeMounts": [{"name": "routing", "mountPath": MOUNT, "readOnly": True}]}
         app = {

@@ -52,8 +52,8 @@ def llm_config(md: ModelDeployment) -> dict[str, Any]:
             },
         },
     }
-    if md.spec.node_pool.gpu.type:
-        config["accelerator_type"] = md.spec.node_pool.gpu.type
+    # GPU type is enforced by the worker group's nodeSelector; Ray's accelerator_type names
+    # (L4, A100-80G) differ from the node labels, so it is not repeated here.
     return config
 
 

@@ -33,6 +33,7 @@ class Dependencies:
     models: Mapping[str, ModelDeployment]
     indexes: Mapping[str, VectorIndex]
     budgets: Mapping[str, BudgetPolicy]
+    default_milvus_uri: str | None = None  # what a VectorIndex without spec.milvus.uri uses
 
 
 def health(obj: ModelDeployment | VectorIndex) -> tuple[bool, str]:
@@ -188,7 +189,8 @@ def compile_table(wf: AutonomousWorkflow, deps: Dependencies, previous: RoutingT
         elif not ok:
             reason = f"VectorIndex {vi.name} not Ready ({why}); degradedMode.retrieval is fail"
         retrieval.append(Retrieval(step=step.name, vector_index=vi.name, collection=vi.alias,
-                                   milvus_uri=vi.spec.milvus.uri, mode=mode, top_k=ret.top_k, reason=reason))
+                                   milvus_uri=vi.spec.milvus.uri or deps.default_milvus_uri, mode=mode,
+                                   top_k=ret.top_k, reason=reason))
     if budget and budget.action in ("queue", "reject"):
         active.append(f"budget {budget.policy} exhausted: {budget.action}")
     table = RoutingTable(

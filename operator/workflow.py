@@ -15,6 +15,7 @@ async def dependencies(env: Env, namespace: str) -> Dependencies:
         models=await env.list(ModelDeployment, namespace),
         indexes=await env.list(VectorIndex, namespace),
         budgets=await env.list(BudgetPolicy, namespace),
+        default_milvus_uri=env.default_milvus_uri,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -16,8 +18,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
-out = Console()
+# Piped output (CI logs, `| less`) gets a readable width instead of rich's 80-column default.
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole: grep-able, copy-able
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def fail(message: str, hint: str | None = None, code: int = 2) -> typer.Exit:
@@ -46,6 +49,7 @@ def run(
     """Local mode: validate the manifests, reconcile them with no cluster, print their status."""
     from pilothouse.operator import local, manifests
 
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # Lite logs recoverable RPC misses as errors
     if not directory.exists():
         raise fail(f"{directory} does not exist", "pass a folder of manifests, e.g. examples/invoice-triage/")
     bundle = manifests.load(directory)
@@ -68,8 +72,9 @@ def run(
 
     objects = asyncio.run(go())
     table = Table(title=f"Pilothouse local reconcile ({directory})")
-    for column in ("Kind", "Name", "Phase", "Ready", "Reason", "Detail"):
-        table.add_column(column, overflow="fold")
+    for column in ("Kind", "Name", "Phase", "Ready", "Reason"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("Detail", overflow="fold")
     for obj in objects:
         status = obj.status.dump() if obj.status else {}
         ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})

@@ -1,0 +1,80 @@
+"""Renderers against golden files (reviewed by hand; regenerate with PILOTHOUSE_UPDATE_GOLDEN=1)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pilothouse.operator import render_gateway, render_model
+from pilothouse.operator.api import AutonomousWorkflow, ModelDeployment
+from pilothouse.operator.routing import Dependencies, compile_table
+
+from .factories import index, model
+
+ROOT = Path(__file__).parents[2]
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def example(kind: str, name: str) -> dict[str, Any]:
+    for path in sorted((ROOT / "examples" / "invoice-triage").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == kind and doc["metadata"]["name"] == name:
+                return doc
+    raise LookupError(name)
+
+
+def check_golden(name: str, objects: list[dict[str, Any]]) -> None:
+    text = yaml.safe_dump_all(objects, sort_keys=True, width=100)
+    path = GOLDEN / name
+    if os.environ.get("PILOTHOUSE_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed: review the diff, then PILOTHOUSE_UPDATE_GOLDEN=1"
+
+
+def test_vllm_model_renders_rayservice_and_service() -> None:
+    md = ModelDeployment.model_validate(example("ModelDeployment", "invoice-small"))
+    check_golden("invoice-small.yaml", render_model.render(md))
+
+
+def test_gpu_count_tolerations_and_tensor_parallel_shape_the_worker_group() -> None:
+    doc = example("ModelDeployment", "invoice-small")
+    doc["spec"]["vllm"]["tensorParallelSize"] = 4
+    doc["spec"]["nodePool"] = {"gpu": {"count": 2}, "priorityClassName": "gpu-high",
+                               "tolerations": [{"key": "pool", "operator": "Equal", "value": "a100",
+                                                "effect": "NoSchedule"}]}
+    doc["spec"]["replicas"] = {"min": 1, "max": 3}
+    rayservice, _ = render_model.render(ModelDeployment.model_validate(doc))
+    group = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["maxReplicas"]) == (2, 6)  # two 2-GPU pods per 4-way replica
+    pod = group["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "pool", "operator": "Equal", "value": "a100", "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "gpu-high"
+    assert pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    serve = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["args"]["llm_configs"][0]["engine_kwargs"]["tensor_parallel_size"] == 4
+
+
+def test_external_model_has_no_children() -> None:
+    md = ModelDeployment.model_validate(example("ModelDeployment", "invoice-large"))
+    assert render_model.render(md) == []
+    assert render_model.endpoint(md) == "https://api.openai.com/v1"
+
+
+@pytest.mark.parametrize("mode", ["deployment", "rayservice"])
+def test_workflow_renders_routing_configmap_and_gateway(mode: str) -> None:
+    doc = example("AutonomousWorkflow", "invoice-triage")
+    doc["spec"]["gateway"] = {"mode": mode, "replicas": 2}
+    del doc["spec"]["budgetPolicyRef"]
+    wf = AutonomousWorkflow.model_validate(doc)
+    deps = Dependencies(models={"small": model("small")}, indexes={"invoice-docs": index("invoice-docs")},
+                        budgets={}, default_milvus_uri="http://milvus.pilothouse:19530")
+    table = compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC))
+    objects = render_gateway.render(wf, table)
+    check_golden(f"invoice-triage-{mode}.yaml", objects)
+    configmap = objects[0]
+    assert configmap["metadata"]["labels"]["pilothouse.io/routing-revision"] == "1"
