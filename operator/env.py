@@ -49,6 +49,7 @@ class Outcome:
     routing_table: RoutingTable | None = None
     retry_after: float | None = None
     phase: str | None = None
+    events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message) worth an Event of their own
 
 
 def status_doc(outcome: Outcome, old: dict[str, Any] | None, generation: int | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,8 @@ async def sync(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runti
                 await env.apply(child)
                 rt.applied[child_key] = digest
         await _write_status(kind, body, env, outcome, old_status, generation)
+        for reason, message in outcome.events:
+            kopf.info(body, reason=reason, message=message)
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(_summary(outcome), delay=outcome.retry_after)
 
@@ -240,6 +243,9 @@ async def run(*, namespaces: list[str], milvus_uri: str | None, store_url: str, 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     registry = kopf.OperatorRegistry()
-    register(registry, Runtime(OperatorConfig(milvus_uri=milvus_uri, store_url=store_url)))
+    # Health-timer period in seconds; no CLI flag on purpose (benchmarks and tests tune it).
+    interval = float(os.environ.get("PILOTHOUSE_HEALTH_INTERVAL") or 10.0)
+    register(registry, Runtime(OperatorConfig(milvus_uri=milvus_uri, store_url=store_url,
+                                              health_interval=interval)))
     await kopf.operator(registry=registry, clusterwide=not namespaces, namespaces=namespaces,
                         liveness_endpoint=liveness, standalone=True)

@@ -39,8 +39,10 @@ async def reconcile(vi: VectorIndex, env: Env) -> Outcome:
         ])
     ready = report.loaded or not vi.spec.prewarm
     message = f"alias {vi.alias} -> {report.active_collection} ({report.row_count} rows, index {report.index_state})"
+    events = []
     if report.rebuilt_from:
-        message += f"; re-indexed from {report.rebuilt_from} ({report.rows_copied} rows copied)"
+        events.append(("Reindexed", f"built {report.active_collection} from {report.rebuilt_from} "
+                                    f"({report.rows_copied} rows copied), swapped alias {vi.alias}, dropped the old"))
     status = {
         "backend": report.backend,
         "activeCollection": report.active_collection,
@@ -50,7 +52,7 @@ async def reconcile(vi: VectorIndex, env: Env) -> Outcome:
         "indexState": report.index_state,
         "loaded": report.loaded,
     }
-    return Outcome(status=status, phase="Ready" if ready else "Pending", observations=[
+    return Outcome(status=status, phase="Ready" if ready else "Pending", events=events, observations=[
         Observation("Ready", ready, "CollectionReady" if ready else "NotLoaded", message),
         Observation("Degraded", False, "Healthy", ""),
         Observation("Progressing", False, "Stable", ""),

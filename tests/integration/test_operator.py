@@ -262,3 +262,45 @@ async def test_budget_exhausted_downgrades_routing(emulator, kube, operator, ope
                      == "Exhausted")
 
 
+
+
+async def test_index_spec_change_reindexes_behind_the_alias(emulator, kube, operator, tmp_path: Path):
+    from pymilvus import MilvusClient
+
+    await operator()
+    uri = str(tmp_path / "reindex.db")
+    await apply(kube, {"apiVersion": "pilothouse.io/v1alpha1", "kind": "VectorIndex", "metadata": {"name": "docs"},
+                       "spec": {"milvus": {"uri": uri}, "fields": {"dimension": 4}, "index": {"type": "HNSW"}}})
+    await eventually(lambda: status(emulator, "vectorindexes", "docs").get("activeCollection") == "docs_v1")
+    client = MilvusClient(uri=uri)
+    client.insert("docs", [{"id": f"d{i}", "text": f"invoice {i}", "embedding": [0.1, 0.2, 0.3, float(i)]}
+                           for i in range(20)])
+    client.flush("docs_v1")
+
+    await kube.patch(GENERIC["VectorIndex"], "docs", {"spec": {"index": {"type": "IVF_FLAT", "nlist": 8}}},
+                     namespace="default", patch_type=lightkube.types.PatchType.MERGE)
+    vi = await eventually(lambda: (s := status(emulator, "vectorindexes", "docs")).get("activeCollection")
+                          == "docs_v2" and s)
+    assert vi["rowCount"] == 20 and vi["loaded"] is True and vi["version"] == 2
+    assert client.list_collections() == ["docs_v2"]
+    assert client.describe_alias("docs")["collection_name"] == "docs_v2"
+    assert len(client.query("docs", filter="id != ''", output_fields=["id"], limit=100)) == 20
+    messages = [emulator.objects[e].raw.get("message", "") for e in emulator.objects
+                if e[0] == kmock.resource("v1/events") and emulator.objects[e].raw.get("reason") == "Reindexed"]
+    assert any("built docs_v2 from docs_v1 (20 rows copied)" in m for m in messages), messages
+
+
+async def test_milvus_back_switches_retrieval_back_to_hybrid(emulator, kube, operator, openai_endpoint: FakeOpenAI,
+                                                             tmp_path: Path):
+    await operator()
+    for doc in example_docs(openai_endpoint.url):
+        if doc["kind"] == "VectorIndex":
+            doc["spec"]["milvus"] = {"uri": "http://127.0.0.1:9"}
+        await apply(kube, doc)
+    await eventually(lambda: ((table(emulator, "invoice-triage") or {}).get("retrieval") or [{}])[0].get("mode")
+                     == "keyword-only")
+    await kube.patch(GENERIC["VectorIndex"], "invoice-docs", {"spec": {"milvus": {"uri": str(tmp_path / "m.db")}}},
+                     namespace="default", patch_type=lightkube.types.PatchType.MERGE)
+    routing = await eventually(lambda: (t := table(emulator, "invoice-triage")) and t["retrieval"][0]["mode"]
+                               == "hybrid" and t)
+    assert routing["retrieval"][0]["milvusUri"] == str(tmp_path / "m.db")
