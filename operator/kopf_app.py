@@ -57,6 +57,8 @@ class Runtime:
     locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
     applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
     phases: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
+    refreshing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
 
     def lock(self, key: tuple[str, str, str]) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -132,6 +134,23 @@ async def _write_status(kind: type[Resource], body: kopf.Body | dict[str, Any], 
                    message=f"{cond['type']}={cond['status']}: {cond['message']}"[:1000])
 
 
+def request_refresh(namespace: str, rt: Runtime) -> None:
+    """Coalesce recompiles: a burst of N dependency changes costs one or two passes, not N."""
+    rt.dirty.add(namespace)
+    task = rt.refreshing.get(namespace)
+    if task is None or task.done():
+        rt.refreshing[namespace] = asyncio.create_task(_refresh_loop(namespace, rt))
+
+
+async def _refresh_loop(namespace: str, rt: Runtime) -> None:
+    while namespace in rt.dirty:
+        rt.dirty.discard(namespace)
+        try:
+            await refresh_workflows(namespace, rt)
+        except Exception:  # a failed pass must not kill the loop: the timers still converge
+            log.exception("recompiling workflows in %s failed; the next health tick retries", namespace)
+
+
 async def refresh_workflows(namespace: str, rt: Runtime) -> None:
     """Recompile every workflow of a namespace (a dependency changed health)."""
     if rt.env is None:
@@ -158,6 +177,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         env, rt.env = rt.env, None  # timers still finishing see no env and stand down
+        for task in rt.refreshing.values():
+            task.cancel()
         if env is not None:
             await env.http.aclose()
             await env.client.close()
@@ -220,7 +241,7 @@ def _register_dependency_watch(registry: kopf.OperatorRegistry, rt: Runtime, kin
         first = key not in rt.phases
         rt.phases[key] = phase
         if not first and rt.env is not None:
-            await refresh_workflows(key[1], rt)
+            request_refresh(key[1], rt)
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -233,7 +254,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.inactivity_timeout = 600  # watch streams go quiet behind load balancers
     settings.watching.reconnect_backoff = 1.0
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
-    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    settings.queueing.error_delays = [1, 2, 5, 10, 30, 60]
     settings.posting.level = logging.INFO
 
 
