@@ -16,24 +16,15 @@ import pytest_asyncio
 from aiohttp import web
 from lightkube.config.models import Cluster, User
 
-from pilothouse.operator.api import GROUP, KINDS, VERSION
 from pilothouse.operator.kopf_app import OperatorConfig, Runtime, register
 
 from .emulator import Emulator
-
-VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 
 
 @pytest_asyncio.fixture()
 async def emulator() -> AsyncIterator[Emulator]:
     async with Emulator() as k8s, kmock.Server(k8s):
-        k8s.resources.load_bundled()
-        for kind in KINDS:
-            k8s.resources[f"{GROUP}/{VERSION}/{kind.PLURAL}"] = kmock.ResourceInfo(
-                kind=kind.KIND, singular=kind.KIND.lower(), namespaced=True, verbs=VERBS,
-                subresources={"status"}, shortnames=kind.SHORT_NAMES, categories=["pilothouse"])
-        k8s.resources["ray.io/v1/rayservices"] = kmock.ResourceInfo(
-            kind="RayService", singular="rayservice", namespaced=True, verbs=VERBS, subresources={"status"})
+        k8s.declare_kinds()
         yield k8s
 
 

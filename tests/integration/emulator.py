@@ -22,9 +22,23 @@ import jsonpatch
 import jsonpointer
 import kmock
 
+from pilothouse.operator.api import GROUP, KINDS, VERSION
+
+VERBS = {"list", "watch", "get", "create", "patch", "delete"}
+
 
 class Emulator(kmock.KubernetesEmulator):
     _rv = [1000]
+
+    def declare_kinds(self) -> None:
+        """Built-in kinds, the Pilothouse CRDs and KubeRay's RayService (kopf waits for what is undeclared)."""
+        self.resources.load_bundled()
+        for kind in KINDS:
+            self.resources[f"{GROUP}/{VERSION}/{kind.PLURAL}"] = kmock.ResourceInfo(
+                kind=kind.KIND, singular=kind.KIND.lower(), namespaced=True, verbs=VERBS,
+                subresources={"status"}, shortnames=kind.SHORT_NAMES, categories=["pilothouse"])
+        self.resources["ray.io/v1/rayservices"] = kmock.ResourceInfo(
+            kind="RayService", singular="rayservice", namespaced=True, verbs=VERBS, subresources={"status"})
 
     def _next_rv(self) -> str:
         self._rv[0] += 1
