@@ -80,8 +80,7 @@ def _exists(path: str) -> bool:
 def _apply(obj: Resource, outcome: Outcome) -> Resource:
     old = obj.status.dump() if obj.status else None
     doc = status_doc(outcome, old, obj.metadata.generation)
-    status_type = type(obj).model_fields["status"].annotation.__args__[0]  # type: ignore[union-attr]
-    return obj.model_copy(update={"status": status_type.model_validate(doc)})
+    return obj.model_copy(update={"status": obj.status_type().model_validate(doc)})
 
 
 async def reconcile_all(bundle: Bundle, env: LocalEnv) -> list[Resource]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -110,6 +110,11 @@ class Resource(ApiModel):
     api_version: Literal["pilothouse.io/v1alpha1"] = Field(default=API_VERSION)
     kind: str
     metadata: ObjectMeta
+
+    @classmethod
+    def status_type(cls) -> type[Status]:
+        """The kind's status model (the non-None member of its ``status`` annotation)."""
+        return next(a for a in get_args(cls.model_fields["status"].annotation) if a is not type(None))
 
     @property
     def name(self) -> str:
