@@ -35,8 +35,6 @@ async def reconcile(md: ModelDeployment, env: Env) -> Outcome:
     status = {"endpoint": endpoint(md)}
     if health.ready_replicas is not None:
         status["readyReplicas"] = health.ready_replicas
-    if health.latency_ms is not None:
-        status["lastProbeLatencyMs"] = health.latency_ms
     phase = "Ready" if health.ready else ("Pending" if health.reason == "PodsNotReady" else "Degraded")
     return Outcome(status=status, observations=[*health.observations(), progressing],
                    children=render(md), phase=phase)

@@ -185,9 +185,6 @@ class ModelDeploymentStatus(Status):
     )
     endpoint: str | None = Field(default=None, description="OpenAI-compatible base URL of the model.")
     ready_replicas: int | None = Field(default=None, description="Replicas serving traffic.")
-    last_probe_latency_ms: float | None = Field(
-        default=None, description="Latency of the last health probe of an external endpoint."
-    )
 
 
 class ModelDeployment(Resource):
