@@ -46,6 +46,9 @@ class OperatorConfig:
     store_url: str = "sqlite:///pilothouse.db"
     health_interval: float = 10.0
     gateway_image: str = GATEWAY_IMAGE
+    # kopf runs one worker per object; without a cap, 1000 objects created at once mean 1000
+    # concurrent probes and API calls, connection-pool timeouts and a retry storm.
+    max_concurrent_reconciles: int = 32
 
 
 @dataclass
@@ -59,9 +62,15 @@ class Runtime:
     phases: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
     refreshing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
+    slots: asyncio.Semaphore | None = None
 
     def lock(self, key: tuple[str, str, str]) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
+
+    def slot(self) -> asyncio.Semaphore:
+        if self.slots is None:  # created lazily: it must belong to the operator's event loop
+            self.slots = asyncio.Semaphore(self.config.max_concurrent_reconciles)
+        return self.slots
 
 
 def _key(kind: type[Resource], body: kopf.Body | dict[str, Any]) -> tuple[str, str, str]:
@@ -93,7 +102,7 @@ async def sync(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runti
     raw = _raw(body)
     old_status = raw.get("status") or {}
     generation = raw["metadata"].get("generation")
-    async with rt.lock(key):
+    async with rt.lock(key), rt.slot():
         try:
             obj = parse(kind, raw)
         except ValidationError as exc:
