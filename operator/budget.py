@@ -14,24 +14,8 @@ import sqlalchemy as sa
 
 from .api import BudgetPolicy, BudgetState
 from .api.budget_policy import Window, WindowSpend
+from .api.ledger import ledger, metadata
 from .conditions import Observation
-
-metadata = sa.MetaData()
-
-# The ledger table both sides agree on. One row per reservation; the gateway moves it from
-# 'reserved' to 'committed' (actual cost) or 'released'. Only committed rows are spend.
-ledger = sa.Table(
-    "budget_ledger",
-    metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("namespace", sa.String(63), nullable=False),
-    sa.Column("policy", sa.String(63), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("cost_usd", sa.Float, nullable=False, default=0.0),
-    sa.Column("tokens", sa.Integer, nullable=False, default=0),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Index("ix_budget_ledger_policy_time", "namespace", "policy", "created_at"),
-)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from . import conditions
 from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, RoutingTable, VectorIndex
-from .api.routing import Backend, BackendPricing, BudgetRule, Retrieval, Route
+from .api.routing import Backend, BackendPricing, BudgetLimit, BudgetRule, Retrieval, Route
 from .render_model import endpoint
 
 
@@ -146,6 +146,8 @@ def _budget_rule(wf: AutonomousWorkflow, deps: Dependencies) -> BudgetRule | Non
         queue_timeout_seconds=on.queue_timeout_seconds,
         per_request_max_cost_usd=per.max_cost_usd if per else None,
         per_request_max_tokens=per.max_tokens if per else None,
+        limits=[BudgetLimit(window=limit.window.value, max_cost_usd=limit.max_cost_usd, max_tokens=limit.max_tokens)
+                for limit in policy.spec.limits],
     )
 
 

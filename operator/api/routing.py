@@ -50,6 +50,12 @@ class Retrieval(ApiModel):
     reason: str
 
 
+class BudgetLimit(ApiModel):
+    window: Literal["hour", "day", "month"]
+    max_cost_usd: float | None = Field(default=None, alias="maxCostUSD")
+    max_tokens: int | None = None
+
+
 class BudgetRule(ApiModel):
     policy: str
     state: Literal["Ok", "Warning", "Exhausted", "Unknown"]
@@ -60,6 +66,7 @@ class BudgetRule(ApiModel):
     queue_timeout_seconds: int | None = None
     per_request_max_cost_usd: float | None = Field(default=None, alias="perRequestMaxCostUSD")
     per_request_max_tokens: int | None = None
+    limits: list[BudgetLimit] = Field(default_factory=list, description="Window caps the ledger enforces.")
 
 
 class RoutingTable(ApiModel):

@@ -235,7 +235,7 @@ async def test_budget_exhausted_downgrades_routing(emulator, kube, operator, ope
     import sqlalchemy as sa
 
     from pilothouse.operator.api.common import now
-    from pilothouse.operator.budget import ledger, metadata
+    from pilothouse.operator.api.ledger import ledger, metadata
 
     runtime = await operator()
     docs = example_docs(openai_endpoint.url)

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 
 from pilothouse.operator.api import BudgetPolicy, BudgetState
 from pilothouse.operator.api.budget_policy import Window
-from pilothouse.operator.budget import SqlSpendReader, evaluate, ledger, window_bounds
+from pilothouse.operator.api.ledger import ledger
+from pilothouse.operator.budget import SqlSpendReader, evaluate, window_bounds
 
 AT = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 

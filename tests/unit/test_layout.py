@@ -59,6 +59,13 @@ def test_layer_contracts(folder: str, forbidden: tuple[str, ...]) -> None:
     assert violations == []
 
 
+def test_serving_shares_only_the_api_with_the_operator() -> None:
+    """The RoutingTable and API models (incl. the ledger table) are the whole contract (DESIGN.md §2)."""
+    violations = [f"{file} imports {name}" for file, names in imports(ROOT / "serving").items() for name in names
+                  if name.startswith("pilothouse.operator") and not name.startswith("pilothouse.operator.api")]
+    assert violations == []
+
+
 def test_layer_check_sees_relative_imports() -> None:
     """The checker itself: it must resolve `from ..x import y` or the contracts prove nothing."""
     names = imports(ROOT / "operator")["operator/api/__init__.py"]

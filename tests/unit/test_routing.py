@@ -73,6 +73,7 @@ def test_budget_exhausted_downgrade_puts_cheaper_tier_first() -> None:
     table = compile_table(workflow(tier="large", budget_ref="budget"), d, None, AT)
     assert order(table) == ["small", "large"] and table.routes[0].backends[0].role == "downgrade"
     assert table.budget.action == "downgrade" and table.degraded
+    assert [(lim.window, lim.max_cost_usd) for lim in table.budget.limits] == [("day", 10.0)]
 
 
 def test_budget_ok_or_warning_takes_no_action() -> None:
