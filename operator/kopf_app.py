@@ -45,6 +45,8 @@ class OperatorConfig:
     milvus_uri: str | None = None
     store_url: str = "sqlite:///pilothouse.db"
     health_interval: float = 10.0
+    # Workflows recompile on dependency events; their timer is only a safety-net resync.
+    resync_interval: float = 300.0
     gateway_image: str = GATEWAY_IMAGE
     # kopf runs one worker per object; without a cap, 1000 objects created at once mean 1000
     # concurrent probes and API calls, connection-pool timeouts and a retry storm.
@@ -227,8 +229,9 @@ def _register_kind(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Reso
     async def reconcile(body: kopf.Body, **_: Any) -> None:
         await sync(kind, body, rt, force_apply=True)
 
-    @kopf.on.timer(*args, registry=registry, id="health", interval=rt.config.health_interval,
-                   initial_delay=rt.config.health_interval)
+    interval = rt.config.resync_interval if kind is AutonomousWorkflow else rt.config.health_interval
+
+    @kopf.on.timer(*args, registry=registry, id="health", interval=interval, initial_delay=interval)
     async def health(body: kopf.Body, **_: Any) -> None:
         if rt.env is None:
             return
@@ -243,6 +246,8 @@ def _register_kind(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Reso
 def _register_dependency_watch(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Resource]) -> None:
     @kopf.on.event(GROUP, VERSION, kind.PLURAL, registry=registry, id="dependents")
     async def changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if rt.env is not None:
+            rt.env.observe(kind, _raw(body), deleted=type == "DELETED")
         key = _key(kind, body)
         phase = None if type == "DELETED" else (body.get("status") or {}).get("phase")
         if rt.phases.get(key, "<unseen>") == phase:
@@ -272,6 +277,9 @@ async def run(*, namespaces: list[str], milvus_uri: str | None, store_url: str, 
     """Entry point of `pilothouse operator`."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not verbose:
+        for noisy in ("httpx", "httpx2", "pymilvus"):  # one line per API call drowns what matters
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     registry = kopf.OperatorRegistry()
     # Health-timer period in seconds; no CLI flag on purpose (benchmarks and tests tune it).
     interval = float(os.environ.get("PILOTHOUSE_HEALTH_INTERVAL") or 10.0)
