@@ -7,14 +7,14 @@ per policy and window through ``SpendReader``, so either side can change storage
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 import sqlalchemy as sa
 
 from .api import BudgetPolicy, BudgetState
-from .api.budget_policy import Window, WindowSpend
-from .api.ledger import ledger, metadata
+from .api.budget_policy import WindowSpend
+from .api.ledger import ledger, metadata, window_bounds
 from .conditions import Observation
 
 
@@ -45,22 +45,6 @@ class SqlSpendReader:
         with self.engine.connect() as conn:
             cost, tokens = conn.execute(query).one()
         return Spend(float(cost), int(tokens))
-
-
-def window_bounds(window: Window, at: datetime) -> tuple[datetime, datetime]:
-    """[start, next start) of the calendar window (UTC) containing ``at``."""
-    at = at.astimezone(UTC)
-    match window:
-        case Window.HOUR:
-            start = at.replace(minute=0, second=0, microsecond=0)
-            return start, start + timedelta(hours=1)
-        case Window.DAY:
-            start = at.replace(hour=0, minute=0, second=0, microsecond=0)
-            return start, start + timedelta(days=1)
-        case Window.MONTH:
-            start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-            nxt = (start + timedelta(days=32)).replace(day=1)
-            return start, nxt
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,11 @@ models, because both sides use it and neither may import the other (DESIGN.md §
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import sqlalchemy as sa
+
+from .budget_policy import Window
 
 metadata = sa.MetaData()
 
@@ -24,3 +28,23 @@ ledger = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_budget_ledger_policy_time", "namespace", "policy", "created_at"),
 )
+
+
+def window_bounds(window: Window | str, at: datetime) -> tuple[datetime, datetime]:
+    """[start, next start) of the calendar window (UTC) containing ``at``.
+
+    Lives beside the table because writer and reader must agree on what "this window" is: the
+    gateway caps reservations per window and the operator reports spend per window with it.
+    """
+    at = at.astimezone(UTC)
+    match Window(window):
+        case Window.HOUR:
+            start = at.replace(minute=0, second=0, microsecond=0)
+            return start, start + timedelta(hours=1)
+        case Window.DAY:
+            start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+            return start, start + timedelta(days=1)
+        case Window.MONTH:
+            start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            nxt = (start + timedelta(days=32)).replace(day=1)
+            return start, nxt

@@ -1,0 +1,396 @@
+"""The data-plane budget ledger: reserve the worst case before dispatch, commit actuals after (DESIGN.md §5).
+
+The gateway is the only writer of the ``budget_ledger`` table declared in
+``pilothouse.operator.api.ledger``; the operator only reads committed spend from it. A request's
+life in the table is one row per policy:
+
+* ``reserve`` inserts a ``reserved`` row carrying the worst case (prompt tokens + max_tokens at the
+  backend's price) — but only if, for every window limit of the policy, committed spend plus what
+  is in flight plus this worst case stays within the cap. Check and insert happen under one
+  per-policy lock, so N concurrent requests can never overspend: whatever they will actually cost
+  was already counted at its worst when they were admitted.
+* ``commit`` replaces the worst case with the actual usage (state ``committed``); ``release`` gives
+  the reservation back (state ``released``) when the request failed before using the backend.
+* ``expire`` releases reservations a crashed gateway left behind, which would otherwise hold budget
+  for the rest of their window.
+
+Spend is attributed to the window in which it was *reserved* (``created_at``), the same column the
+operator's reader filters on, so both sides agree on which window a request belongs to.
+
+Serialization per policy: SQLite takes the database write lock at ``BEGIN IMMEDIATE`` (SQLAlchemy's
+``begin`` event emits it; pysqlite's own implicit BEGIN is switched off, as the SQLAlchemy pysqlite
+docs prescribe), so a reservation's read and write cannot interleave with another writer's, and WAL
+keeps the operator's reads from blocking it. PostgreSQL takes
+``pg_advisory_xact_lock(hashtext(namespace || '/' || policy))`` inside the transaction, so only
+requests of the same policy queue behind each other.
+
+The engine is synchronous. The gateway's event loop must not block on it: it calls ``areserve``,
+``acommit``, ``arelease`` and ``aexpire``, which run the sync method in ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from pilothouse.operator.api.ledger import ledger, metadata, window_bounds
+from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
+
+log = logging.getLogger(__name__)
+
+RESERVED = "reserved"
+COMMITTED = "committed"
+RELEASED = "released"
+
+USD_EPSILON = 1e-9
+"""Tolerance of the USD cap comparisons: costs are floats, and a sum of worst cases that is exactly
+the cap in decimal (50 x 0.2 = 10) can land a few ULPs above it in binary. A nano-dollar is far
+below anything a price table can express, so it cannot admit a request a real cap should refuse."""
+
+_ID_LENGTH = 64  # budget_ledger.id is String(64)
+_BEGIN_OPTION = "pilothouse_sqlite_begin"
+
+
+class Usage(NamedTuple):
+    """Cost and tokens summed over ledger rows; a tuple so callers may unpack ``cost, tokens``."""
+
+    cost_usd: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A granted reservation: pass ``id`` to ``commit`` or ``release`` exactly once."""
+
+    id: str
+    namespace: str
+    policy: str
+    cost_usd: float
+    tokens: int
+    created_at: datetime
+    replayed: bool = False
+    """True when this request id already had a row for this policy (a retried request): nothing new
+    was reserved and the amounts are those stored, so budget is not taken twice for one request."""
+
+
+@dataclass(frozen=True)
+class Denied:
+    """Why a reservation was refused: enough for the gateway's 429 and for its onExhausted action.
+
+    ``cap`` is ``perRequest`` (this request alone is too expensive: retrying will never help, so
+    ``window`` and ``resets_at`` are None) or ``window`` (the window's cap, counting committed
+    spend and what is in flight, has no room for this request's worst case until ``resets_at``).
+    Amounts are in ``unit`` — USD or tokens.
+    """
+
+    namespace: str
+    policy: str
+    cap: Literal["perRequest", "window"]
+    unit: Literal["USD", "tokens"]
+    limit: float
+    requested: float
+    window: str | None = None
+    spent: float = 0.0
+    in_flight: float = 0.0
+    resets_at: datetime | None = None
+
+    @property
+    def message(self) -> str:
+        """Human-readable reason, worded for an HTTP 429 body."""
+        if self.cap == "perRequest":
+            return (f"budget {self.policy} caps a single request at {_amount(self.limit)} {self.unit}; "
+                    f"this one may use up to {_amount(self.requested)} {self.unit}")
+        resets = _rfc3339(self.resets_at) if self.resets_at else "unknown"
+        message = (f"budget {self.policy} exhausted for {self.window}: spent {_amount(self.spent)} of "
+                   f"{_amount(self.limit)} {self.unit}; resets at {resets}")
+        if self.in_flight:  # otherwise "spent 2 of 10" reads as if there were room
+            message += (f" ({_amount(self.in_flight)} {self.unit} more in flight; this request needs up to "
+                        f"{_amount(self.requested)} {self.unit})")
+        return message
+
+
+def reservation_id(request_id: str, policy: str) -> str:
+    """Row id of one request's reservation against one policy.
+
+    ``<request_id>/<policy>`` while it fits the 64-character column (readable in the table); a
+    SHA-256 digest of it beyond that, so long request ids (UUID + a 63-character policy name) still
+    map to one stable id — the uniqueness that makes a retried ``reserve`` a no-op.
+    """
+    readable = f"{request_id}/{policy}"
+    if len(readable) <= _ID_LENGTH:
+        return readable
+    return "h:" + hashlib.sha256(readable.encode()).hexdigest()[: _ID_LENGTH - 2]
+
+
+def _is_locked(exc: BaseException) -> bool:
+    """SQLite's busy error: the busy timeout ran out while another writer held the lock."""
+    if not isinstance(exc, sa.exc.OperationalError):
+        return False
+    text = str(exc.orig).lower()
+    return "locked" in text or "busy" in text
+
+
+# Every write is one idempotent transaction (conditional on the row's state, or on its id for
+# reserve), so replaying it after a busy error cannot double-count.
+_retry_when_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(8),
+                           wait=wait_random_exponential(multiplier=0.02, max=1.0), reraise=True)
+
+
+class Ledger:
+    """Writes the budget ledger over SQLAlchemy: SQLite (a file path URL) by default, PostgreSQL by URL.
+
+    Use a SQLite *file*: an in-memory database is private to one connection, so it cannot be
+    shared by the gateway's threads, let alone with the operator. Extra keyword arguments go to
+    ``sqlalchemy.create_engine`` (pool sizing, for instance).
+    """
+
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0, **engine_options: Any) -> None:
+        parsed = sa.make_url(url)
+        self.backend = parsed.get_backend_name()
+        if self.backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"budget ledger supports sqlite and postgresql URLs, not {self.backend!r}: "
+                             "its cap check relies on their write serialization")
+        if self.backend == "sqlite":
+            connect_args = {"timeout": busy_timeout_s, **engine_options.pop("connect_args", {})}
+            self.engine = sa.create_engine(parsed, connect_args=connect_args, **engine_options)
+            _sqlite_serialized_writes(self.engine, busy_timeout_s)
+        else:
+            self.engine = sa.create_engine(parsed, **engine_options)
+        # Writers open their transaction with BEGIN IMMEDIATE on SQLite; readers keep a deferred BEGIN
+        # so reporting spend never waits for (or blocks) a reservation.
+        self._writer = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    @_retry_when_locked
+    def reserve(self, namespace: str, policy: str, rule: BudgetRule, worst_cost_usd: float, worst_tokens: int,
+                request_id: str, at: datetime) -> Reservation | Denied:
+        """Reserve this request's worst case against ``rule``'s caps, or say which cap refuses it.
+
+        Per-request caps are checked first (no database work). Then, under the policy's lock, every
+        window limit must have room: committed + in flight (``reserved`` rows created in the window)
+        + this worst case ≤ cap, cost and tokens separately. When several windows refuse, the one
+        that resets last is reported: that is when the request could first succeed.
+
+        ``rule.action`` and ``rule.state`` are the operator's view and are not consulted: the ledger
+        enforces caps from its own rows, and the gateway applies the action to a ``Denied``.
+        """
+        if rule.policy != policy:
+            raise ValueError(f"rule is for policy {rule.policy!r}, not {policy!r}")
+        if worst_cost_usd < 0 or worst_tokens < 0:
+            raise ValueError("worst-case cost and tokens must be non-negative")
+        at = _utc(at)
+        if (cap := rule.per_request_max_cost_usd) is not None and worst_cost_usd > cap + USD_EPSILON:
+            return Denied(namespace, policy, "perRequest", "USD", cap, worst_cost_usd)
+        if (cap_tokens := rule.per_request_max_tokens) is not None and worst_tokens > cap_tokens:
+            return Denied(namespace, policy, "perRequest", "tokens", cap_tokens, worst_tokens)
+
+        rid = reservation_id(request_id, policy)
+        with self._write(namespace, policy) as conn:
+            existing = conn.execute(sa.select(ledger).where(ledger.c.id == rid)).first()
+            if existing is not None:
+                log.info("reservation %s exists (%s); not reserving twice", rid, existing.state)
+                return Reservation(rid, existing.namespace, existing.policy, existing.cost_usd, existing.tokens,
+                                   _stored(existing.created_at), replayed=True)
+            denied = self._check_windows(conn, namespace, policy, rule.limits, worst_cost_usd, worst_tokens, at)
+            if denied is not None:
+                return denied
+            conn.execute(ledger.insert().values(id=rid, namespace=namespace, policy=policy, state=RESERVED,
+                                                cost_usd=worst_cost_usd, tokens=worst_tokens, created_at=at))
+        return Reservation(rid, namespace, policy, worst_cost_usd, worst_tokens, at)
+
+    @_retry_when_locked
+    def commit(self, reservation_id: str, actual_cost_usd: float, actual_tokens: int) -> bool:
+        """Record the actual usage; True only if this call moved the row from ``reserved`` to ``committed``.
+
+        A second commit, a commit after ``release`` or ``expire``, or an unknown id changes nothing
+        and returns False. Actuals above the reserved worst case are recorded as they are — the
+        ledger must not under-report real spend — but logged as a warning, because they mean the
+        backend produced more than max_tokens or the price table is wrong, and only that can push
+        spend past a cap.
+        """
+        with self._write() as conn:
+            row = conn.execute(sa.select(ledger.c.state, ledger.c.cost_usd, ledger.c.tokens)
+                               .where(ledger.c.id == reservation_id).with_for_update()).first()
+            if row is None:
+                log.warning("commit of unknown reservation %s ignored", reservation_id)
+                return False
+            if row.state != RESERVED:
+                log.info("commit of %s reservation %s ignored", row.state, reservation_id)
+                return False
+            if actual_cost_usd > row.cost_usd + USD_EPSILON or actual_tokens > row.tokens:
+                log.warning("reservation %s committed above its worst case: %s USD / %s tokens > %s USD / %s tokens",
+                            reservation_id, actual_cost_usd, actual_tokens, row.cost_usd, row.tokens)
+            done = conn.execute(ledger.update().where(ledger.c.id == reservation_id, ledger.c.state == RESERVED)
+                                .values(state=COMMITTED, cost_usd=actual_cost_usd, tokens=actual_tokens))
+            return done.rowcount == 1
+
+    @_retry_when_locked
+    def release(self, reservation_id: str) -> bool:
+        """Give the reservation back; True only if this call moved it from ``reserved`` to ``released``.
+
+        The row keeps the worst case it reserved (for audit); released rows count nowhere.
+        """
+        with self._write() as conn:
+            done = conn.execute(ledger.update().where(ledger.c.id == reservation_id, ledger.c.state == RESERVED)
+                                .values(state=RELEASED))
+            return done.rowcount == 1
+
+    @_retry_when_locked
+    def expire(self, older_than: timedelta, now: datetime | None = None) -> int:
+        """Release reservations still in flight after ``older_than``; returns how many.
+
+        A gateway that crashes between reserve and commit leaves ``reserved`` rows that would hold
+        their worst case until the window ends. The gateway calls this at startup and then
+        periodically (about once a minute), with ``older_than`` well above the longest a request can
+        live (upstream timeout x attempts + queue timeout): every replica runs it, and a reservation
+        of a request still running elsewhere must not be released, or its later commit is refused
+        (returns False) and that spend is lost to the ledger.
+        """
+        cutoff = _utc(now or datetime.now(UTC)) - older_than
+        with self._write() as conn:
+            done = conn.execute(ledger.update().where(ledger.c.state == RESERVED, ledger.c.created_at < cutoff)
+                                .values(state=RELEASED))
+        if done.rowcount:
+            log.warning("released %d stale reservations created before %s", done.rowcount, _rfc3339(cutoff))
+        return done.rowcount
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def spend(self, namespace: str, policy: str, since: datetime, until: datetime | None = None) -> Usage:
+        """Committed cost and tokens of a policy for rows reserved in [since, until)."""
+        return self._sum(namespace, policy, COMMITTED, since, until)
+
+    def in_flight(self, namespace: str, policy: str, since: datetime, until: datetime | None = None) -> Usage:
+        """Worst cases still reserved (neither committed nor released) in [since, until)."""
+        return self._sum(namespace, policy, RESERVED, since, until)
+
+    # -- async wrappers for the gateway's event loop -------------------------------------------------
+
+    async def areserve(self, namespace: str, policy: str, rule: BudgetRule, worst_cost_usd: float,
+                       worst_tokens: int, request_id: str, at: datetime) -> Reservation | Denied:
+        return await asyncio.to_thread(self.reserve, namespace, policy, rule, worst_cost_usd, worst_tokens,
+                                       request_id, at)
+
+    async def acommit(self, reservation_id: str, actual_cost_usd: float, actual_tokens: int) -> bool:
+        return await asyncio.to_thread(self.commit, reservation_id, actual_cost_usd, actual_tokens)
+
+    async def arelease(self, reservation_id: str) -> bool:
+        return await asyncio.to_thread(self.release, reservation_id)
+
+    async def aexpire(self, older_than: timedelta, now: datetime | None = None) -> int:
+        return await asyncio.to_thread(self.expire, older_than, now)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self, namespace: str | None = None, policy: str | None = None) -> Iterator[sa.Connection]:
+        """A write transaction, serialized per policy (PostgreSQL) or per database (SQLite)."""
+        with self._writer.begin() as conn:
+            if self.backend == "postgresql" and namespace is not None and policy is not None:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(CAST(:namespace AS text) || '/' || "
+                                     "CAST(:policy AS text)))"), {"namespace": namespace, "policy": policy})
+            yield conn
+
+    def _check_windows(self, conn: sa.Connection, namespace: str, policy: str, limits: Sequence[BudgetLimit],
+                       worst_cost_usd: float, worst_tokens: int, at: datetime) -> Denied | None:
+        """The refusing window that resets last, or None when every window has room."""
+        if not limits:
+            return None
+        bounds = [window_bounds(limit.window, at) for limit in limits]
+        columns: list[sa.ColumnElement[Any]] = []
+        for start, end in bounds:
+            in_window = sa.and_(ledger.c.created_at >= start, ledger.c.created_at < end)
+            for state in (COMMITTED, RESERVED):
+                row_counts = sa.and_(in_window, ledger.c.state == state)
+                columns.append(sa.func.coalesce(sa.func.sum(sa.case((row_counts, ledger.c.cost_usd), else_=0.0)), 0.0))
+                columns.append(sa.func.coalesce(sa.func.sum(sa.case((row_counts, ledger.c.tokens), else_=0)), 0))
+        sums = conn.execute(sa.select(*columns).where(
+            ledger.c.namespace == namespace, ledger.c.policy == policy, ledger.c.state.in_((COMMITTED, RESERVED)),
+            ledger.c.created_at >= min(start for start, _ in bounds),
+            ledger.c.created_at < max(end for _, end in bounds))).one()
+        refusals: list[Denied] = []
+        for i, (limit, (_, end)) in enumerate(zip(limits, bounds, strict=True)):
+            spent_cost, spent_tokens, flying_cost, flying_tokens = sums[4 * i: 4 * i + 4]
+            cap = limit.max_cost_usd
+            if cap is not None and spent_cost + flying_cost + worst_cost_usd > cap + USD_EPSILON:
+                refusals.append(Denied(namespace, policy, "window", "USD", cap, worst_cost_usd, limit.window,
+                                       float(spent_cost), float(flying_cost), end))
+            cap_tokens = limit.max_tokens
+            if cap_tokens is not None and spent_tokens + flying_tokens + worst_tokens > cap_tokens:
+                refusals.append(Denied(namespace, policy, "window", "tokens", cap_tokens, worst_tokens, limit.window,
+                                       int(spent_tokens), int(flying_tokens), end))
+        return max(refusals, key=lambda d: d.resets_at or at, default=None)
+
+    def _sum(self, namespace: str, policy: str, state: str, since: datetime, until: datetime | None) -> Usage:
+        query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.cost_usd), 0.0),
+                          sa.func.coalesce(sa.func.sum(ledger.c.tokens), 0)).where(
+            ledger.c.namespace == namespace, ledger.c.policy == policy, ledger.c.state == state,
+            ledger.c.created_at >= _utc(since))
+        if until is not None:
+            query = query.where(ledger.c.created_at < _utc(until))
+        with self.engine.connect() as conn:
+            cost, tokens = conn.execute(query).one()
+        return Usage(float(cost), int(tokens))
+
+
+def _sqlite_serialized_writes(engine: sa.Engine, busy_timeout_s: float) -> None:
+    """WAL, synchronous=NORMAL, a busy timeout, and SQLAlchemy-emitted BEGIN (IMMEDIATE for writers).
+
+    pysqlite's own transaction handling emits a deferred BEGIN only before DML, so a reservation's
+    SELECT would run outside the transaction and two gateways could both see room under the cap.
+    Following SQLAlchemy's pysqlite documentation, pysqlite's BEGIN is disabled and the ``begin``
+    event emits one; ``BEGIN IMMEDIATE`` takes the write lock up front, so a second writer waits in
+    the busy handler instead of failing on a lock upgrade. WAL lets readers (the operator) proceed
+    alongside; synchronous=NORMAL is durable across process crashes in WAL mode, which is the
+    failure the ledger must survive, at a fraction of FULL's fsyncs.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _utc(at: datetime) -> datetime:
+    """Aware UTC. SQLite stores datetimes without their offset, so every value and bound must be in
+    UTC to compare; a naive datetime is refused rather than guessed (local time would shift windows)."""
+    if at.tzinfo is None:
+        raise ValueError(f"naive datetime {at.isoformat()}: pass an aware one (UTC)")
+    return at.astimezone(UTC)
+
+
+def _stored(at: datetime) -> datetime:
+    """A created_at read back: SQLite returns it naive, but it was written in UTC."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _rfc3339(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _amount(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)

@@ -1,0 +1,420 @@
+"""The gateway's budget ledger: cap arithmetic, idempotency, stale reservations, concurrency, and the
+operator reading what the gateway wrote (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pilothouse.operator.api import BudgetPolicy, BudgetState
+from pilothouse.operator.api.ledger import ledger as ledger_table
+from pilothouse.operator.api.ledger import window_bounds
+from pilothouse.operator.api.routing import BudgetRule
+from pilothouse.operator.budget import SqlSpendReader, evaluate
+from pilothouse.serving.ledger import USD_EPSILON, Denied, Ledger, Reservation, Usage, reservation_id
+
+AT = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
+DAY = datetime(2026, 3, 15, tzinfo=UTC)
+
+
+def rule(*limits: dict[str, Any], per_request: dict[str, Any] | None = None, policy: str = "p") -> BudgetRule:
+    return BudgetRule.model_validate({"policy": policy, "state": "Ok", "action": "reject", "limits": list(limits),
+                                      **(per_request or {})})
+
+
+POSTGRES_URL = os.environ.get("PILOTHOUSE_TEST_POSTGRES_URL")
+"""A PostgreSQL server where the tests may create and drop databases; without it they run on SQLite only."""
+
+
+@contextmanager
+def throwaway_postgres_database() -> Iterator[str]:
+    assert POSTGRES_URL
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", *(["postgresql"] if POSTGRES_URL else [])])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store: a SQLite file, or a throwaway database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/ledger.db"
+    else:
+        with throwaway_postgres_database() as database_url:
+            yield database_url
+
+
+@pytest.fixture
+def ledger(url: str) -> Iterator[Ledger]:
+    book = Ledger(url)
+    yield book
+    book.close()
+
+
+@pytest.fixture
+def postgres_ledger() -> Iterator[Ledger]:
+    if not POSTGRES_URL:
+        pytest.skip("set PILOTHOUSE_TEST_POSTGRES_URL to a server where tests may create databases")
+    with throwaway_postgres_database() as database_url:
+        book = Ledger(database_url)
+        yield book
+        book.close()
+
+
+@pytest.fixture
+def sqlite_ledger(tmp_path: Path) -> Iterator[Ledger]:
+    book = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    yield book
+    book.close()
+
+
+def granted(result: Reservation | Denied) -> Reservation:
+    assert isinstance(result, Reservation), getattr(result, "message", result)
+    return result
+
+
+def denied(result: Reservation | Denied) -> Denied:
+    assert isinstance(result, Denied), result
+    return result
+
+
+# -- arithmetic --------------------------------------------------------------------------------------
+
+
+def test_reserve_within_cap_is_in_flight_not_spent(ledger: Ledger) -> None:
+    got = granted(ledger.reserve("team", "p", rule({"window": "day", "maxCostUSD": 10}), 4.0, 100, "r1", AT))
+    assert (got.id, got.cost_usd, got.tokens, got.created_at, got.replayed) == ("r1/p", 4.0, 100, AT, False)
+    assert ledger.in_flight("team", "p", DAY) == Usage(4.0, 100)
+    assert ledger.spend("team", "p", DAY) == Usage(0.0, 0)
+
+
+def test_over_window_cap_is_denied_naming_window_limit_and_reset(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 10})
+    ledger.commit(granted(ledger.reserve("team", "p", day, 7.0, 0, "r1", AT)).id, 6.0, 0)
+    granted(ledger.reserve("team", "p", day, 3.0, 0, "r2", AT))  # 6 spent + 3 in flight + 1 fits exactly
+    granted(ledger.reserve("team", "p", day, 1.0, 0, "r3", AT))
+    refused = denied(ledger.reserve("team", "p", day, 0.5, 0, "r4", AT))
+    assert (refused.cap, refused.unit, refused.window, refused.limit) == ("window", "USD", "day", 10)
+    assert (refused.spent, refused.in_flight, refused.requested) == (6.0, 4.0, 0.5)
+    assert refused.resets_at == datetime(2026, 3, 16, tzinfo=UTC)
+    assert refused.message.startswith("budget p exhausted for day: spent 6 of 10 USD; resets at 2026-03-16T00:00:00Z")
+    assert "4 USD more in flight" in refused.message
+    assert ledger.in_flight("team", "p", DAY) == Usage(4.0, 0)  # nothing reserved for the refused one
+
+
+def test_denial_names_the_window_that_resets_last(ledger: Ledger) -> None:
+    both = rule({"window": "hour", "maxCostUSD": 1}, {"window": "day", "maxCostUSD": 1})
+    granted(ledger.reserve("team", "p", both, 1.0, 0, "r1", AT))
+    refused = denied(ledger.reserve("team", "p", both, 0.1, 0, "r2", AT))
+    assert refused.window == "day" and refused.resets_at == datetime(2026, 3, 16, tzinfo=UTC)
+
+
+def test_windows_are_calendar_utc(ledger: Ledger) -> None:
+    both = rule({"window": "hour", "maxCostUSD": 1}, {"window": "day", "maxCostUSD": 1.5})
+    earlier = AT - timedelta(hours=1)
+    ledger.commit(granted(ledger.reserve("team", "p", both, 1.0, 0, "r1", earlier)).id, 1.0, 0)
+    granted(ledger.reserve("team", "p", both, 0.5, 0, "r2", AT))  # new hour; the day still has 0.5
+    refused = denied(ledger.reserve("team", "p", both, 0.5, 0, "r3", AT))
+    assert (refused.window, refused.spent, refused.in_flight) == ("day", 1.0, 0.5)
+    assert granted(ledger.reserve("team", "p", both, 1.0, 0, "r4", AT + timedelta(days=1))).cost_usd == 1.0
+
+
+def test_per_request_caps_refuse_before_touching_windows(ledger: Ledger) -> None:
+    capped = rule({"window": "day", "maxCostUSD": 100},
+                  per_request={"perRequestMaxCostUSD": 0.5, "per_request_max_tokens": 1000})
+    by_cost = denied(ledger.reserve("team", "p", capped, 0.75, 10, "r1", AT))
+    assert (by_cost.cap, by_cost.unit, by_cost.limit, by_cost.requested) == ("perRequest", "USD", 0.5, 0.75)
+    assert by_cost.window is None and by_cost.resets_at is None
+    assert by_cost.message == "budget p caps a single request at 0.5 USD; this one may use up to 0.75 USD"
+    by_tokens = denied(ledger.reserve("team", "p", capped, 0.1, 1001, "r2", AT))
+    assert (by_tokens.cap, by_tokens.unit, by_tokens.limit) == ("perRequest", "tokens", 1000)
+    granted(ledger.reserve("team", "p", capped, 0.5, 1000, "r3", AT))  # at the cap is allowed
+    assert ledger.in_flight("team", "p", DAY) == Usage(0.5, 1000)
+
+
+def test_token_cap_binds_independently_of_cost(ledger: Ledger) -> None:
+    tokens = rule({"window": "hour", "maxCostUSD": 100, "maxTokens": 1000})
+    granted(ledger.reserve("team", "p", tokens, 0.01, 900, "r1", AT))
+    refused = denied(ledger.reserve("team", "p", tokens, 0.01, 101, "r2", AT))
+    assert (refused.unit, refused.window, refused.limit, refused.in_flight) == ("tokens", "hour", 1000, 900)
+    assert refused.message.startswith("budget p exhausted for hour: spent 0 of 1000 tokens; resets at "
+                                      "2026-03-15T14:00:00Z")
+    granted(ledger.reserve("team", "p", tokens, 0.01, 100, "r3", AT))
+
+
+def test_commit_replaces_worst_case_with_actual(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 10})
+    first = granted(ledger.reserve("team", "p", day, 8.0, 800, "r1", AT))
+    denied(ledger.reserve("team", "p", day, 5.0, 0, "r2", AT))
+    assert ledger.commit(first.id, 2.5, 250)
+    assert ledger.spend("team", "p", DAY) == Usage(2.5, 250)
+    assert ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
+    granted(ledger.reserve("team", "p", day, 5.0, 0, "r2", AT))  # the unused worst case came back
+
+
+def test_release_frees_in_flight_and_spends_nothing(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 10})
+    first = granted(ledger.reserve("team", "p", day, 10.0, 0, "r1", AT))
+    denied(ledger.reserve("team", "p", day, 1.0, 0, "r2", AT))
+    assert ledger.release(first.id)
+    assert ledger.in_flight("team", "p", DAY) == ledger.spend("team", "p", DAY) == Usage(0.0, 0)
+    granted(ledger.reserve("team", "p", day, 10.0, 0, "r2", AT))
+
+
+@pytest.mark.parametrize(("first", "second"), [("commit", "commit"), ("release", "release"),
+                                                ("commit", "release"), ("release", "commit")])
+def test_commit_and_release_take_effect_once(ledger: Ledger, first: str, second: str) -> None:
+    got = granted(ledger.reserve("team", "p", rule({"window": "day", "maxCostUSD": 10}), 4.0, 40, "r1", AT))
+
+    def do(action: str) -> bool:
+        return ledger.commit(got.id, 1.0, 10) if action == "commit" else ledger.release(got.id)
+
+    assert do(first) is True
+    assert do(second) is False
+    assert ledger.spend("team", "p", DAY) == (Usage(1.0, 10) if first == "commit" else Usage(0.0, 0))
+    assert ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
+    assert ledger.commit("no-such-id", 1.0, 1) is False and ledger.release("no-such-id") is False
+
+
+def test_commit_above_worst_case_is_recorded_and_logged(ledger: Ledger, caplog: pytest.LogCaptureFixture) -> None:
+    got = granted(ledger.reserve("team", "p", rule({"window": "day", "maxCostUSD": 10}), 1.0, 100, "r1", AT))
+    assert ledger.commit(got.id, 1.5, 150)
+    assert ledger.spend("team", "p", DAY) == Usage(1.5, 150)  # real spend is never under-reported
+    assert "above its worst case" in caplog.text
+
+
+def test_retried_request_reserves_once(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 10})
+    first = granted(ledger.reserve("team", "p", day, 6.0, 0, "r1", AT))
+    again = granted(ledger.reserve("team", "p", day, 6.0, 0, "r1", AT))  # would not fit if counted twice
+    assert again.replayed and again.id == first.id
+    assert ledger.in_flight("team", "p", DAY) == Usage(6.0, 0)
+
+
+def test_long_request_ids_map_to_a_stable_id_that_fits_the_column(ledger: Ledger) -> None:
+    policy = "p" * 63
+    long_id = reservation_id(str(uuid.uuid4()), policy)
+    assert len(long_id) <= 64 and long_id.startswith("h:")
+    request = "0123456789abcdef" * 4
+    got = granted(ledger.reserve("team", policy, rule({"window": "day", "maxCostUSD": 1}, policy=policy),
+                                 0.1, 1, request, AT))
+    assert got.id == reservation_id(request, policy) and ledger.commit(got.id, 0.1, 1)
+
+
+def test_policies_and_namespaces_do_not_share_budget(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 1})
+    granted(ledger.reserve("team", "p", day, 1.0, 0, "r1", AT))
+    granted(ledger.reserve("other", "p", day, 1.0, 0, "r1", AT))
+    granted(ledger.reserve("team", "q", rule({"window": "day", "maxCostUSD": 1}, policy="q"), 1.0, 0, "r1", AT))
+
+
+def test_expire_releases_only_stale_reservations(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 10})
+    stale = granted(ledger.reserve("team", "p", day, 4.0, 0, "old", AT - timedelta(minutes=30)))
+    done = granted(ledger.reserve("team", "p", day, 1.0, 0, "done", AT - timedelta(minutes=30)))
+    ledger.commit(done.id, 1.0, 0)
+    fresh = granted(ledger.reserve("team", "p", day, 2.0, 0, "new", AT - timedelta(minutes=1)))
+    assert ledger.expire(timedelta(minutes=10), now=AT) == 1
+    assert ledger.in_flight("team", "p", DAY) == Usage(2.0, 0)
+    assert ledger.spend("team", "p", DAY) == Usage(1.0, 0)
+    assert ledger.commit(stale.id, 4.0, 0) is False  # the crashed request's late commit is refused
+    assert ledger.commit(fresh.id, 2.0, 0) is True
+    assert ledger.expire(timedelta(minutes=10), now=AT) == 0
+
+
+def test_inputs_are_checked(ledger: Ledger, tmp_path: Path) -> None:
+    day = rule({"window": "day", "maxCostUSD": 1})
+    with pytest.raises(ValueError, match="naive"):
+        ledger.reserve("team", "p", day, 0.1, 1, "r1", datetime(2026, 3, 15, 13))
+    with pytest.raises(ValueError, match="policy"):
+        ledger.reserve("team", "q", day, 0.1, 1, "r1", AT)
+    with pytest.raises(ValueError, match="mysql"):
+        Ledger("mysql://u@localhost/db")
+
+
+async def test_async_wrappers_run_off_the_event_loop(ledger: Ledger) -> None:
+    got = granted(await ledger.areserve("team", "p", rule({"window": "day", "maxCostUSD": 1}), 0.5, 5, "r1", AT))
+    assert await ledger.acommit(got.id, 0.25, 3)
+    other = granted(await ledger.areserve("team", "p", rule({"window": "day", "maxCostUSD": 1}), 0.5, 5, "r2", AT))
+    assert await ledger.arelease(other.id)
+    assert await ledger.aexpire(timedelta(seconds=1), now=AT) == 0
+    assert ledger.spend("team", "p", DAY) == Usage(0.25, 3)
+
+
+# -- SQLite serialization ----------------------------------------------------------------------------
+
+
+def test_writers_begin_immediate_and_readers_deferred(sqlite_ledger: Ledger) -> None:
+    seen: list[str] = []
+    sa.event.listen(sqlite_ledger.engine, "before_cursor_execute", lambda _c, _cur, stmt, *_: seen.append(stmt))
+    got = granted(sqlite_ledger.reserve("team", "p", rule({"window": "day", "maxCostUSD": 1}), 0.5, 5, "r1", AT))
+    sqlite_ledger.commit(got.id, 0.5, 5)
+    sqlite_ledger.spend("team", "p", DAY)
+    begins = [stmt for stmt in seen if stmt.startswith("BEGIN")]
+    assert begins == ["BEGIN IMMEDIATE", "BEGIN IMMEDIATE", "BEGIN DEFERRED"]
+    with sqlite_ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_a_reservation_waits_for_another_writer_instead_of_failing(sqlite_ledger: Ledger, tmp_path: Path) -> None:
+    other = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another gateway in the middle of its reservation
+    result: list[Reservation | Denied] = []
+    worker = threading.Thread(target=lambda: result.append(
+        sqlite_ledger.reserve("team", "p", rule({"window": "day", "maxCostUSD": 1}), 0.5, 5, "r1", AT)))
+    worker.start()
+    time.sleep(0.3)
+    assert result == []  # blocked on the write lock, not reading a stale total
+    other.execute("COMMIT")
+    worker.join(timeout=10)
+    other.close()
+    assert isinstance(result[0], Reservation)
+
+
+def test_postgres_serializes_per_policy_with_an_advisory_lock(postgres_ledger: Ledger) -> None:
+    """A transaction holding policy p's lock (another gateway mid-reservation) makes p's reservation
+    wait, while policy q goes ahead: serialization is per policy, not for the whole table."""
+    result: list[Reservation | Denied] = []
+    with postgres_ledger.engine.connect() as other, other.begin():
+        other.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('team' || '/' || 'p'))"))
+        worker = threading.Thread(target=lambda: result.append(
+            postgres_ledger.reserve("team", "p", rule({"window": "day", "maxCostUSD": 1}), 0.5, 5, "r1", AT)))
+        worker.start()
+        other_policy = rule({"window": "day", "maxCostUSD": 1}, policy="q")
+        granted(postgres_ledger.reserve("team", "q", other_policy, 0.5, 5, "r1", AT))
+        time.sleep(0.3)
+        assert result == []
+    worker.join(timeout=10)
+    assert isinstance(result[0], Reservation)
+
+
+# -- properties --------------------------------------------------------------------------------------
+
+PROPERTY_RULE = {"hour": (5.0, 500), "day": (12.0, None)}
+PROPERTY_START = datetime(2026, 3, 15, 22, 30, tzinfo=UTC)  # 3 hours of minutes cross hours and a day
+
+operations = st.lists(st.one_of(
+    st.tuples(st.just("reserve"), st.floats(0, 4, allow_nan=False), st.integers(0, 300), st.integers(0, 180)),
+    st.tuples(st.just("commit"), st.integers(0, 1000), st.floats(0, 1)),
+    st.tuples(st.just("release"), st.integers(0, 1000)),
+), max_size=40)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=operations)
+def test_reserved_plus_committed_never_exceeds_any_cap(ledger: Ledger, ops: list[tuple[Any, ...]]) -> None:
+    """Whatever the interleaving, every window's committed + reserved stays within its cap, and the
+    ledger grants exactly when a reference model says there is room (except within float noise)."""
+    policy = f"p{uuid.uuid4().hex[:12]}"  # one ledger file per test; a fresh policy per example
+    limits = [{"window": w, "maxCostUSD": cost, "maxTokens": tokens} for w, (cost, tokens) in PROPERTY_RULE.items()]
+    budget = rule(*limits, policy=policy)
+    rows: dict[str, list[Any]] = {}  # id -> [state, cost, tokens, at]: the reference model
+    live: list[Reservation] = []
+
+    def used(window: str, at: datetime) -> tuple[float, int]:
+        start, end = window_bounds(window, at)
+        counted = [r for r in rows.values() if r[0] != "released" and start <= r[3] < end]
+        return sum(r[1] for r in counted), sum(r[2] for r in counted)
+
+    for n, op in enumerate(ops):
+        if op[0] == "reserve":
+            _, cost, tokens, minute = op
+            at = PROPERTY_START + timedelta(minutes=minute)
+            margins = []
+            for window, (cap_usd, cap_tokens) in PROPERTY_RULE.items():
+                spent_usd, spent_tokens = used(window, at)
+                margins.append(cap_usd - (spent_usd + cost))
+                if cap_tokens is not None:
+                    margins.append(cap_tokens - (spent_tokens + tokens))
+            result = ledger.reserve("team", policy, budget, cost, tokens, f"r{n}", at)
+            if all(abs(m) > 1e-6 for m in margins):
+                assert isinstance(result, Reservation) == all(m > 0 for m in margins), (margins, result)
+            if isinstance(result, Reservation):
+                rows[result.id] = ["reserved", cost, tokens, at]
+                live.append(result)
+        elif op[0] == "commit" and live:
+            got = live.pop(op[1] % len(live))
+            actual_cost, actual_tokens = got.cost_usd * op[2], int(got.tokens * op[2])  # never above worst case
+            assert ledger.commit(got.id, actual_cost, actual_tokens)
+            rows[got.id] = ["committed", actual_cost, actual_tokens, got.created_at]
+        elif op[0] == "release" and live:
+            got = live.pop(op[1] % len(live))
+            assert ledger.release(got.id)
+            rows[got.id][0] = "released"
+
+        windows = {(window, window_bounds(window, r[3])) for r in rows.values() for window in PROPERTY_RULE}
+        for window, (start, end) in windows:
+            cap_usd, cap_tokens = PROPERTY_RULE[window]
+            spent = ledger.spend("team", policy, start, end)
+            flying = ledger.in_flight("team", policy, start, end)
+            assert spent.cost_usd + flying.cost_usd <= cap_usd + USD_EPSILON
+            assert cap_tokens is None or spent.tokens + flying.tokens <= cap_tokens
+            assert spent.cost_usd + flying.cost_usd == pytest.approx(used(window, start)[0], abs=1e-9)
+
+
+# -- concurrency -------------------------------------------------------------------------------------
+
+
+def test_200_concurrent_reservations_admit_exactly_what_the_cap_allows(ledger: Ledger) -> None:
+    worst, cap = 0.25, 12.5  # room for exactly 50 worst cases (binary-exact, so no float slack involved)
+    day = rule({"window": "day", "maxCostUSD": cap, "maxTokens": 50 * 1000})
+    started = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda i: ledger.reserve("team", "p", day, worst, 1000, f"req-{i}", AT), range(200)))
+    reserved_s = time.perf_counter() - started
+    wins = [r for r in results if isinstance(r, Reservation)]
+    assert len(wins) == 50
+    assert all(isinstance(r, Denied) and r.window == "day" for r in results if not isinstance(r, Reservation))
+    assert ledger.in_flight("team", "p", DAY) == Usage(cap, 50_000)
+
+    rng = random.Random(7)
+    actuals = {r.id: (rng.uniform(0, worst), rng.randint(0, 1000)) for r in wins}
+    with ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(lambda r: ledger.commit(r.id, *actuals[r.id]), wins))
+    spent = ledger.spend("team", "p", DAY)
+    assert spent.cost_usd == pytest.approx(sum(c for c, _ in actuals.values())) and spent.cost_usd <= cap
+    assert ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
+    print(f"200 reservations over 32 threads: {reserved_s * 1000:.0f} ms; "
+          f"reserve+commit: {(time.perf_counter() - started) * 1000:.0f} ms")
+
+
+# -- the operator reads what the gateway writes ------------------------------------------------------
+
+
+def test_operator_reader_sees_gateway_committed_spend(ledger: Ledger, url: str) -> None:
+    day = rule({"window": "day", "maxCostUSD": 10})
+    for i, actual in enumerate((4.0, 6.0)):
+        ledger.commit(granted(ledger.reserve("team", "p", day, 5.0, 100, f"r{i}", AT)).id, actual, 100)
+    granted(ledger.reserve("team", "p", rule({"window": "day", "maxCostUSD": 100}), 50.0, 0, "in-flight", AT))
+    reader = SqlSpendReader(url)
+    start, _ = window_bounds("day", AT)
+    assert tuple(ledger.spend("team", "p", start)) == (reader.spend("team", "p", start).cost_usd,
+                                                      reader.spend("team", "p", start).tokens) == (10.0, 200)
+    policy = BudgetPolicy.model_validate({"metadata": {"name": "p", "namespace": "team"},
+                                          "spec": {"limits": [{"window": "day", "maxCostUSD": 10}]}})
+    view = evaluate(policy, reader, AT)
+    assert view.state is BudgetState.EXHAUSTED and view.windows[0].spent_usd == 10.0
+    with reader.engine.connect() as conn:  # one table, one schema: the same rows from both sides
+        assert conn.execute(sa.select(sa.func.count()).select_from(ledger_table)).scalar() == 3
