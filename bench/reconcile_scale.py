@@ -30,23 +30,22 @@ from typing import Any
 import httpx
 import kmock
 import lightkube
-import yaml
 from aiohttp import web
 from lightkube import codecs
 from lightkube.config.models import Cluster, User
 from rich.console import Console
 from rich.table import Table
 
-from pilothouse.operator.api import GROUP, KINDS, VERSION
+from pilothouse.operator.api import GROUP, VERSION
+from pilothouse.operator.k8s import GENERIC  # noqa: F401 (registers our kinds with lightkube's codecs)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "reconcile_scale.json"
 NS = "default"
-VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 console = Console(highlight=False)
 
 
-def _load_emulator() -> type[kmock.KubernetesEmulator]:
+def _emulator_module() -> Any:
     """The test suite's Emulator (kmock completed where kopf needs real API-server behaviour).
 
     Loaded by file path: ``tests`` is not an installed package, and importing it as one would need
@@ -57,36 +56,13 @@ def _load_emulator() -> type[kmock.KubernetesEmulator]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.Emulator  # type: ignore[no-any-return]
+    return module
 
 
-Emulator = _load_emulator()
+EMULATOR = _emulator_module()
 MD = kmock.resource(f"{GROUP}/{VERSION}/modeldeployments")
 WF = kmock.resource(f"{GROUP}/{VERSION}/autonomousworkflows")
 CM = kmock.resource("v1/configmaps")
-
-
-def register_kinds(k8s: kmock.KubernetesEmulator) -> None:
-    """Exactly what the `emulator` fixture in tests/integration/conftest.py registers."""
-    k8s.resources.load_bundled()
-    for kind in KINDS:
-        k8s.resources[f"{GROUP}/{VERSION}/{kind.PLURAL}"] = kmock.ResourceInfo(
-            kind=kind.KIND, singular=kind.KIND.lower(), namespaced=True, verbs=VERBS,
-            subresources={"status"}, shortnames=kind.SHORT_NAMES, categories=["pilothouse"])
-    k8s.resources["ray.io/v1/rayservices"] = kmock.ResourceInfo(
-        kind="RayService", singular="rayservice", namespaced=True, verbs=VERBS, subresources={"status"})
-
-
-def write_kubeconfig(path: Path, server: str) -> Path:
-    """Same as tests/integration/conftest.py: no auth, one context; kopf and lightkube both read it."""
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": server}}],
-        "users": [{"name": "anonymous", "user": {}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "anonymous",
-                                                        "namespace": NS}}],
-    }))
-    return path
 
 
 class FakeOpenAI:
@@ -182,6 +158,14 @@ class Sampler(threading.Thread):
         return (self.samples[-1][1], self.samples[-1][2]) if self.samples else (0.0, 0.0)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if this process dies without cleaning up (Linux prctl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -231,6 +215,19 @@ def ready_status(k8s: kmock.KubernetesEmulator, resource: Any, name: str) -> str
     return next((c.get("status") for c in conds if c.get("type") == "Ready"), None)
 
 
+def not_ready_reasons(k8s: kmock.KubernetesEmulator, resource: Any, names: list[str]) -> dict[str, int]:
+    """Why objects are not Ready, counted by condition reason (the status a platform team would see)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        obj = _get(k8s, resource, name) or {}
+        conds = (obj.get("status") or {}).get("conditions") or []
+        cond = next((c for c in conds if c.get("type") == "Ready"), None)
+        if cond is None or cond.get("status") != "True":
+            reason = "NoStatus" if cond is None else str(cond.get("reason"))
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
 def first_backend(k8s: kmock.KubernetesEmulator, workflow: str) -> tuple[str | None, int | None]:
     cm = _get(k8s, CM, f"{workflow}-routing")
     text = ((cm or {}).get("data") or {}).get("routing.json")
@@ -275,7 +272,7 @@ async def wait_alive(port: int, process: asyncio.subprocess.Process, timeout: fl
 def _progress(t: float, label: str, sampler: Sampler, **counts: Any) -> None:
     rss, cpu = sampler.latest()
     parts = " ".join(f"{k}={v}" for k, v in counts.items())
-    console.print(f"[dim]{t:7.1f}s[/] {label:<10} {parts}  operator rss={rss:.0f}MiB cpu={cpu:.0f}s")
+    console.print(f"[dim]{t:7.1f}s[/] {label:<10} {parts}  operator rss={rss:.0f}MiB cpu={cpu:.0f}s", soft_wrap=True)
 
 
 async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -284,21 +281,21 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     shared, hub = FakeOpenAI(), FakeOpenAI()
     await shared.start()
     await hub.start()
-    async with Emulator() as k8s, kmock.Server(k8s):
-        register_kinds(k8s)
+    async with EMULATOR.Emulator() as k8s, kmock.Server(k8s):
+        k8s.declare_kinds()
         server = str(k8s.url).rstrip("/")
-        kubeconfig = write_kubeconfig(tmp / "kubeconfig", server)
+        kubeconfig = EMULATOR.write_kubeconfig(tmp / "kubeconfig", server)
         port = free_port()
         log_path = Path(args.log) if args.log else tmp / "operator.log"
         log = log_path.open("w")
         prefix = [sys.executable]
         if args.profile:
-            prefix += ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]
+            prefix += ["-m", "cProfile", "-o", args.profile]
         command = [*prefix, "-m", "pilothouse", "operator", "--liveness", f"http://127.0.0.1:{port}/healthz",
                    "--store-url", f"sqlite:///{tmp}/store.db", "--milvus-uri", str(tmp / "milvus.db")]
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PILOTHOUSE_HEALTH_INTERVAL": str(args.health_interval)}
         process = await asyncio.create_subprocess_exec(*command, env=env, stdout=log, stderr=log,
-                                                       start_new_session=True)
+                                                       start_new_session=True, preexec_fn=_die_with_parent)
         sampler = Sampler(process.pid)
         sampler.start()
         kube = lightkube.AsyncClient(
@@ -347,6 +344,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             result["operator_cpu_to_ready_s"] = sampler.cpu(t0, t_ready)
             _progress(t_ready - t0, "ready" if all_ready else "TIMEOUT", sampler,
                       md_ready=f"{md_ok}/{len(md_names)}", wf_ready=f"{wf_ok}/{len(wf_names)}")
+            result["not_ready_reasons"] = {"models": not_ready_reasons(k8s, MD, md_names),
+                                           "workflows": not_ready_reasons(k8s, WF, wf_names)}
             if not all_ready:
                 notes.append(f"not all Ready within --ready-timeout {args.ready_timeout}s "
                              f"({md_ok}/{len(md_names)} models, {wf_ok}/{len(wf_names)} workflows)")
@@ -378,7 +377,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         result["operator_log_lines"] = text.count("\n")
         result["operator_log_errors"] = text.count(" ERROR ")
         result["operator_log_tracebacks"] = text.count("Traceback")
-        result["emulator_requests"] = len(k8s.requests)
+        result["emulator_requests"] = k8s.served
+        result["emulator_cpu_s"] = round(os.times().user + os.times().system, 1)
         result["probe_requests"] = shared.hits + hub.hits
     return result
 
@@ -463,8 +463,8 @@ def _cpu_model() -> str | None:
 
 ROWS = [
     ("models", "ModelDeployments", ""), ("workflows", "AutonomousWorkflows", ""),
-    ("apply_s", "apply (all created)", "s"), ("models_all_ready_s", "all models Ready", "s"),
-    ("all_ready_s", "all Ready", "s"), ("operator_cpu_to_ready_s", "operator CPU until all Ready", "s"),
+    ("apply_s", "apply (all created)", "s"), ("models_all_ready_s", "all models Ready (first time)", "s"),
+    ("all_ready_s", "all Ready", "s"), ("operator_cpu_to_ready_s", "operator CPU while waiting for Ready", "s"),
     ("operator_idle_rss_mb", "operator RSS, empty cluster", "MiB"),
     ("operator_peak_rss_mb", "operator peak RSS", "MiB"), ("operator_steady_rss_mb", "operator steady RSS", "MiB"),
     ("operator_steady_cpu_pct", "operator CPU at steady state", "%"),
@@ -472,6 +472,7 @@ ROWS = [
     ("recompile_all_s", "hub Ready=False -> all tables switched", "s"),
     ("hub_down_total_s", "hub down -> all tables switched", "s"),
     ("operator_cpu_hub_down_s", "operator CPU during hub-down", "s"),
+    ("emulator_cpu_s", "emulator + bench CPU, whole run", "s"), ("emulator_requests", "API requests served", ""),
 ]
 
 
@@ -485,8 +486,20 @@ def render(report: dict[str, Any]) -> None:
         value = rec.get(key)
         table.add_row(label, "—" if value is None else f"{value} {unit}".strip())
     console.print(table)
+    for kind, reasons in (rec.get("not_ready_reasons") or {}).items():
+        if reasons:
+            console.print(f"not Ready {kind}: " + ", ".join(f"{r}={n}" for r, n in sorted(reasons.items())))
     for note in rec.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
+
+
+async def _cancellable(coro: Any) -> Any:
+    """SIGTERM/SIGINT cancel the run, so its finally blocks stop the operator and the servers."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task
 
 
 def main() -> None:
@@ -506,10 +519,16 @@ def main() -> None:
     parser.add_argument("--log", help="keep the operator's log at this path (default: a temporary file)")
     parser.add_argument("--out", default=str(RESULTS), help="JSON results file")
     args = parser.parse_args()
+    if args.profile:
+        args.profile = str(Path(args.profile).resolve())
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pilothouse-bench-") as tmp:
-        rec = asyncio.run(bench(args, Path(tmp)))
+        try:
+            rec = asyncio.run(_cancellable(bench(args, Path(tmp))))
+        except asyncio.CancelledError:
+            console.print("[red]interrupted[/]: operator stopped, nothing written")
+            sys.exit(130)
     report = {
         "benchmark": "reconcile_scale",
         "reconcile": rec,

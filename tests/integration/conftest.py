@@ -18,7 +18,7 @@ from lightkube.config.models import Cluster, User
 
 from pilothouse.operator.kopf_app import OperatorConfig, Runtime, register
 
-from .emulator import Emulator
+from .emulator import Emulator, write_kubeconfig
 
 
 @pytest_asyncio.fixture()
@@ -135,16 +135,3 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 15.0) -> Any
             raise AssertionError(f"not reached within {timeout}s")
         await asyncio.sleep(0.05)
 
-
-def write_kubeconfig(path: Path, server: str) -> Path:
-    """A kubeconfig for the emulator: no auth, one context. Both kopf and lightkube read it."""
-    import yaml
-
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": server}}],
-        "users": [{"name": "anonymous", "user": {}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "anonymous",
-                                                        "namespace": "default"}}],
-    }))
-    return path

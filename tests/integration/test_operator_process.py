@@ -13,7 +13,8 @@ import httpx
 import pytest
 from lightkube import codecs
 
-from .conftest import FakeOpenAI, eventually, write_kubeconfig
+from .conftest import FakeOpenAI, eventually
+from .emulator import write_kubeconfig
 from .test_operator import ready
 
 pytestmark = pytest.mark.integration
