@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.tree import Tree
+
+    from pilothouse.serving.audit import AuditLog, AuditRecord
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Pilothouse: a Kubernetes-native control plane for autonomous AI systems.",
@@ -115,6 +125,209 @@ def operator(
             namespaces=namespaces or [], milvus_uri=milvus_uri, store_url=store_url, liveness=liveness, verbose=verbose
         )
     )
+
+
+
+audit_app = typer.Typer(help="Read the audit trail: one record per request and workflow step.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+StoreUrl = Annotated[
+    str, typer.Option(envvar="PILOTHOUSE_STORE_URL", help="SQLAlchemy URL of the store the gateway audits to.")
+]
+DEFAULT_STORE_URL = "sqlite:///.pilothouse/pilothouse.db"
+
+
+def _open_audit_log(store_url: str) -> AuditLog:
+    """The audit store, read as it is: a missing SQLite file is an error here, not a new empty store."""
+    import sqlalchemy as sa
+
+    from pilothouse.serving.audit import AuditLog
+
+    try:
+        url = sa.make_url(store_url)
+    except sa.exc.ArgumentError:
+        raise fail(f"--store-url {store_url!r} is not a database URL",
+                   "e.g. sqlite:///.pilothouse/pilothouse.db") from None
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise fail(f"no audit store at {url.database}", "pass --store-url (or PILOTHOUSE_STORE_URL) of the gateway")
+    try:
+        return AuditLog(store_url, create=False)
+    except (ValueError, ImportError) as exc:
+        raise fail(str(exc)) from None
+
+
+def _read_audit(action: Callable[[], T], store_url: str) -> T:
+    import sqlalchemy as sa
+
+    try:
+        return action()
+    except sa.exc.SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise fail(f"cannot read the audit store at {store_url}: {detail}",
+                   "is this the gateway's store? it must have served a request first") from None
+
+
+@audit_app.command("show")
+def audit_show(
+    record_id: Annotated[str, typer.Argument(metavar="ID", help="Request (or step) id.")],
+    store_url: StoreUrl = DEFAULT_STORE_URL,
+) -> None:
+    """Print the decision path of one request: routing, fallbacks, budget, cache, usage, latency."""
+    log = _open_audit_log(store_url)
+    try:
+        record = _read_audit(lambda: log.get(record_id), store_url)
+    finally:
+        log.close()
+    if record is None:
+        raise fail(f"no audit record with id {record_id!r} in {store_url}",
+                   "`pilothouse audit tail` lists recent ids")
+    out.print(_audit_tree(record))
+
+
+@audit_app.command("tail")
+def audit_tail(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new records until Ctrl-C.")] = False,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many recent records to print first.")] = 20,
+    interval: Annotated[float, typer.Option(hidden=True, min=0.01, help="Poll interval of --follow (s).")] = 1.0,
+    store_url: StoreUrl = DEFAULT_STORE_URL,
+) -> None:
+    """Print recent audit records, one line each, oldest first."""
+    log = _open_audit_log(store_url)
+    try:
+        if not follow:
+            for record in _read_audit(lambda: log.tail(limit), store_url):
+                out.print(_audit_line(record), highlight=False)
+            return
+        records = log.follow(interval_s=interval, backlog=limit)
+        while True:
+            record = _read_audit(lambda: next(records), store_url)
+            out.print(_audit_line(record), highlight=False)
+    except KeyboardInterrupt:
+        return
+    finally:
+        log.close()
+
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"${value:.6f}".rstrip("0").rstrip(".")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _content(label: str, content: object, digest: str | None) -> str:
+    """Stored content (shortened) or, under a no-content policy, only its hash."""
+    if content is None:
+        return f"{label}: [dim]not stored[/] {escape(digest or '-')}"
+    text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    return f"{label}: {escape(text if len(text) <= 240 else text[:240] + '…')} [dim]{escape(digest or '')}[/]"
+
+
+def _audit_tree(record: AuditRecord) -> Tree:
+    """The decision path in the order the gateway took it. Every value is escaped: it is user data."""
+    from rich.tree import Tree
+
+    e = escape
+    status = record.status_code
+    colour = "green" if status is not None and status < 400 else "red"
+    tree = Tree(f"[bold]{e(record.id)}[/] {record.kind} at {record.ts.isoformat()} "
+                f"[{colour}]status {status if status is not None else '-'}[/] in {_ms(record.latency_ms)}")
+    where = "/".join(e(part) for part in (record.workflow, record.route) if part) or "-"
+    tree.add(f"request: tenant {e(record.tenant)} · route {where} · model {e(record.model or '-')} · "
+             f"trace {e(record.trace_id or '-')}" + (f" · run {e(record.run_id)}" if record.run_id else ""))
+    tree.add(_content("inputs", record.inputs, record.inputs_hash))
+    if record.retrieval:
+        hits = tree.add(f"retrieval ({e(record.retrieval[0].mode)}): {len(record.retrieval)} hit(s)")
+        for hit in record.retrieval:
+            hits.add(f"{e(hit.id)} score {hit.score:.4f} ({e(hit.mode)})")
+    tree.add("cache: [green]hit[/] (no backend called, nothing charged)" if record.cache_hit else "cache: miss")
+    if record.routing is not None:
+        routing = record.routing
+        revision = f"table revision {routing.table_revision}" if routing.table_revision is not None else "table -"
+        node = tree.add(f"routing ({revision}): chose {e(routing.backend or 'none')}"
+                        + (f" — {e(routing.reason)}" if routing.reason else ""))
+        for number, attempt in enumerate(routing.attempts, 1):
+            if attempt.error_class is None:
+                node.add(f"{number}. {e(attempt.backend)} [green]ok[/] in {_ms(attempt.latency_ms)}")
+            else:
+                node.add(f"{number}. {e(attempt.backend)} [red]{e(attempt.error_class)}[/]: {e(attempt.message)} "
+                         f"({_ms(attempt.latency_ms)})")
+    for budget in record.budget:
+        if budget.denied:
+            tree.add(f"budget {e(budget.policy)}: [red]denied[/] — {e(budget.denied)}")
+            continue
+        steps = [f"reserved {_usd(budget.reserved_usd)}"]
+        if budget.committed_usd is not None:
+            steps.append(f"committed {_usd(budget.committed_usd)}")
+        if budget.released:
+            steps.append("released")
+        rid = f" [dim]({e(budget.reservation_id)})[/]" if budget.reservation_id else ""
+        tree.add(f"budget {e(budget.policy)}: {' → '.join(steps)}{rid}")
+    if record.usage is not None:
+        tree.add(f"usage: {record.usage.prompt_tokens} prompt + {record.usage.completion_tokens} completion tokens")
+    tree.add(_content("output", record.output, record.output_hash))
+    if record.action is not None:
+        extra = record.action.model_dump(exclude={"idempotency_key", "kind"}, exclude_none=True)
+        tree.add(f"action {e(record.action.kind or '-')}: idempotency key {e(record.action.idempotency_key or '-')}"
+                 + (f" {e(json.dumps(extra, default=str))}" if extra else ""))
+    if record.human_decision is not None:
+        decision = record.human_decision
+        tree.add(f"human decision: {e(decision.decision)} by {e(decision.reviewer)}"
+                 + (f" — {e(decision.reason)}" if decision.reason else ""))
+    return tree
+
+
+def _audit_line(record: AuditRecord) -> str:
+    """One record on one line, for `audit tail`: time, id, who, where, outcome, and any fallbacks."""
+    e = escape
+    routing = record.routing
+    failed = [a for a in routing.attempts if a.error_class] if routing else []
+    parts = [record.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"), e(record.id), record.kind,
+             e(record.tenant), "/".join(e(p) for p in (record.workflow, record.route) if p) or "-",
+             e((routing.backend if routing else None) or "-"),
+             str(record.status_code if record.status_code is not None else "-"), _ms(record.latency_ms)]
+    if record.cache_hit:
+        parts.append("cache-hit")
+    if failed:
+        parts.append("fallbacks: " + ",".join(f"{e(a.backend)}:{e(a.error_class or '')}" for a in failed))
+    if any(b.denied for b in record.budget):
+        parts.append("budget-denied")
+    return "  ".join(parts)
+
+
+@app.command()
+def serve(
+    routing: Annotated[Path, typer.Option("--routing", help="RoutingTable file (JSON) written by the operator.")],
+    host: Annotated[str, typer.Option(help="Address the gateway listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the OpenAI-compatible API.")] = 8000,
+    api_keys: Annotated[
+        Path | None,
+        typer.Option("--api-keys", help="YAML/JSON file of API key → tenant, or a mounted Secret directory; "
+                     "omitted: no authentication, every caller is tenant 'default'."),
+    ] = None,
+) -> None:
+    """Run the gateway (OpenAI API) on a local Ray Serve, from a RoutingTable file."""
+    from pilothouse.serving.auth import ApiKeyError, ApiKeys
+    from pilothouse.serving.table_source import TableSource
+
+    quiet = logging.getLogger("pilothouse.serving.table_source")
+    quiet.disabled = True  # its warning would repeat the error line below
+    try:
+        source = TableSource(routing)  # the gateway would start unready; from the command line, say why now
+    finally:
+        quiet.disabled = False
+    if not source.ready:
+        raise fail(str(source.last_error), "pass the RoutingTable file `pilothouse run` or the operator wrote, "
+                   "e.g. .pilothouse/routing/default/<workflow>.json")
+    try:
+        ApiKeys(api_keys)
+    except ApiKeyError as exc:
+        raise fail(str(exc), "a mapping like `sk-...: team-a`, or a directory of one key file per tenant") from None
+    from pilothouse.serving import serve as gateway
+
+    gateway.run(str(routing), host=host, port=port, api_keys=str(api_keys) if api_keys else None)
 
 
 def main() -> None:

@@ -1,0 +1,453 @@
+"""The audit trail: one append-only record per request and per workflow step (DESIGN.md §5).
+
+A record must be enough to reconstruct the decision path afterwards (``pilothouse audit show``):
+which backend was chosen and why, every fallback with its error class, the budget reservation and
+what became of it, the cache, tokens, latency and the trace id. Content is stored verbatim only when
+the workflow's RoutingTable says so (``audit_store_prompts`` / ``audit_store_outputs``); otherwise
+only its SHA-256, so a record can still prove *which* prompt was sent without keeping it.
+
+"Durable before the response is acknowledged" is the expensive part. Committing (and fsyncing) one
+transaction per request would cap the gateway at the disk's fsync rate, so ``AuditWriter`` group
+commits: one background thread takes everything queued since its last commit and writes it in a
+single transaction; each ``await writer.write(record)`` resolves only once the batch holding its
+record committed. Under load, batches grow and the fsync cost is shared; at low load a batch is one
+record and the latency is one commit.
+
+Storage is the ``audit_records`` table over SQLAlchemy: a SQLite file (WAL, ``synchronous=FULL`` on
+this engine's connections so a commit survives power loss, not only a process crash) or PostgreSQL
+by URL. Inserts are ``ON CONFLICT DO NOTHING`` on the id, so a retried write cannot duplicate a row.
+There is no update API; ``purge`` deletes whole records past their retention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+log = logging.getLogger(__name__)
+
+# -- the record --------------------------------------------------------------------------------------
+
+
+class _Part(BaseModel):
+    # Records outlive the code that wrote them: a newer gateway may add fields an older CLI must
+    # still be able to show, so unknown fields are ignored on read rather than refused.
+    model_config = ConfigDict(extra="ignore")
+
+
+class RetrievalHit(_Part):
+    id: str
+    score: float
+    mode: str
+
+
+class RoutingAttempt(_Part):
+    """One try of one backend. ``error_class`` is None for the attempt that answered."""
+
+    backend: str
+    error_class: str | None = None
+    message: str = ""
+    latency_ms: float | None = None
+
+
+class RoutingDecision(_Part):
+    backend: str | None = Field(default=None, description="Backend that answered; None when none did.")
+    reason: str = ""
+    table_revision: int | None = None
+    attempts: list[RoutingAttempt] = Field(default_factory=list)
+
+
+class BudgetTrail(_Part):
+    """Reserve → commit or release, or the denial that stopped the request."""
+
+    policy: str
+    reservation_id: str | None = None
+    reserved_usd: float | None = None
+    committed_usd: float | None = None
+    released: bool = False
+    denied: str | None = Field(default=None, description="The 429 message when the reservation was refused.")
+
+
+class TokenUsage(_Part):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ActionTaken(_Part):
+    """A side effect a step performed; the idempotency key is what makes a retry not repeat it."""
+
+    model_config = ConfigDict(extra="allow")
+    idempotency_key: str | None = None
+    kind: str | None = None
+
+
+class HumanDecision(_Part):
+    reviewer: str
+    decision: str
+    reason: str | None = None
+    ts: datetime | None = None
+
+
+class AuditRecord(_Part):
+    """One request (``kind="request"``) or one workflow step (``kind="step"``).
+
+    ``id`` is the primary key: the request id for a request record. A step record needs its own id
+    (e.g. ``<run_id>/<step>``) so it does not collide with the request that carried it.
+    """
+
+    id: str = Field(min_length=1, max_length=128)
+    kind: Literal["request", "step"] = "request"
+    ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    trace_id: str = ""
+    run_id: str | None = None
+    tenant: str
+    workflow: str | None = None
+    route: str | None = Field(default=None, description="Route / step name within the workflow.")
+    model: str | None = Field(default=None, description="The model the client asked for, as sent.")
+    inputs: Any = None
+    inputs_hash: str | None = None
+    retrieval: list[RetrievalHit] = Field(default_factory=list)
+    routing: RoutingDecision | None = None
+    budget: list[BudgetTrail] = Field(default_factory=list)
+    cache_hit: bool = False
+    usage: TokenUsage | None = None
+    output: Any = None
+    output_hash: str | None = None
+    status_code: int | None = None
+    latency_ms: float | None = None
+    action: ActionTaken | None = None
+    human_decision: HumanDecision | None = None
+
+    @field_validator("ts")
+    @classmethod
+    def _aware_utc(cls, ts: datetime) -> datetime:
+        """Retention and ``tail`` compare timestamps; a naive one would be guessed wrong, so refuse it."""
+        if ts.tzinfo is None:
+            raise ValueError("ts must be timezone-aware (UTC)")
+        return ts.astimezone(UTC)
+
+
+def content_hash(content: Any) -> str:
+    """``sha256:<hex>`` of text as UTF-8, or of anything else as canonical JSON (sorted keys).
+
+    Canonical so the same messages hash the same whichever process or dict order produced them.
+    """
+    if isinstance(content, bytes):
+        data = content
+    elif isinstance(content, str):
+        data = content.encode()
+    else:
+        data = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def redact(content: Any, store: bool) -> tuple[Any, str | None]:
+    """(content to store or None, its hash). The hash is kept either way, to correlate records."""
+    if content is None:
+        return None, None
+    return (content if store else None), content_hash(content)
+
+
+# -- the table ---------------------------------------------------------------------------------------
+
+metadata = sa.MetaData()
+
+audit_records = sa.Table(
+    "audit_records",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("tenant", sa.String(253), nullable=False),
+    sa.Column("workflow", sa.String(253)),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("trace_id", sa.String(64), nullable=False, default=""),
+    # When the row was written (UTC, by the writer). ``ts`` is when the request began, so records of
+    # long requests land after later ones; followers track this column so none is skipped.
+    sa.Column("written_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("record", sa.Text, nullable=False),
+)
+
+
+def _row(record: AuditRecord) -> dict[str, Any]:
+    return {"id": record.id, "ts": record.ts, "tenant": record.tenant, "workflow": record.workflow,
+            "kind": record.kind, "trace_id": record.trace_id, "record": record.model_dump_json(exclude_none=True)}
+
+
+def _is_locked(exc: BaseException) -> bool:
+    if not isinstance(exc, sa.exc.OperationalError):
+        return False
+    text = str(exc.orig).lower()
+    return "locked" in text or "busy" in text
+
+
+# Inserts are ON CONFLICT DO NOTHING, so replaying a batch after a busy error cannot duplicate rows.
+_retry_when_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(8),
+                           wait=wait_random_exponential(multiplier=0.02, max=1.0), reraise=True)
+
+_BEGIN_OPTION = "pilothouse_sqlite_begin"
+
+FOLLOW_OVERLAP = timedelta(seconds=5)
+"""How far back ``follow`` re-reads: a batch stamped just before another writer's later one may commit
+after it (or another replica's clock may lag); ids already shown are skipped."""
+
+
+class AuditLog:
+    """The ``audit_records`` table: append, read back, purge. Sync; use ``AuditWriter`` from asyncio.
+
+    ``create=False`` opens an existing store read-mostly (the CLI): no table or directory is made.
+    """
+
+    def __init__(self, url: str, *, create: bool = True, busy_timeout_s: float = 30.0, **engine_options: Any) -> None:
+        parsed = sa.make_url(url)
+        self.backend = parsed.get_backend_name()
+        if self.backend == "sqlite":
+            if create and parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            connect_args = {"timeout": busy_timeout_s, **engine_options.pop("connect_args", {})}
+            self.engine = sa.create_engine(parsed, connect_args=connect_args, **engine_options)
+            _sqlite_durable(self.engine, busy_timeout_s)
+            self._insert_stmt: Any = sqlite.insert(audit_records).on_conflict_do_nothing(index_elements=["id"])
+        elif self.backend == "postgresql":
+            self.engine = sa.create_engine(parsed, **engine_options)
+            self._insert_stmt = postgresql.insert(audit_records).on_conflict_do_nothing(index_elements=["id"])
+        else:
+            raise ValueError(f"audit log supports sqlite and postgresql URLs, not {self.backend!r}")
+        self._writer = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        self._count_lock = threading.Lock()
+        self.transactions = 0
+        """Write transactions committed by this instance (the group-commit measure)."""
+        if create:
+            metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def append(self, record: AuditRecord) -> bool:
+        """Write one record in its own transaction; False when its id was already there."""
+        return self.insert_rows([_row(record)]) == 1
+
+    @_retry_when_locked
+    def insert_rows(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert prepared rows in one transaction; returns how many were new (duplicates are skipped),
+        or -1 where the driver does not count an executemany."""
+        if not rows:
+            return 0
+        written_at = datetime.now(UTC)
+        params = [{**row, "written_at": written_at} for row in rows]
+        with self._writer.begin() as conn:
+            inserted = conn.execute(self._insert_stmt, params[0] if len(params) == 1 else params,
+                                    execution_options={"preserve_rowcount": True}).rowcount
+        with self._count_lock:
+            self.transactions += 1
+        return inserted
+
+    @_retry_when_locked
+    def purge(self, older_than_days: float, workflow: str | None = None, now: datetime | None = None) -> int:
+        """Retention: delete records whose ``ts`` is older than the cutoff (of one workflow, or all)."""
+        cutoff = (now or datetime.now(UTC)).astimezone(UTC) - timedelta(days=older_than_days)
+        query = audit_records.delete().where(audit_records.c.ts < cutoff)
+        if workflow is not None:
+            query = query.where(audit_records.c.workflow == workflow)
+        with self._writer.begin() as conn:
+            return conn.execute(query).rowcount
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def get(self, record_id: str) -> AuditRecord | None:
+        with self.engine.connect() as conn:
+            text = conn.execute(sa.select(audit_records.c.record).where(audit_records.c.id == record_id)).scalar()
+        return None if text is None else AuditRecord.model_validate_json(text)
+
+    def tail(self, limit: int = 20, after_ts: datetime | None = None) -> list[AuditRecord]:
+        """Oldest first: the newest ``limit`` records, or the first ``limit`` with ``ts`` after ``after_ts``."""
+        query = sa.select(audit_records.c.record)
+        if after_ts is None:
+            query = query.order_by(audit_records.c.ts.desc(), audit_records.c.id.desc()).limit(limit)
+        else:
+            query = (query.where(audit_records.c.ts > after_ts.astimezone(UTC))
+                     .order_by(audit_records.c.ts, audit_records.c.id).limit(limit))
+        with self.engine.connect() as conn:
+            texts = list(conn.execute(query).scalars())
+        if after_ts is None:
+            texts.reverse()
+        return [AuditRecord.model_validate_json(text) for text in texts]
+
+    def follow(self, interval_s: float = 1.0, backlog: int = 20) -> Iterator[AuditRecord]:
+        """The newest ``backlog`` records, then each record as it is written; polls, never ends.
+
+        Tracks the write time, not ``ts``, so a long request written late is not skipped; re-reads
+        ``FOLLOW_OVERLAP`` back and skips ids already seen. The cursor starts at the store's newest
+        write time, not this machine's clock, which may differ from the gateway's.
+        """
+        with self.engine.connect() as conn:
+            newest = conn.execute(sa.select(sa.func.max(audit_records.c.written_at))).scalar()
+        cursor = _stored(newest) if newest is not None else datetime.now(UTC)
+        seen = dict.fromkeys(self._written_since(cursor - FOLLOW_OVERLAP, ids_only=True), cursor)
+        for record in self.tail(backlog):
+            seen[record.id] = cursor
+            yield record
+        while True:
+            for record_id, written_at, text in self._written_since(cursor - FOLLOW_OVERLAP):
+                cursor = max(cursor, written_at)
+                if record_id not in seen:
+                    seen[record_id] = written_at
+                    yield AuditRecord.model_validate_json(text)
+            horizon = cursor - 2 * FOLLOW_OVERLAP
+            seen = {key: at for key, at in seen.items() if at >= horizon}
+            time.sleep(interval_s)
+
+    def _written_since(self, since: datetime, *, ids_only: bool = False) -> list[Any]:
+        """(id, written_at, record) of rows written at or after ``since``, in write order; or just ids."""
+        columns = [audit_records.c.id] if ids_only else [audit_records.c.id, audit_records.c.written_at,
+                                                          audit_records.c.record]
+        query = (sa.select(*columns).where(audit_records.c.written_at >= since)
+                 .order_by(audit_records.c.written_at, audit_records.c.ts, audit_records.c.id))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if ids_only:
+            return [row.id for row in rows]
+        return [(row.id, _stored(row.written_at), row.record) for row in rows]
+
+
+def _stored(at: datetime) -> datetime:
+    """SQLite hands DateTime back naive; it was written in UTC."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _sqlite_durable(engine: sa.Engine, busy_timeout_s: float) -> None:
+    """WAL + ``synchronous=FULL`` + a busy timeout, and ``BEGIN IMMEDIATE`` for write transactions.
+
+    FULL fsyncs the WAL at each commit, so an acknowledged record survives power loss too (NORMAL,
+    enough for the ledger, may lose the last commits then). Group commit is what keeps this cheap.
+    pysqlite's own BEGIN handling is switched off (as in ``serving.ledger``): taking the write lock
+    at BEGIN means a second writer waits in the busy handler instead of failing mid-transaction.
+    Readers (``get``, ``tail``, the CLI) keep a deferred BEGIN, so they never take the write lock.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN_OPTION, 'DEFERRED')}")
+
+
+# -- the group-committing writer ---------------------------------------------------------------------
+
+_Pending = tuple[dict[str, Any], asyncio.AbstractEventLoop, asyncio.Future[None]]
+_STOP = object()
+
+
+class AuditWriter:
+    """Durable-before-ack writes from asyncio, group committed by one background thread.
+
+    ``await write(record)`` returns once the transaction holding the record committed, and raises
+    if it failed: the gateway must not acknowledge a request whose record is not on disk.
+    Cancelling the awaiting task does not withdraw the record; it is still written.
+    """
+
+    def __init__(self, log: AuditLog, *, max_batch: int = 2000) -> None:
+        self.log = log
+        self.max_batch = max_batch
+        self.batches = 0
+        """Transactions committed by this writer; fewer than records when group commit works."""
+        self.records = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pilothouse-audit-writer", daemon=True)
+        self._thread.start()
+
+    async def write(self, record: AuditRecord) -> None:
+        if self._closed:
+            raise RuntimeError("audit writer is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put((_row(record), loop, future))  # serialized here: a bad record fails its caller only
+        await future
+
+    def close(self, timeout_s: float | None = 30.0) -> None:
+        """Stop taking records, commit everything queued, stop the thread. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("audit writer did not finish within %ss; queued records may be lost", timeout_s)
+
+    async def aclose(self, timeout_s: float | None = 30.0) -> None:
+        await asyncio.to_thread(self.close, timeout_s)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[_Pending] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)
+                if len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        error: BaseException | None = None
+        try:
+            self.log.insert_rows([row for row, _, _ in batch])
+            self.batches += 1
+            self.records += len(batch)
+        except Exception as exc:  # every waiter must hear about it, or its request is acked unrecorded
+            log.exception("audit batch of %d records failed", len(batch))
+            error = exc
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for _, loop, future in batch:
+            by_loop.setdefault(loop, []).append(future)
+        for loop, futures in by_loop.items():  # one wake-up per event loop, not one per record
+            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle, futures, error)
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():  # the waiter was cancelled
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)

@@ -1,0 +1,186 @@
+"""The gateway's Prometheus metrics, with label cardinality bounded by the RoutingTable.
+
+Label values that come from a request (the ``model`` a client sends, a made-up route) would let any
+client mint new time series until Prometheus falls over. So every label value is checked against an
+allow-list built from the loaded RoutingTables — routes (``<workflow>/<step>``, what clients call),
+backends (ModelDeployment names), budget policies, workflows — and anything else is counted as
+``other``. The gateway calls ``allow_tables`` (or ``allow``) whenever a table loads; series of
+gauges whose backend, policy or workflow left the tables are dropped so dashboards do not show a
+stale circuit state or budget forever (counters are kept: they are cumulative by contract).
+
+Each ``Metrics`` owns its ``CollectorRegistry``: tests and several gateways in one process do not
+collide in the global registry, and ``render`` exposes exactly the gateway's series.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from enum import IntEnum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from pilothouse.operator.api.routing import RoutingTable
+
+from .errors import ErrorClass
+
+OTHER = "other"
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+"""Fine at the low end: the gateway's goal is a few milliseconds of added latency (issue 3)."""
+
+OUTCOMES = frozenset({"ok", "cache_hit", "budget_rejected", "invalid_request", "unauthorized", "no_backend",
+                      *(e.value for e in ErrorClass)})
+"""Fixed vocabulary of ``outcome``: success, the gateway's own refusals, or the final error class."""
+REASONS = frozenset({"circuit_open", "unhealthy", "budget_downgrade", *(e.value for e in ErrorClass)})
+"""Why a request moved to another backend: an error class or a decision taken before dispatch."""
+WINDOWS = frozenset({"hour", "day", "month"})
+TOKEN_KINDS = frozenset({"prompt", "completion"})
+
+
+class CircuitState(IntEnum):
+    """Gauge values; the same numbers as ``serving.breaker.BreakerState``."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class Metrics:
+    """Owns the registry and every gateway metric; label values are filtered through the allow-lists."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("pilothouse_requests", "Requests by route, backend that answered, and outcome.",
+                                ["route", "backend", "outcome"], registry=r)
+        self.request_duration = Histogram("pilothouse_request_duration_seconds", "End-to-end request latency.",
+                                          ["route"], buckets=REQUEST_BUCKETS, registry=r)
+        self.gateway_overhead = Histogram("pilothouse_gateway_overhead_seconds",
+                                          "Latency the gateway adds on top of the backend's own time.",
+                                          buckets=OVERHEAD_BUCKETS, registry=r)
+        self.fallbacks = Counter("pilothouse_fallbacks", "Moves from one backend to the next, and why.",
+                                 ["from", "to", "reason"], registry=r)
+        self.circuit_state = Gauge("pilothouse_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+                                   ["backend"], registry=r)
+        self.spend = Counter("pilothouse_spend_usd", "Committed spend in USD.", ["policy", "backend"], registry=r)
+        self.budget_remaining = Gauge("pilothouse_budget_remaining_usd", "Budget left in the current window (USD).",
+                                      ["policy", "window"], registry=r)
+        self.cache_hits = Counter("pilothouse_cache_hits", "Responses served from the cache.", ["route"], registry=r)
+        self.cache_misses = Counter("pilothouse_cache_misses", "Cache lookups that missed.", ["route"], registry=r)
+        self.tokens = Counter("pilothouse_tokens", "Tokens by backend and kind (prompt|completion).",
+                              ["backend", "kind"], registry=r)
+        self.table_revision = Gauge("pilothouse_table_revision", "RoutingTable revision in use.", ["workflow"],
+                                    registry=r)
+        self._lock = threading.Lock()
+        self._routes: frozenset[str] = frozenset()
+        self._backends: frozenset[str] = frozenset()
+        self._policies: frozenset[str] = frozenset()
+        self._workflows: frozenset[str] = frozenset()
+
+    # -- allow-lists -------------------------------------------------------------------------------
+
+    def allow(self, *, routes: Iterable[str] = (), backends: Iterable[str] = (), policies: Iterable[str] = (),
+              workflows: Iterable[str] = ()) -> None:
+        """Replace the allow-lists (pass the union over every table served) and drop stale gauge series."""
+        with self._lock:
+            self._routes, self._backends = frozenset(routes), frozenset(backends)
+            self._policies, self._workflows = frozenset(policies), frozenset(workflows)
+            _drop_unless(self.circuit_state, lambda labels: labels[0] in self._backends)
+            _drop_unless(self.budget_remaining, lambda labels: labels[0] in self._policies)
+            _drop_unless(self.table_revision, lambda labels: labels[0] in self._workflows)
+
+    def allow_tables(self, tables: Iterable[RoutingTable]) -> None:
+        """``allow`` with everything the given RoutingTables name."""
+        routes: set[str] = set()
+        backends: set[str] = set()
+        policies: set[str] = set()
+        workflows: set[str] = set()
+        for table in tables:
+            workflows.add(table.workflow)
+            for route in table.routes:
+                routes.add(f"{table.workflow}/{route.step}")
+                backends.update(backend.model_deployment for backend in route.backends)
+            if table.budget is not None:
+                policies.add(table.budget.policy)
+        self.allow(routes=routes, backends=backends, policies=policies, workflows=workflows)
+
+    def route(self, value: str | None) -> str:
+        return _bounded(value, self._routes)
+
+    def backend(self, value: str | None) -> str:
+        return _bounded(value, self._backends)
+
+    def policy(self, value: str | None) -> str:
+        return _bounded(value, self._policies)
+
+    def workflow(self, value: str | None) -> str:
+        return _bounded(value, self._workflows)
+
+    # -- recording ---------------------------------------------------------------------------------
+
+    def observe_request(self, route: str | None, backend: str | None, outcome: str, duration_s: float,
+                        overhead_s: float | None = None) -> None:
+        """One finished request. ``backend`` is the one that answered (None when none did)."""
+        self.requests.labels(self.route(route), self.backend(backend), _bounded(outcome, OUTCOMES)).inc()
+        self.request_duration.labels(self.route(route)).observe(duration_s)
+        if overhead_s is not None:
+            self.gateway_overhead.observe(overhead_s)
+
+    def fallback(self, from_backend: str, to_backend: str, reason: str) -> None:
+        self.fallbacks.labels(self.backend(from_backend), self.backend(to_backend), _bounded(reason, REASONS)).inc()
+
+    def circuit(self, backend: str, state: int) -> None:
+        """Breaker state as 0/1/2 (a ``BreakerState`` or its ``gauge``); unknown backends are not recorded."""
+        name = self.backend(backend)
+        if name != OTHER:  # a gauge summed over unrelated backends means nothing
+            self.circuit_state.labels(name).set(int(CircuitState(int(state))))
+
+    def spent(self, policy: str, backend: str, usd: float) -> None:
+        if usd > 0:
+            self.spend.labels(self.policy(policy), self.backend(backend)).inc(usd)
+
+    def budget_left(self, policy: str, window: str, usd: float) -> None:
+        name = self.policy(policy)
+        if name != OTHER:
+            self.budget_remaining.labels(name, _bounded(window, WINDOWS)).set(usd)
+
+    def cache(self, route: str | None, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).labels(self.route(route)).inc()
+
+    def used_tokens(self, backend: str, prompt: int, completion: int) -> None:
+        name = self.backend(backend)
+        if prompt:
+            self.tokens.labels(name, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(name, "completion").inc(completion)
+
+    def revision(self, workflow: str, revision: int) -> None:
+        name = self.workflow(workflow)
+        if name != OTHER:
+            self.table_revision.labels(name).set(revision)
+
+    def render(self) -> tuple[bytes, str]:
+        """Body and Content-Type for ``GET /metrics`` (Prometheus text format)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _bounded(value: str | None, allowed: frozenset[str]) -> str:
+    return value if value is not None and value in allowed else OTHER
+
+
+def _drop_unless(gauge: Gauge, keep: Callable[[tuple[str, ...]], bool]) -> None:
+    """Remove the gauge's series whose label values ``keep`` rejects.
+
+    prometheus_client has no public way to list a metric's children; ``_metrics`` is the dict it
+    keeps them in (stable across 0.x releases). Dropping is an optimisation for dashboards, not
+    correctness, so a future release without it just keeps the stale series.
+    """
+    children = getattr(gauge, "_metrics", None)
+    if not isinstance(children, dict):
+        return
+    for labels in list(children):
+        if not keep(labels):
+            gauge.remove(*labels)
