@@ -1,0 +1,1 @@
+"""Controllable stand-ins for the things the gateway talks to, for unit, integration and fault tests."""
