@@ -86,7 +86,7 @@ def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_
         service_selector = selector
     else:
         serve = {"applications": [{
-            "name": "gateway", "route_prefix": "/", "import_path": "pilothouse.serving.app:build_app",
+            "name": "gateway", "route_prefix": "/", "import_path": "pilothouse.serving.serve:app_builder",
             "args": {"routing": f"{MOUNT}/{ROUTING_FILE}"},
             "deployments": [{"name": "Gateway", "num_replicas": wf.spec.gateway.replicas}],
         }]}

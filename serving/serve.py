@@ -1,0 +1,117 @@
+"""The gateway as a Ray Serve application: for ``pilothouse serve`` and for a RayService's ``serveConfigV2``.
+
+The app is built *inside the replica* (``@serve.ingress()`` with ``__serve_build_asgi_app__``), not
+in the driver and pickled over: the RoutingTable file, the key file and the refresh task belong to
+the process that serves requests, and on KubeRay that is where the ConfigMap is mounted.
+
+Settings measured on a 2-core machine (DESIGN.md §9) and kept here as defaults:
+
+- ``num_cpus: 0``: the ingress only waits on I/O; reserving a CPU for it leaves none for engine
+  replicas on 2 CPUs, and ``serve.run`` then waits forever.
+- ``max_ongoing_requests: 512``: Serve's default (5) queues requests in the proxy and turns a
+  20 ms backend into seconds of latency at concurrency 32.
+- ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` is *not* set by default. On Ray 2.60 it works, but its gain is
+  direct ingress: the replica listens on a port of its own (30000+, one per replica) while
+  ``--port`` stays on the regular proxy, which got no faster. Measured here on ``/v1/models``, c=32:
+  ~430 RPS through the default proxy, 340-490 through the proxy in that mode, 720-800 on the
+  replica's own port (sequential p50 4 ms vs 0.6 ms). Using that port needs HAProxy
+  (``RAY_SERVE_ENABLE_HA_PROXY=1``) or a Service aimed at it; and the mode holds every stopping
+  ingress replica for 30 s (``serve.shutdown`` took 30.0 s) unless the draining period is zeroed.
+  ``run(throughput_optimized=True)`` opts in with that fix (see ``ray_env``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from .gateway import MiB, build_app
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "gateway"  # the application name the operator's RayService renders
+MAX_ONGOING_REQUESTS = 512
+
+
+class GatewayArgs(BaseModel):
+    """The ``args`` of the serve config (``applications[].args``); unknown keys are a config error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    routing: str = Field(description="Path of the RoutingTable file (the mounted ConfigMap in a cluster).")
+    api_keys: str | None = Field(default=None, description="Key file or Secret directory; None = local mode.")
+    max_body_bytes: int = Field(default=MiB, ge=1)
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Gateway:
+    """One gateway replica; the FastAPI app is built when the replica starts."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = GatewayArgs.model_validate(args)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self.args.routing, api_keys=self.args.api_keys, max_body_bytes=self.args.max_body_bytes)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """``import_path: pilothouse.serving.serve:app_builder`` with ``args: {routing: FILE, api_keys: FILE?}``."""
+    return Gateway.bind(GatewayArgs.model_validate(args).model_dump())
+
+
+def ray_env(*, throughput_optimized: bool = False) -> dict[str, str]:
+    """Environment for the Ray processes (set before ``ray.init``: controller and replicas read it at import)."""
+    if not throughput_optimized:
+        return {}
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            # Direct ingress holds a stopping ingress replica for 30 s (for external load balancers);
+            # there is none in front of a local gateway.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def start(args: GatewayArgs, *, host: str, port: int) -> None:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy the gateway; Ray must be initialised."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app_builder(args.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def run(routing: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
+        throughput_optimized: bool = False) -> None:
+    """``pilothouse serve``: a local Ray, the gateway on ``host:port``, until SIGINT or SIGTERM.
+
+    Always ``serve.shutdown()`` then ``ray.shutdown()`` on the way out: a driver that dies without
+    them leaves Ray's processes (and any engine workers) running (DESIGN.md §9).
+    """
+    import ray
+
+    args = GatewayArgs(routing=routing, api_keys=api_keys)
+    os.environ.update(ray_env(throughput_optimized=throughput_optimized))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start(args, host=host, port=port)
+        print(f"pilothouse gateway on http://{host}:{port}/v1 (RoutingTable {routing}); Ctrl-C stops it",
+              flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        serve.shutdown()
+        ray.shutdown()

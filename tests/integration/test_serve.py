@@ -1,0 +1,136 @@
+"""The real gateway on Ray Serve, called with the official OpenAI client: what `pilothouse serve` runs.
+
+One Ray + Serve per module (≈6-12 s to start on 2 cores, DESIGN.md §9); teardown is always
+``serve.shutdown()`` then ``ray.shutdown()`` so no Ray process outlives the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from pilothouse.operator.api import RoutingTable
+from pilothouse.operator.routing import Dependencies, compile_table
+from pilothouse.serving import serve as gateway
+from tests.unit.factories import model, workflow
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+KEY = "sk-integration-0123456789"
+
+
+def table(revision: int, *steps: str) -> RoutingTable:
+    deps = Dependencies(models={"small": model("small", fallback=["large"]), "large": model("large", tier="large")},
+                        indexes={}, budgets={})
+    spec = [{"name": s, "type": "generate", "generate": {"tier": "small", "promptTemplate": "{input}"}} for s in steps]
+    compiled = compile_table(workflow(retrieve=False, steps=spec), deps, None, datetime.now(UTC))
+    return compiled.model_copy(update={"revision": revision})
+
+
+def write(path: Path, t: RoutingTable) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(t.model_dump_json(by_alias=True, indent=2))
+    os.replace(tmp, path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str  # http://127.0.0.1:PORT
+    routing: Path
+    startup_s: float
+
+    def client(self, api_key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    folder = tmp_path_factory.mktemp("serve")
+    routing = folder / "routing.json"
+    write(routing, table(1, "extract"))
+    keys = folder / "keys.yaml"
+    keys.write_text(f"{KEY}: team-a\n")
+    port = free_port()
+    os.environ.update(gateway.ray_env())
+    started = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        gateway.start(gateway.GatewayArgs(routing=str(routing), api_keys=str(keys)), host="127.0.0.1", port=port)
+        yield Served(f"http://127.0.0.1:{port}", routing, time.perf_counter() - started)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_models_through_the_openai_client(served: Served) -> None:
+    models = served.client().models.list()
+    assert [m.id for m in models.data] == ["wf/extract"]
+    assert models.data[0].owned_by == "default"
+    assert (models.data[0].model_extra or {})["backends"] == ["org/small", "org/large"]
+    print(f"\nRay Serve fixture startup (ray.init + serve.run): {served.startup_s:.1f} s")
+
+
+def test_a_bad_key_is_an_authentication_error(served: Served) -> None:
+    with pytest.raises(openai.AuthenticationError) as caught:
+        served.client("sk-wrong").models.list()
+    assert caught.value.code == "invalid_api_key"
+
+
+def test_probes_need_no_key(served: Served) -> None:
+    assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{served.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["revision"] == 1
+
+
+def test_body_limit_holds_through_the_serve_proxy(served: Served) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    big = httpx.post(f"{served.url}/v1/chat/completions", content=b" " * (2 << 20), headers=headers)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(f"{served.url}/v1/chat/completions", content=(b" " * 65536 for _ in range(32)),
+                         headers=headers)
+    assert chunked.request.headers["transfer-encoding"] == "chunked"
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    bad = httpx.post(f"{served.url}/v1/chat/completions", content=b'{"\xff": 1}', headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_encoding"
+
+
+def test_models_latency_sequential(served: Served) -> None:
+    with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        client.get("/v1/models")  # warm the connection
+        samples = []
+        for _ in range(50):
+            start = time.perf_counter()
+            assert client.get("/v1/models").status_code == 200
+            samples.append((time.perf_counter() - start) * 1000)
+    samples.sort()
+    print(f"\nGET /v1/models, 50 sequential: p50 {statistics.median(samples):.2f} ms, "
+          f"p90 {samples[44]:.2f} ms, max {samples[-1]:.2f} ms")
+    assert statistics.median(samples) < 100
+
+
+def test_hot_reload_in_the_replica(served: Served) -> None:
+    """The refresh task runs in the Serve replica (FastAPI lifespan): a new revision shows without a restart."""
+    write(served.routing, table(2, "extract", "summarize"))
+    deadline = time.monotonic() + 10
+    while [m.id for m in served.client().models.list().data] != ["wf/extract", "wf/summarize"]:
+        assert time.monotonic() < deadline, "the replica did not pick up revision 2"
+        time.sleep(0.1)
+    assert httpx.get(f"{served.url}/readyz").json()["revision"] == 2
