@@ -307,6 +307,7 @@ def serve(
         typer.Option("--api-keys", help="YAML/JSON file of API key → tenant, or a mounted Secret directory; "
                      "omitted: no authentication, every caller is tenant 'default'."),
     ] = None,
+    store_url: StoreUrl = DEFAULT_STORE_URL,
 ) -> None:
     """Run the gateway (OpenAI API) on a local Ray Serve, from a RoutingTable file."""
     from pilothouse.serving.auth import ApiKeyError, ApiKeys
@@ -327,7 +328,22 @@ def serve(
         raise fail(str(exc), "a mapping like `sk-...: team-a`, or a directory of one key file per tenant") from None
     from pilothouse.serving import serve as gateway
 
-    gateway.run(str(routing), host=host, port=port, api_keys=str(api_keys) if api_keys else None)
+    gateway.run(str(routing), host=host, port=port, api_keys=str(api_keys) if api_keys else None,
+                store_url=_absolute_store_url(store_url))
+
+
+def _absolute_store_url(store_url: str) -> str:
+    """A relative SQLite path made absolute here: Ray runs the gateway replica in another directory."""
+    import sqlalchemy as sa
+
+    try:
+        url = sa.make_url(store_url)
+    except sa.exc.ArgumentError:
+        raise fail(f"--store-url {store_url!r} is not a database URL",
+                   "e.g. sqlite:///.pilothouse/pilothouse.db") from None
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        url = url.set(database=str(Path(url.database).resolve()))
+    return url.render_as_string(hide_password=False)
 
 
 def main() -> None:

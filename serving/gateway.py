@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +33,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pilothouse.operator.api.routing import RoutingTable
 
 from .auth import ApiKeys, Authenticate
+from .dataplane import DataPlane
+from .engines import CHAT, COMPLETIONS, EMBEDDINGS
+from .engines.external import close_shared_client
 from .openai_schema import openai_error, validate_chat, validate_completion, validate_embedding
 from .table_source import TableSource
 
@@ -173,8 +177,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes: int = MiB,
-              refresh_interval: float = 1.0) -> FastAPI:
+              refresh_interval: float = 1.0, store_url: str | None = None) -> FastAPI:
     """The gateway app for the RoutingTable at ``routing_path``.
+
+    ``store_url`` (SQLAlchemy URL; default ``PILOTHOUSE_STORE_URL`` or ``sqlite:///.pilothouse/pilothouse.db``)
+    holds the audit records, the budget ledger and the idempotency keys; it is opened on the first
+    request that needs it, so probes and ``/v1/models`` never touch it.
 
     The table may be missing or invalid at start (the ConfigMap may not be written yet): the app
     starts, ``/readyz`` says why it is not ready, and the background refresh picks the table up.
@@ -182,20 +190,26 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
     """
     source = TableSource(routing_path)
     keys = ApiKeys(api_keys)
+    dataplane = DataPlane(source, store_url or os.environ.get("PILOTHOUSE_STORE_URL"))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_refresh(source, keys, refresh_interval), name="pilothouse-refresh")
+        upkeep = asyncio.create_task(dataplane.maintain(), name="pilothouse-store-upkeep")
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for t in (task, upkeep):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await dataplane.aclose()
+            await close_shared_client()
 
     app = FastAPI(title="Pilothouse gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.table_source = source
     app.state.api_keys = keys
+    app.state.dataplane = dataplane
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -220,6 +234,22 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
         if not source.ready:
             return openai_error(503, f"No RoutingTable is loaded yet: {source.last_error}", code="not_ready")
         return JSONResponse(models_list(source.current()))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await dataplane.handle(request, CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await dataplane.handle(request, COMPLETIONS)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await dataplane.handle(request, EMBEDDINGS)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return dataplane.render_metrics()
 
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)

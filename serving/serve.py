@@ -50,6 +50,8 @@ class GatewayArgs(BaseModel):
     routing: str = Field(description="Path of the RoutingTable file (the mounted ConfigMap in a cluster).")
     api_keys: str | None = Field(default=None, description="Key file or Secret directory; None = local mode.")
     max_body_bytes: int = Field(default=MiB, ge=1)
+    store_url: str | None = Field(default=None, description="Audit/ledger/idempotency store (SQLAlchemy URL); "
+                                  "None: $PILOTHOUSE_STORE_URL, else sqlite:///.pilothouse/pilothouse.db.")
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0})
@@ -61,7 +63,8 @@ class Gateway:
         self.args = GatewayArgs.model_validate(args)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_app(self.args.routing, api_keys=self.args.api_keys, max_body_bytes=self.args.max_body_bytes)
+        return build_app(self.args.routing, api_keys=self.args.api_keys, max_body_bytes=self.args.max_body_bytes,
+                         store_url=self.args.store_url)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -86,7 +89,7 @@ def start(args: GatewayArgs, *, host: str, port: int) -> None:
 
 
 def run(routing: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
-        throughput_optimized: bool = False) -> None:
+        throughput_optimized: bool = False, store_url: str | None = None) -> None:
     """``pilothouse serve``: a local Ray, the gateway on ``host:port``, until SIGINT or SIGTERM.
 
     Always ``serve.shutdown()`` then ``ray.shutdown()`` on the way out: a driver that dies without
@@ -94,7 +97,7 @@ def run(routing: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: st
     """
     import ray
 
-    args = GatewayArgs(routing=routing, api_keys=api_keys)
+    args = GatewayArgs(routing=routing, api_keys=api_keys, store_url=store_url)
     os.environ.update(ray_env(throughput_optimized=throughput_optimized))
     stop = threading.Event()
 

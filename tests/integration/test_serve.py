@@ -6,9 +6,11 @@ One Ray + Serve per module (≈6-12 s to start on 2 cores, DESIGN.md §9); teard
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from ray import serve
 from pilothouse.operator.api import RoutingTable
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving import serve as gateway
+from tests.fakes.openai_backend import FakeBackend
 from tests.unit.factories import model, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -31,12 +34,37 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY = "sk-integration-0123456789"
 
 
-def table(revision: int, *steps: str) -> RoutingTable:
+def table(revision: int, *steps: str, endpoint: str | None = None) -> RoutingTable:
+    """Every backend's endpoint is ``endpoint`` (the fake backend) when given."""
     deps = Dependencies(models={"small": model("small", fallback=["large"]), "large": model("large", tier="large")},
                         indexes={}, budgets={})
     spec = [{"name": s, "type": "generate", "generate": {"tier": "small", "promptTemplate": "{input}"}} for s in steps]
     compiled = compile_table(workflow(retrieve=False, steps=spec), deps, None, datetime.now(UTC))
+    if endpoint is not None:
+        routes = [r.model_copy(update={"backends": [b.model_copy(update={"endpoint": endpoint}) for b in r.backends]})
+                  for r in compiled.routes]
+        compiled = compiled.model_copy(update={"routes": routes})
     return compiled.model_copy(update={"revision": revision})
+
+
+class ThreadedFake:
+    """A FakeBackend on its own event loop in a thread, for sync tests (the Serve replica calls it over HTTP)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-backend", daemon=True)
+        self.fake = FakeBackend(model=model_name)
+
+    def __enter__(self) -> FakeBackend:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.__aenter__(), self.loop).result(10)
+        return self.fake
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.__aexit__(None, None, None), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 def write(path: Path, t: RoutingTable) -> None:
@@ -56,6 +84,7 @@ class Served:
     url: str  # http://127.0.0.1:PORT
     routing: Path
     startup_s: float
+    fake: FakeBackend
 
     def client(self, api_key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=10)
@@ -64,20 +93,23 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("serve")
-    routing = folder / "routing.json"
-    write(routing, table(1, "extract"))
-    keys = folder / "keys.yaml"
-    keys.write_text(f"{KEY}: team-a\n")
-    port = free_port()
-    os.environ.update(gateway.ray_env())
-    started = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        gateway.start(gateway.GatewayArgs(routing=str(routing), api_keys=str(keys)), host="127.0.0.1", port=port)
-        yield Served(f"http://127.0.0.1:{port}", routing, time.perf_counter() - started)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with ThreadedFake("org/small") as fake:
+        routing = folder / "routing.json"
+        write(routing, table(1, "extract", endpoint=fake.url))
+        keys = folder / "keys.yaml"
+        keys.write_text(f"{KEY}: team-a\n")
+        port = free_port()
+        os.environ.update(gateway.ray_env())
+        started = time.perf_counter()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            args = gateway.GatewayArgs(routing=str(routing), api_keys=str(keys),
+                                       store_url=f"sqlite:///{folder.resolve()}/store.db")
+            gateway.start(args, host="127.0.0.1", port=port)
+            yield Served(f"http://127.0.0.1:{port}", routing, time.perf_counter() - started, fake)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def test_models_through_the_openai_client(served: Served) -> None:
@@ -126,9 +158,28 @@ def test_models_latency_sequential(served: Served) -> None:
     assert statistics.median(samples) < 100
 
 
+def test_chat_through_ray_serve_with_the_openai_client(served: Served) -> None:
+    """Non-streamed and streamed chat through the Serve proxy, the gateway replica and a real HTTP backend."""
+    client = served.client()
+    messages = [{"role": "user", "content": "hello there"}]
+    raw = client.chat.completions.with_raw_response.create(model="wf/extract", messages=messages, max_tokens=8)
+    assert raw.headers["x-pilothouse-request-id"]
+    done = raw.parse()
+    assert done.model == "org/small" and done.usage is not None and done.usage.completion_tokens == 8
+    assert len((done.choices[0].message.content or "").split()) == 8
+    chunks = list(client.chat.completions.create(model="wf/extract", messages=messages, max_tokens=8, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 8
+    assert served.fake.served["/v1/chat/completions"] == 2
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="wf/nope", messages=messages)
+    metrics = httpx.get(f"{served.url}/metrics").text
+    assert 'pilothouse_requests_total{backend="small",outcome="ok",route="wf/extract"} 2.0' in metrics
+
+
 def test_hot_reload_in_the_replica(served: Served) -> None:
     """The refresh task runs in the Serve replica (FastAPI lifespan): a new revision shows without a restart."""
-    write(served.routing, table(2, "extract", "summarize"))
+    write(served.routing, table(2, "extract", "summarize", endpoint=served.fake.url))
     deadline = time.monotonic() + 10
     while [m.id for m in served.client().models.list().data] != ["wf/extract", "wf/summarize"]:
         assert time.monotonic() < deadline, "the replica did not pick up revision 2"

@@ -1,0 +1,722 @@
+"""The request path: model → route, idempotency, cache, plan, budget, attempts with fallback, audit, metrics.
+
+``DataPlane.handle`` serves ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``
+for ``gateway.build_app``. One request, in order:
+
+1. validate the body (OpenAI 400 naming the field), resolve ``model`` (``<workflow>/<step>``, or the
+   bare step when one route has it) → 404 ``model_not_found``; ``max_tokens`` above the route's → 400.
+   A request without ``max_tokens`` is sent with the route's, so its worst case is bounded.
+2. ``Idempotency-Key``: replay the stored answer (no backend, no charge) or 409 on another body.
+3. Cache (deterministic, non-streamed requests): a hit is answered at no charge.
+4. ``router.plan`` with this replica's breakers and a prompt estimate of **characters / 4** (plus one
+   per chat message): no tokenizer in the gateway; the backend's own usage is what gets committed.
+5. Budget: reserve the worst case of the *first* planned backend (prompt estimate + max_tokens x n
+   at its price). Refused: ``reject`` → 429 with the ledger's message (policy, window, reset time);
+   ``queue`` → retry until the policy's timeout, then 429; ``downgrade`` → reserve on the first
+   cheaper planned backend if there is one (the operator normally reorders the table first).
+6. Attempts: breaker → engine → on a classified failure, breaker + fallback metric +
+   ``next_after_failure`` (never once a streamed chunk reached the client). Success commits
+   usage x the answering backend's price; no answer releases the reservation and maps the last
+   error class to 502/503/504 (a client error keeps the backend's 4xx). Never a 500.
+7. One audit record, durable before the response (or before a stream's ``data: [DONE]``); header
+   ``x-pilothouse-request-id`` carries its id.
+
+Every exit path settles the reservation (commit or release), including a client that cancels a
+stream (what was produced is committed, at the backend's usage or the engine's estimate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pilothouse.operator.api.routing import Backend, BudgetRule, Route, RoutingTable
+
+from .audit import (
+    AuditLog,
+    AuditRecord,
+    AuditWriter,
+    BudgetTrail,
+    RoutingAttempt,
+    RoutingDecision,
+    TokenUsage,
+    redact,
+)
+from .auth import tenant_of
+from .breaker import Breaker
+from .cache import ResponseCache
+from .engines import CHAT, COMPLETIONS, EMBEDDINGS, BackendError, EngineResult, EngineStream, Usage
+from .engines.external import ExternalEngine, shared_client
+from .errors import ErrorClass, Failure
+from .idempotency import Conflict, IdempotencyStore, Stored
+from .ledger import Denied, Ledger, Reservation
+from .metrics import Metrics
+from .openai_schema import (
+    ChatRequest,
+    CompletionRequest,
+    openai_error,
+    validate_chat,
+    validate_completion,
+    validate_embedding,
+)
+from .router import Plan, Rejection, next_after_failure, plan, worst_case_cost
+from .table_source import TableSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE_URL = "sqlite:///.pilothouse/pilothouse.db"
+STALE_RESERVATION = timedelta(minutes=30)  # far above the longest request (timeouts x attempts + queue)
+IDEMPOTENCY_RETENTION = timedelta(hours=24)
+REQUEST_ID_HEADER = "x-pilothouse-request-id"
+CACHE_HEADER = "x-pilothouse-cache"
+REPLAY_HEADER = "x-pilothouse-idempotent-replay"
+_DONE = b"data: [DONE]"
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_VALIDATORS = {CHAT: validate_chat, COMPLETIONS: validate_completion, EMBEDDINGS: validate_embedding}
+_ERROR_STATUS = {ErrorClass.TIMEOUT: 504, ErrorClass.CONNECTION: 502, ErrorClass.SERVER: 502,
+                 ErrorClass.RATE_LIMITED: 503, ErrorClass.CANCELLED: 503}
+
+
+def secret_env_var(name: str, key: str) -> str:
+    """Where a backend's API key is read from: the operator's local-mode rule (operator/env.py)."""
+    return f"PILOTHOUSE_SECRET_{name}_{key}".upper().replace("-", "_").replace(".", "_")
+
+
+def backend_api_key(backend: Backend) -> str | None:
+    ref = backend.api_key_secret_ref
+    return None if ref is None else os.environ.get(secret_env_var(ref.name, ref.key))
+
+
+def resolve(table: RoutingTable, model: str) -> Route | None:
+    """``<workflow>/<step>`` as ``/v1/models`` lists it, or the bare step name."""
+    workflow, _, step = model.rpartition("/")
+    if workflow and workflow != table.workflow:
+        return None
+    matches = [r for r in table.routes if r.step == step]
+    return matches[0] if len(matches) == 1 else None
+
+
+def trace_id(traceparent: str | None) -> str:
+    """The W3C ``traceparent`` header's trace id, or a new random one."""
+    if traceparent:
+        match = _TRACEPARENT.match(traceparent.strip().lower())
+        if match and match.group(1) != "0" * 32:
+            return match.group(1)
+    return uuid.uuid4().hex
+
+
+def _chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int):
+        return 4  # a token id
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    if isinstance(value, dict):
+        return _chars(value.get("text") or value.get("content") or "")
+    return 0
+
+
+def estimate_prompt_tokens(path: str, body: Mapping[str, Any]) -> int:
+    """Characters / 4 (rounded up), plus one token per chat message for its role framing."""
+    if path == CHAT:
+        messages = body.get("messages") or []
+        chars = sum(_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        return math.ceil(chars / 4) + len(messages)
+    return max(1, math.ceil(_chars(body.get("prompt" if path == COMPLETIONS else "input")) / 4))
+
+
+def cost_usd(backend: Backend, usage: Usage, prompt_estimate: int) -> tuple[float, int]:
+    """Actual cost and tokens; an estimated usage without prompt tokens bills the gateway's estimate."""
+    prompt = usage.prompt_tokens or (prompt_estimate if usage.estimated else 0)
+    p = backend.pricing
+    cost = (prompt * p.input_per_million_usd + usage.completion_tokens * p.output_per_million_usd) / 1_000_000
+    return cost, prompt + usage.completion_tokens
+
+
+@dataclass
+class Stores:
+    audit: AuditLog
+    writer: AuditWriter
+    ledger: Ledger
+    idempotency: IdempotencyStore
+
+    def close(self) -> None:
+        self.writer.close()
+        self.audit.close()
+        self.ledger.close()
+        self.idempotency.close()
+
+
+@dataclass
+class _Ctx:
+    """Everything one request accumulates for its audit record and metrics."""
+
+    request_id: str
+    trace_id: str
+    tenant: str
+    path: str
+    started: float
+    ts: datetime
+    model: str
+    table: RoutingTable | None = None
+    route: Route | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    attempts: list[RoutingAttempt] = field(default_factory=list)
+    backend: Backend | None = None
+    reason: str = ""
+    budget: BudgetTrail | None = None
+    reservation: Reservation | None = None
+    cache_hit: bool = False
+    usage: Usage | None = None
+    output: Any = None
+    backend_latency_s: float = 0.0
+    idempotency_row: str | None = None
+
+    @property
+    def route_id(self) -> str | None:
+        return f"{self.table.workflow}/{self.route.step}" if self.table and self.route else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {REQUEST_ID_HEADER: self.request_id}
+
+
+class DataPlane:
+    """Per-replica state of the request path: breakers, cache, metrics, and the stores (opened lazily)."""
+
+    def __init__(self, source: TableSource, store_url: str | None = None, *, metrics: Metrics | None = None,
+                 cache: ResponseCache | None = None) -> None:
+        self.source = source
+        self.store_url = store_url or DEFAULT_STORE_URL
+        self.metrics = metrics or Metrics()
+        self.cache = cache or ResponseCache()
+        self.breakers: dict[str, Breaker] = {}
+        self._stores: Stores | None = None
+        self._lock = asyncio.Lock()
+        self._tables_seen = -1
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def stores(self) -> Stores:
+        if self._stores is None:
+            async with self._lock:
+                if self._stores is None:
+                    self._stores = await asyncio.to_thread(self._open)
+        return self._stores
+
+    def _open(self) -> Stores:
+        audit = AuditLog(self.store_url)  # first: it creates a SQLite file's directory
+        return Stores(audit, AuditWriter(audit), Ledger(self.store_url), IdempotencyStore(self.store_url))
+
+    async def aclose(self) -> None:
+        if _background:  # cancelled streams still settling
+            await asyncio.gather(*_background, return_exceptions=True)
+        stores, self._stores = self._stores, None
+        if stores is not None:
+            await asyncio.to_thread(stores.close)
+
+    async def maintain(self, interval_s: float = 60.0, stale_after: timedelta = STALE_RESERVATION) -> None:
+        """Until cancelled: release reservations a crashed replica left behind, and old idempotency keys."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._stores is None:
+                continue
+            try:
+                await self._stores.ledger.aexpire(stale_after)
+                await asyncio.to_thread(self._stores.idempotency.purge, IDEMPOTENCY_RETENTION)
+            except Exception:
+                log.exception("store maintenance failed")
+
+    def sync_tables(self) -> None:
+        """Allow the current table's label values in the metrics when a new table loaded."""
+        if self.source.ready and self.source.loads != self._tables_seen:
+            table = self.source.current()
+            self._tables_seen = self.source.loads
+            self.metrics.allow_tables([table])
+            self.metrics.revision(table.workflow, table.revision)
+
+    def render_metrics(self) -> Response:
+        self.sync_tables()
+        for name, breaker in self.breakers.items():
+            self.metrics.circuit(name, breaker.gauge)
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    def breaker(self, name: str) -> Breaker:
+        b = self.breakers.get(name)
+        if b is None:
+            b = self.breakers[name] = Breaker(name)
+        return b
+
+    # -- the request -------------------------------------------------------------------------------
+    async def handle(self, request: Request, path: str) -> Response:
+        started = time.perf_counter()
+        raw = await request.body()
+        parsed = _VALIDATORS[path](raw)
+        if isinstance(parsed, JSONResponse):
+            self.metrics.observe_request(None, None, "invalid_request", time.perf_counter() - started)
+            return parsed
+        ctx = _Ctx(request_id=uuid.uuid4().hex, trace_id=trace_id(request.headers.get("traceparent")),
+                   tenant=tenant_of(request), path=path, started=started, ts=datetime.now(UTC), model=parsed.model)
+        if not self.source.ready:
+            return openai_error(503, f"No RoutingTable is loaded yet: {self.source.last_error}", code="not_ready",
+                                headers=ctx.headers)
+        self.sync_tables()
+        ctx.table = table = self.source.current()
+        ctx.route = route = resolve(table, parsed.model)
+        if route is None:
+            names = ", ".join(f"{table.workflow}/{r.step}" for r in table.routes)
+            self.metrics.observe_request(None, None, "invalid_request", time.perf_counter() - started)
+            return openai_error(404, f"The model '{parsed.model}' does not exist; this gateway serves: {names}.",
+                                param="model", code="model_not_found", headers=ctx.headers)
+        body = parsed.body()
+        max_tokens = 0
+        if isinstance(parsed, ChatRequest | CompletionRequest):
+            param = "max_completion_tokens" if isinstance(parsed, ChatRequest) and parsed.max_completion_tokens \
+                else "max_tokens"
+            requested = parsed.requested_tokens if isinstance(parsed, ChatRequest) else parsed.max_tokens
+            if requested is not None and requested > route.max_tokens:
+                self.metrics.observe_request(ctx.route_id, None, "invalid_request", time.perf_counter() - started)
+                return openai_error(400, f"Invalid '{param}': {requested} is above the limit of {route.max_tokens} "
+                                    f"for model '{parsed.model}'.", param=param, code="max_tokens_exceeded",
+                                    headers=ctx.headers)
+            if requested is None:
+                body["max_tokens"] = route.max_tokens  # bound the worst case the budget reserves
+            max_tokens = (requested or route.max_tokens) * (parsed.n or 1)
+        ctx.body = body
+        ctx.prompt_tokens = estimate_prompt_tokens(path, body)
+        stores = await self.stores()
+        stream = bool(body.get("stream")) and path != EMBEDDINGS
+
+        key = request.headers.get("idempotency-key")
+        if key:
+            claim = await stores.idempotency.aclaim(ctx.tenant, key, raw, ctx.request_id)
+            if isinstance(claim, Stored):
+                headers = {REPLAY_HEADER: "true", REQUEST_ID_HEADER: claim.request_id or ctx.request_id}
+                return Response(claim.body, status_code=claim.status_code, media_type=claim.content_type,
+                                headers=headers)
+            if isinstance(claim, Conflict):
+                return openai_error(409, claim.message, param="Idempotency-Key", code="idempotency_key_conflict",
+                                    headers=ctx.headers)
+            ctx.idempotency_row = claim.row_id
+        try:
+            response = await self._serve(ctx, stores, stream, max_tokens)
+        except AuditUnavailable:
+            await self._abandon(ctx, stores)
+            return openai_error(503, "The gateway could not record this request in its audit store; it was not "
+                                "acknowledged. Retry later.", code="audit_unavailable", headers=ctx.headers)
+        except BaseException:
+            await self._abandon(ctx, stores)
+            raise
+        if ctx.idempotency_row is not None and not isinstance(response, StreamingResponse):
+            if response.status_code == 200:
+                await stores.idempotency.acomplete(ctx.idempotency_row, 200, response.media_type or
+                                                   "application/json", bytes(response.body))
+            else:
+                await self._abandon(ctx, stores)
+        return response
+
+    async def _abandon(self, ctx: _Ctx, stores: Stores) -> None:
+        if ctx.idempotency_row is not None:
+            row, ctx.idempotency_row = ctx.idempotency_row, None
+            await asyncio.shield(stores.idempotency.aabandon(row))
+
+    async def _serve(self, ctx: _Ctx, stores: Stores, stream: bool, max_tokens: int) -> Response:
+        assert ctx.table is not None and ctx.route is not None
+        table, route = ctx.table, ctx.route
+        cache_key = None if stream else self.cache.key(ctx.tenant, ctx.route_id or "", ctx.body, endpoint=ctx.path)
+        if cache_key is not None:
+            hit = self.cache.get(cache_key)
+            self.metrics.cache(ctx.route_id, hit is not None)
+            if hit is not None:
+                ctx.cache_hit, ctx.usage, ctx.reason = True, hit.usage, "cache hit"
+                ctx.output = _output(ctx.path, hit.body)
+                await self._audit(ctx, stores, 200)
+                self._observe(ctx, "cache_hit")
+                return Response(hit.body, media_type="application/json", headers={**ctx.headers, CACHE_HEADER: "hit"})
+
+        p = plan(route, self.breakers, prompt_tokens=ctx.prompt_tokens, max_tokens=max_tokens, budget=table.budget,
+                 now=time.monotonic())
+        if p.rejection is not None:
+            return await self._reject(ctx, stores, p)
+        if table.budget is not None:
+            reserved = await self._reserve(ctx, stores, table.budget, p)
+            if isinstance(reserved, Response):
+                return reserved
+            p = reserved
+        try:
+            if stream:
+                return await self._stream(ctx, stores, p)
+            response = await self._complete(ctx, stores, p)
+        except BaseException:
+            await self._settle(ctx, stores, None)
+            raise
+        if cache_key is not None and response.status_code == 200 and ctx.usage is not None:
+            self.cache.put(cache_key, bytes(response.body), ctx.usage)
+        return response
+
+    # -- budget ------------------------------------------------------------------------------------
+    async def _reserve(self, ctx: _Ctx, stores: Stores, rule: BudgetRule, p: Plan) -> Plan | Response:
+        assert ctx.table is not None and p.first is not None
+        action = rule.action if rule.action != "none" else (
+            "queue" if rule.queue_timeout_seconds else "downgrade" if rule.downgrade_tier else "reject")
+        timeout = p.wait_timeout_s if p.wait_timeout_s is not None else float(rule.queue_timeout_seconds or 0)
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        candidates = [p]
+        if action == "downgrade":  # a cheaper backend later in the plan may still fit
+            first_cost = worst_case_cost(p.first.backend, p.prompt_tokens, p.max_tokens)
+            candidates += [Plan(**{**p.__dict__, "attempts": p.attempts[i:]}) for i, a in enumerate(p.attempts)
+                           if i and worst_case_cost(a.backend, p.prompt_tokens, p.max_tokens) < first_cost]
+        while True:
+            denied: Denied | None = None
+            for candidate in candidates:
+                assert candidate.first is not None
+                worst = worst_case_cost(candidate.first.backend, p.prompt_tokens, p.max_tokens)
+                result = await stores.ledger.areserve(ctx.table.namespace, rule.policy, rule, worst,
+                                                      p.prompt_tokens + p.max_tokens, ctx.request_id,
+                                                      datetime.now(UTC))
+                if isinstance(result, Reservation):
+                    ctx.reservation = result
+                    ctx.budget = BudgetTrail(policy=rule.policy, reservation_id=result.id,
+                                             reserved_usd=result.cost_usd)
+                    return candidate
+                denied = result
+            assert denied is not None
+            if action != "queue" or denied.cap == "perRequest" or time.monotonic() + delay > deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        ctx.budget = BudgetTrail(policy=rule.policy, denied=denied.message)
+        await self._audit(ctx, stores, 429)
+        self._observe(ctx, "budget_rejected")
+        message = denied.message + (f" (waited {timeout:g} s in the queue)" if action == "queue" else "")
+        return openai_error(429, message, "rate_limit_exceeded", None, "budget_exhausted", headers=ctx.headers)
+
+    async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:
+        """Commit ``usage`` at the answering backend's price, or release; exactly once per request."""
+        reservation, ctx.reservation = ctx.reservation, None
+        if reservation is None or ctx.budget is None:
+            return
+        if usage is not None and ctx.backend is not None and (usage.prompt_tokens or usage.completion_tokens
+                                                              or not usage.estimated):
+            cost, tokens = cost_usd(ctx.backend, usage, ctx.prompt_tokens)
+            await asyncio.shield(stores.ledger.acommit(reservation.id, cost, tokens))
+            ctx.budget.committed_usd = cost
+            self.metrics.spent(reservation.policy, ctx.backend.model_deployment, cost)
+        else:
+            await asyncio.shield(stores.ledger.arelease(reservation.id))
+            ctx.budget.released = True
+
+    async def _reject(self, ctx: _Ctx, stores: Stores, p: Plan) -> Response:
+        assert ctx.table is not None
+        if p.rejection is Rejection.BUDGET_EXHAUSTED:
+            rule = ctx.table.budget
+            windows = ", ".join(limit.window for limit in rule.limits) if rule else ""
+            message = p.message + (f" (windows: {windows})" if windows else "")
+            ctx.budget = BudgetTrail(policy=rule.policy if rule else "", denied=message)
+            status, code, param, outcome = 429, "budget_exhausted", None, "budget_rejected"
+        elif p.rejection is Rejection.OVER_REQUEST_LIMIT:
+            message, status, code, param, outcome = p.message, 400, "budget_per_request_limit", "max_tokens", \
+                "budget_rejected"
+        elif p.rejection is Rejection.CONTEXT_TOO_LONG:
+            message = f"No backend's context window fits this request: {p.message}."
+            status, code, param, outcome = 400, "context_length_exceeded", "messages", "invalid_request"
+        else:
+            message, status, code, param, outcome = p.message, 503, "no_backend", None, "no_backend"
+        ctx.reason = message
+        await self._audit(ctx, stores, status)
+        self._observe(ctx, outcome)
+        return openai_error(status, message, "rate_limit_exceeded" if status == 429 else None, param, code,
+                            headers=ctx.headers)
+
+    # -- attempts ----------------------------------------------------------------------------------
+    def _engine(self, backend: Backend) -> ExternalEngine:
+        return ExternalEngine.for_backend(backend, shared_client(), backend_api_key(backend))
+
+    def _allowed(self, ctx: _Ctx, p: Plan, attempt: Any) -> Any:
+        """The first attempt from ``attempt`` on whose breaker lets it through (recording the skipped)."""
+        while attempt is not None:
+            name = attempt.backend.model_deployment
+            if self.breaker(name).allow(force=attempt.forced_probe):
+                return attempt
+            ctx.attempts.append(RoutingAttempt(backend=name, error_class="circuit_open", message="skipped"))
+            following = p.after(attempt.backend)
+            if following is not None:
+                self.metrics.fallback(name, following.backend.model_deployment, "circuit_open")
+            attempt = following
+        return None
+
+    def _failed(self, ctx: _Ctx, p: Plan, backend: Backend, exc: BackendError, latency_s: float,
+                *, streamed: bool = False) -> Any:
+        """Record a failure (breaker, audit, metrics); the next attempt, or None to give up."""
+        name = backend.model_deployment
+        failure = exc.failure
+        breaker = self.breaker(name)
+        breaker.record_failure(failure.error_class, refused=failure.refused)
+        self.metrics.circuit(name, breaker.gauge)
+        ctx.attempts.append(RoutingAttempt(backend=name, error_class=failure.error_class.value,
+                                           message=failure.message[:500], latency_ms=latency_s * 1000))
+        ctx.backend_latency_s += latency_s
+        nxt = next_after_failure(p, backend, failure.error_class, streamed_first_token=streamed,
+                                 side_effect_sent=False)
+        if nxt is None:
+            return None
+        self.metrics.fallback(name, nxt.model_deployment, failure.error_class.value)
+        return p.attempts[p.index(nxt)]
+
+    def _succeeded(self, ctx: _Ctx, backend: Backend, reason: str, latency_s: float) -> None:
+        breaker = self.breaker(backend.model_deployment)
+        breaker.record_success()
+        self.metrics.circuit(backend.model_deployment, breaker.gauge)
+        ctx.backend, ctx.reason = backend, reason
+        ctx.backend_latency_s += latency_s
+        ctx.attempts.append(RoutingAttempt(backend=backend.model_deployment, latency_ms=latency_s * 1000))
+
+    async def _complete(self, ctx: _Ctx, stores: Stores, p: Plan) -> Response:
+        attempt = self._allowed(ctx, p, p.first)
+        last: Failure | None = None
+        while attempt is not None:
+            backend = attempt.backend
+            started = time.perf_counter()
+            try:
+                result: EngineResult = await self._engine(backend).complete(ctx.path, ctx.body)
+            except BackendError as exc:
+                last = exc.failure
+                attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, exc, time.perf_counter() - started))
+                continue
+            except ValueError as exc:  # no endpoint yet
+                last = Failure(ErrorClass.CONNECTION, str(exc))
+                attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, BackendError(last), 0.0))
+                continue
+            self._succeeded(ctx, backend, attempt.reason, result.latency_s)
+            usage = result.usage
+            if usage.estimated and not usage.prompt_tokens:
+                usage = Usage(ctx.prompt_tokens, usage.completion_tokens, estimated=True)
+            ctx.usage = usage
+            ctx.output = _output(ctx.path, result.body)
+            await self._settle(ctx, stores, usage)
+            self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
+            await self._audit(ctx, stores, 200)
+            self._observe(ctx, "ok")
+            return Response(result.body, media_type=result.content_type, headers=ctx.headers)
+        return await self._fail(ctx, stores, last)
+
+    async def _fail(self, ctx: _Ctx, stores: Stores, last: Failure | None) -> Response:
+        await self._settle(ctx, stores, None)
+        if last is None:
+            status, code, message, outcome = 503, "no_backend", "No backend could be tried.", "no_backend"
+        elif last.error_class is ErrorClass.CLIENT:
+            status = last.status_code if last.status_code and 400 <= last.status_code < 500 else 400
+            code, message, outcome = "backend_rejected_request", last.message, "client"
+        elif last.error_class is ErrorClass.CONTEXT_LENGTH:
+            status, code, message, outcome = 400, "context_length_exceeded", last.message, "context_length"
+        else:
+            status = _ERROR_STATUS.get(last.error_class, 502)
+            code, outcome = f"backend_{last.error_class.value}", last.error_class.value
+            message = f"Every backend failed; the last with {last.error_class.value}: {last.message}"
+        ctx.reason = message
+        await self._audit(ctx, stores, status)
+        self._observe(ctx, outcome)
+        return openai_error(status, message, None, None, code, headers=ctx.headers)
+
+    async def _stream(self, ctx: _Ctx, stores: Stores, p: Plan) -> Response:
+        attempt = self._allowed(ctx, p, p.first)
+        last: Failure | None = None
+        while attempt is not None:
+            backend = attempt.backend
+            started = time.perf_counter()
+            stream: EngineStream | None = None
+            try:
+                stream = await self._engine(backend).stream(ctx.path, ctx.body)
+                first = await stream.__anext__()  # fall back is still possible until this reaches the client
+            except (BackendError, StopAsyncIteration, ValueError) as exc:
+                if stream is not None:
+                    await stream.aclose()
+                error = exc if isinstance(exc, BackendError) else BackendError(
+                    Failure(ErrorClass.SERVER if isinstance(exc, StopAsyncIteration) else ErrorClass.CONNECTION,
+                            str(exc) or "empty stream"))
+                last = error.failure
+                attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, error, time.perf_counter() - started))
+                continue
+            ctx.backend, ctx.reason = backend, attempt.reason
+            return _ClosingStream(self._relay(ctx, stores, stream, first, attempt.reason, started),
+                                     media_type="text/event-stream",
+                                     headers={**ctx.headers, "cache-control": "no-cache"})
+        return await self._fail(ctx, stores, last)
+
+    async def _relay(self, ctx: _Ctx, stores: Stores, stream: EngineStream, first: bytes, reason: str,
+                     started: float) -> AsyncIterator[bytes]:
+        """Pass chunks through; settle and audit before ``data: [DONE]`` leaves; settle on any exit."""
+        assert ctx.backend is not None
+        backend = ctx.backend
+        finished = False
+        kept: list[bytes] = []
+        store_output = ctx.table.audit_store_outputs if ctx.table else False
+        keep = store_output or ctx.idempotency_row is not None
+
+        async def finish(status: int, error: BackendError | None) -> None:
+            nonlocal finished
+            finished = True
+            latency = time.perf_counter() - started
+            usage = stream.usage
+            if usage.estimated and not usage.prompt_tokens:
+                usage = Usage(ctx.prompt_tokens, usage.completion_tokens, estimated=True)
+            ctx.usage = usage
+            if error is None:
+                self._succeeded(ctx, backend, reason, latency)
+            else:
+                self._stream_failed(ctx, backend, error, latency)
+            ctx.output = b"".join(kept).decode(errors="replace") if store_output else None
+            await self._settle(ctx, stores, usage)
+            self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
+            await self._audit(ctx, stores, status)
+            self._observe(ctx, "ok" if error is None else error.error_class.value)
+            if ctx.idempotency_row is not None:
+                if error is None:  # the whole answer, [DONE] included: a replay is a complete stream
+                    row, ctx.idempotency_row = ctx.idempotency_row, None
+                    await asyncio.shield(stores.idempotency.acomplete(row, 200, "text/event-stream",
+                                                                      b"".join(kept)))
+                else:
+                    await self._abandon(ctx, stores)
+
+        try:
+            chunk: bytes | None = first
+            iterator = stream.__aiter__()
+            while chunk is not None:
+                if keep:
+                    kept.append(chunk)
+                cut = chunk.find(_DONE)
+                if cut >= 0:
+                    if cut:
+                        yield chunk[:cut]
+                    await finish(200, None)
+                    yield chunk[cut:]
+                else:
+                    yield chunk
+                try:
+                    chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    chunk = None
+            if not finished:
+                await finish(200, None)
+        except AuditUnavailable:
+            event = {"error": {"message": "the gateway could not record this request in its audit store",
+                               "type": "server_error", "param": None, "code": "audit_unavailable"}}
+            yield f"data: {json.dumps(event)}\n\n".encode()
+        except BackendError as exc:
+            if not finished:
+                await finish(502, exc)
+                event = {"error": {"message": f"backend failed mid-stream: {exc.failure.message}",
+                                   "type": "server_error", "param": None,
+                                   "code": f"backend_{exc.error_class.value}"}}
+                yield f"data: {json.dumps(event)}\n\n".encode()
+        finally:
+            if not finished:  # the client went away (cancel/disconnect): settle in the background
+                task = asyncio.ensure_future(self._cancelled(ctx, stores, stream, finish))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(task)
+            await stream.aclose()
+
+    async def _cancelled(self, ctx: _Ctx, stores: Stores, stream: EngineStream, finish: Any) -> None:
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+        try:
+            await finish(499, BackendError(Failure(ErrorClass.CANCELLED, "client cancelled the stream"),
+                                           first_token_sent=True))
+        except Exception:
+            log.exception("settling a cancelled stream failed")
+
+    def _stream_failed(self, ctx: _Ctx, backend: Backend, error: BackendError, latency_s: float) -> None:
+        name = backend.model_deployment
+        breaker = self.breaker(name)
+        breaker.record_failure(error.error_class, refused=error.failure.refused)
+        self.metrics.circuit(name, breaker.gauge)
+        ctx.attempts.append(RoutingAttempt(backend=name, error_class=error.error_class.value,
+                                           message=error.failure.message[:500], latency_ms=latency_s * 1000))
+        ctx.backend_latency_s += latency_s
+
+    # -- record ------------------------------------------------------------------------------------
+    async def _audit(self, ctx: _Ctx, stores: Stores, status: int) -> None:
+        table = ctx.table
+        store_prompts = bool(table and table.audit_store_prompts)
+        store_outputs = bool(table and table.audit_store_outputs)
+        inputs_src = ctx.body.get("messages", ctx.body.get("prompt", ctx.body.get("input")))
+        inputs, inputs_hash = redact(inputs_src, store_prompts)
+        output, output_hash = redact(ctx.output, store_outputs)
+        usage = ctx.usage
+        record = AuditRecord(
+            id=ctx.request_id, ts=ctx.ts, trace_id=ctx.trace_id, tenant=ctx.tenant,
+            workflow=table.workflow if table else None, route=ctx.route.step if ctx.route else None,
+            model=ctx.model, inputs=inputs, inputs_hash=inputs_hash,
+            routing=RoutingDecision(backend=ctx.backend.model_deployment if ctx.backend and status < 400 else None,
+                                    reason=ctx.reason, table_revision=table.revision if table else None,
+                                    attempts=ctx.attempts),
+            budget=[ctx.budget] if ctx.budget else [], cache_hit=ctx.cache_hit,
+            usage=TokenUsage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+            if usage else None,
+            output=output, output_hash=output_hash, status_code=status,
+            latency_ms=(time.perf_counter() - ctx.started) * 1000)
+        try:
+            await asyncio.shield(stores.writer.write(record))
+        except Exception as exc:
+            log.exception("audit record %s could not be written", ctx.request_id)
+            raise AuditUnavailable(str(exc)) from exc
+
+    def _observe(self, ctx: _Ctx, outcome: str) -> None:
+        total = time.perf_counter() - ctx.started
+        overhead = max(total - ctx.backend_latency_s, 0.0) if ctx.backend_latency_s else None
+        backend = ctx.backend.model_deployment if ctx.backend and outcome == "ok" else None
+        self.metrics.observe_request(ctx.route_id, backend, outcome, total, overhead)
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+class _ClosingStream(StreamingResponse):
+    """Closes its generator however sending ends: Starlette leaves a generator whose client went away
+    (the send raised) to the garbage collector, and with it the settlement of the budget and the audit."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            closer = getattr(self.body_iterator, "aclose", None)
+            if closer is not None:
+                await closer()
+
+
+class AuditUnavailable(Exception):
+    """The audit record could not be made durable: the request must not be acknowledged as a success."""
+
+
+def _output(path: str, body: bytes) -> Any:
+    """What the audit keeps of an answer: the messages / texts; an embedding is kept as its hash only."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")
+    if path == EMBEDDINGS or not isinstance(data, dict):
+        return {"embeddings": len(data.get("data", [])) if isinstance(data, dict) else 0}
+    out = []
+    for choice in data.get("choices") or ():
+        if isinstance(choice, dict):
+            out.append(choice.get("message") if path == CHAT else choice.get("text"))
+    return out

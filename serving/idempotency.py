@@ -1,0 +1,140 @@
+"""``Idempotency-Key``: a retried request gets the stored answer, never a second backend call or charge.
+
+One row per (tenant, key) in the ``idempotency_keys`` table of the gateway's store (same URL as the
+audit log and the ledger). A request *claims* its key before dispatch (insert; the primary key makes
+two concurrent claims exclusive), then either stores its 200 answer (``complete``) or gives the
+claim back (``abandon``) so a retry of a failed request is tried again. Outcomes of ``claim``:
+
+* ``Claimed``: this request owns the key; dispatch it.
+* ``Stored``: same key, same body, answered before: replay ``body`` (no backend, no charge).
+* ``Conflict``: same key with a different body (409), or the first request is still running (409).
+
+The body is compared by its SHA-256 over the raw request bytes. Rows are durable (SQLite WAL with
+``synchronous=FULL``, or PostgreSQL); ``purge`` drops keys older than their retention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+metadata = sa.MetaData()
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # sha256(tenant \0 key): keys may be long or odd
+    sa.Column("body_hash", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | done
+    sa.Column("status_code", sa.Integer),
+    sa.Column("content_type", sa.String(128)),
+    sa.Column("body", sa.LargeBinary),
+    sa.Column("request_id", sa.String(128)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+PENDING = "pending"
+DONE = "done"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    row_id: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    status_code: int
+    content_type: str
+    body: bytes
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class Conflict:
+    message: str
+
+
+def row_id(tenant: str, key: str) -> str:
+    return hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
+
+
+def body_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+class IdempotencyStore:
+    """Sync SQLAlchemy store; the gateway calls the ``a*`` wrappers (threads, not the event loop)."""
+
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0) -> None:
+        parsed = sa.make_url(url)
+        self.backend = parsed.get_backend_name()
+        if self.backend == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = sa.create_engine(parsed, connect_args={"timeout": busy_timeout_s})
+
+            @event.listens_for(self.engine, "connect")
+            def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = FULL")
+                cursor.close()
+        else:
+            self.engine = sa.create_engine(parsed)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def claim(self, tenant: str, key: str, raw_body: bytes, request_id: str) -> Claimed | Stored | Conflict:
+        rid, digest = row_id(tenant, key), body_hash(raw_body)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(idempotency_keys.insert().values(id=rid, body_hash=digest, state=PENDING,
+                                                              request_id=request_id, created_at=datetime.now(UTC)))
+            return Claimed(rid)
+        except sa.exc.IntegrityError:
+            pass
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(idempotency_keys).where(idempotency_keys.c.id == rid)).first()
+        if row is None:  # abandoned between our insert and read: claim again
+            return self.claim(tenant, key, raw_body, request_id)
+        if row.body_hash != digest:
+            return Conflict("Idempotency-Key was already used with a different request body.")
+        if row.state != DONE:
+            return Conflict("A request with this Idempotency-Key is still in progress; retry later.")
+        return Stored(row.status_code, row.content_type or "application/json", bytes(row.body or b""),
+                      row.request_id)
+
+    def complete(self, rid: str, status_code: int, content_type: str, body: bytes) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(idempotency_keys.update().where(idempotency_keys.c.id == rid)
+                         .values(state=DONE, status_code=status_code, content_type=content_type, body=body))
+
+    def abandon(self, rid: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(idempotency_keys.delete().where(idempotency_keys.c.id == rid,
+                                                         idempotency_keys.c.state == PENDING))
+
+    def purge(self, older_than: timedelta) -> int:
+        cutoff = datetime.now(UTC) - older_than
+        with self.engine.begin() as conn:
+            return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.created_at < cutoff)).rowcount
+
+    async def aclaim(self, tenant: str, key: str, raw_body: bytes, request_id: str) -> Claimed | Stored | Conflict:
+        return await asyncio.to_thread(self.claim, tenant, key, raw_body, request_id)
+
+    async def acomplete(self, rid: str, status_code: int, content_type: str, body: bytes) -> None:
+        await asyncio.to_thread(self.complete, rid, status_code, content_type, body)
+
+    async def aabandon(self, rid: str) -> None:
+        await asyncio.to_thread(self.abandon, rid)

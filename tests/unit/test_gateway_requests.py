@@ -1,0 +1,443 @@
+"""The request path of the gateway app against two controllable fake backends (primary ``small``, fallback ``large``).
+
+The app runs in the test's event loop through httpx's ASGITransport (its lifespan entered by hand),
+so the fakes (aiohttp servers in the same loop) and the gateway's pooled client talk real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest_asyncio
+from fastapi import FastAPI
+
+from pilothouse.operator.api import RoutingTable
+from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
+from pilothouse.operator.routing import Dependencies, compile_table
+from pilothouse.serving.audit import AuditLog
+from pilothouse.serving.breaker import BreakerState
+from pilothouse.serving.dataplane import estimate_prompt_tokens, resolve, secret_env_var, trace_id
+from pilothouse.serving.gateway import build_app
+from pilothouse.serving.ledger import Ledger
+from tests.fakes.openai_backend import FakeBackend
+
+from .factories import model, workflow
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+KEYS = {"sk-team-a-0123456789": "team-a", "sk-team-b-0123456789": "team-b"}
+A = {"Authorization": "Bearer sk-team-a-0123456789"}
+B = {"Authorization": "Bearer sk-team-b-0123456789"}
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "wf/extract", "messages": HELLO, "max_tokens": 8, **extra}
+
+
+def make_table(primary: FakeBackend, fallback: FakeBackend, *, budget: BudgetRule | None = None,
+               windows: dict[str, int | None] | None = None, store_prompts: bool = False) -> RoutingTable:
+    deps = Dependencies(models={"small": model("small", fallback=["large"]), "large": model("large", tier="large")},
+                        indexes={}, budgets={})
+    steps = [{"name": "extract", "type": "generate", "generate": {"tier": "small", "promptTemplate": "{input}"}}]
+    compiled = compile_table(workflow(retrieve=False, steps=steps), deps, None, AT)
+    urls = {"small": primary.url, "large": fallback.url}
+    windows = windows or {}
+    routes = [r.model_copy(update={"backends": [
+        b.model_copy(update={"endpoint": urls[b.model_deployment],
+                             "context_window": windows.get(b.model_deployment, b.context_window)})
+        for b in r.backends]}) for r in compiled.routes]
+    return compiled.model_copy(update={"routes": routes, "budget": budget, "audit_store_prompts": store_prompts})
+
+
+def sub(tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    return folder
+
+
+@pytest_asyncio.fixture
+async def fakes() -> AsyncIterator[tuple[FakeBackend, FakeBackend]]:
+    async with FakeBackend(model="org/small") as primary, FakeBackend(model="org/large") as fallback:
+        yield primary, fallback
+
+
+class Gateway:
+    def __init__(self, app: FastAPI, client: httpx.AsyncClient, store_url: str) -> None:
+        self.app, self.client, self.store_url = app, client, store_url
+
+    async def post(self, body: dict[str, Any], path: str = "/v1/chat/completions",
+                   headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.client.post(path, json=body, headers={**A, **(headers or {})})
+
+    def audit(self, response: httpx.Response) -> Any:
+        with AuditLog(self.store_url, create=False) as log:
+            return log.get(response.headers["x-pilothouse-request-id"])
+
+    def breaker(self, name: str) -> BreakerState:
+        return self.app.state.dataplane.breaker(name).state
+
+
+@contextlib.asynccontextmanager
+async def gateway(tmp_path: Path, table: RoutingTable) -> AsyncIterator[Gateway]:
+    routing = tmp_path / "routing.json"
+    routing.write_text(table.model_dump_json(by_alias=True))
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    store_url = f"sqlite:///{tmp_path}/store.db"
+    app = build_app(str(routing), api_keys=str(keys), store_url=store_url)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
+            yield Gateway(app, client, store_url)
+
+
+async def test_success_returns_the_backends_answer_with_usage_and_request_id(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback, store_prompts=True)) as gw:
+        traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        r = await gw.post(chat(), headers={"traceparent": traceparent})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "org/small" and body["usage"] == {"prompt_tokens": 2, "completion_tokens": 8,
+                                                                  "total_tokens": 10}
+        assert primary.served["/v1/chat/completions"] == 1 and fallback.requests == 0
+        record = gw.audit(r)
+        assert record is not None and record.tenant == "team-a" and record.status_code == 200
+        assert record.trace_id == "0af7651916cd43dd8448eb211c80319c"
+        assert record.routing.backend == "small" and [a.backend for a in record.routing.attempts] == ["small"]
+        assert record.usage.completion_tokens == 8 and record.inputs == HELLO and record.output is None
+        assert record.output_hash.startswith("sha256:")
+        # the bare step name works too; completions and embeddings go through the same path
+        assert (await gw.post({**chat(), "model": "extract"})).status_code == 200
+        done = await gw.post({"model": "wf/extract", "prompt": "say hi", "max_tokens": 4}, "/v1/completions")
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4
+        emb = await gw.post({"model": "wf/extract", "input": ["a b", "c"]}, "/v1/embeddings")
+        assert emb.status_code == 200 and len(emb.json()["data"]) == 2
+        assert gw.audit(emb) is not None
+
+
+async def test_unknown_model_and_max_tokens_over_the_route(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        r = await gw.post({**chat(), "model": "wf/nope"})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found" and r.json()["error"]["param"] == "model"
+        r = await gw.post(chat(max_tokens=100_000))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        bad = await gw.post({"model": "wf/extract", "messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+        assert primary.requests == 0
+
+
+async def test_dead_primary_falls_back_and_opens_the_breaker(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        await primary.die()
+        first = await gw.post(chat())
+        assert first.status_code == 200 and first.json()["model"] == "org/large"
+        attempts = gw.audit(first).routing.attempts
+        assert [(a.backend, a.error_class) for a in attempts] == [("small", "connection"), ("large", None)]
+        assert gw.breaker("small") is BreakerState.OPEN
+        second = await gw.post(chat())
+        assert second.status_code == 200
+        assert [a.backend for a in gw.audit(second).routing.attempts] == ["large"]  # no attempt on the dead one
+        assert fallback.served["/v1/chat/completions"] == 2
+        metrics = (await gw.client.get("/metrics")).text
+        assert 'pilothouse_circuit_state{backend="small"} 2.0' in metrics
+        assert 'pilothouse_fallbacks_total{from="small",reason="connection",to="large"} 1.0' in metrics
+
+
+async def test_rate_limited_primary_falls_back_without_opening_the_breaker(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        primary.fail_with(429)
+        for _ in range(5):
+            r = await gw.post(chat())
+            assert r.status_code == 200 and r.json()["model"] == "org/large"
+        assert primary.injected == 5  # tried every time: a 429 says nothing about its health
+        assert gw.breaker("small") is BreakerState.CLOSED
+        primary.reset()
+        assert (await gw.post(chat())).json()["model"] == "org/small"
+
+
+async def test_context_length_goes_only_to_a_larger_context_backend(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    long_prompt = [{"role": "user", "content": " ".join(["word"] * 200)}]
+    # the table knows the small window: the plan skips small without calling it
+    table = make_table(primary, fallback, windows={"small": 128, "large": 100_000})
+    async with gateway(tmp_path, table) as gw:
+        r = await gw.post(chat(messages=long_prompt))
+        assert r.status_code == 200 and r.json()["model"] == "org/large"
+        assert primary.requests == 0
+    # the table does not know it: small answers 400 context length, only a larger declared window is tried
+    primary.context_window(64)
+    table = make_table(primary, fallback, windows={"small": None, "large": 100_000})
+    async with gateway(sub(tmp_path, "second"), table) as gw:
+        r = await gw.post(chat(messages=long_prompt))
+        assert r.status_code == 200 and r.json()["model"] == "org/large"
+        assert primary.requests == 1
+        assert [a.error_class for a in gw.audit(r).routing.attempts] == ["context_length", None]
+        assert gw.breaker("small") is BreakerState.CLOSED
+    # neither fits: a 400 naming the context, never a 5xx
+    table = make_table(primary, fallback, windows={"small": 128, "large": 128})
+    async with gateway(sub(tmp_path, "third"), table) as gw:
+        r = await gw.post(chat(messages=long_prompt))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def rule(cap: float, **extra: Any) -> BudgetRule:
+    return BudgetRule(policy="team", state="Ok", action="none",
+                      limits=[BudgetLimit(window="day", max_cost_usd=cap)], **extra)
+
+
+async def test_budget_reject_names_the_policy_and_window(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(0.000001))) as gw:
+        r = await gw.post(chat())
+        assert r.status_code == 429
+        message = r.json()["error"]["message"]
+        assert "budget team exhausted for day" in message and "resets at" in message
+        assert r.json()["error"]["code"] == "budget_exhausted"
+        assert primary.requests == 0 and fallback.requests == 0
+        assert gw.audit(r).budget[0].denied == message
+    exhausted = BudgetRule(policy="team", state="Exhausted", action="reject",
+                           limits=[BudgetLimit(window="month", max_cost_usd=1)])
+    async with gateway(sub(tmp_path, "exhausted"), make_table(primary, fallback, budget=exhausted)) as gw:
+        r = await gw.post(chat())
+        assert r.status_code == 429 and "team" in r.json()["error"]["message"]
+        assert "month" in r.json()["error"]["message"]
+
+
+async def test_budget_queue_waits_then_429(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(0.000001, queue_timeout_seconds=1))) as gw:
+        started = asyncio.get_running_loop().time()
+        r = await gw.post(chat())
+        assert r.status_code == 429 and "queue" in r.json()["error"]["message"]
+        assert asyncio.get_running_loop().time() - started >= 0.5
+
+
+async def test_200_concurrent_requests_never_overspend(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    primary.latency(0.05)
+    worst = (estimate_prompt_tokens("/chat/completions", chat()) * 1 + 8 * 2) / 1_000_000
+    cap = 50 * worst
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(cap))) as gw:
+        responses = await asyncio.gather(*(gw.post(chat()) for _ in range(200)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 429}, statuses
+        assert 50 <= statuses.count(200) <= 60, statuses.count(200)  # actual cost is ~17/18 of the worst case
+        ledger = Ledger(gw.store_url)
+        try:
+            since = datetime.now(UTC) - timedelta(days=2)
+            spent = ledger.spend("default", "team", since)
+            assert spent.cost_usd <= cap + 1e-9
+            assert ledger.in_flight("default", "team", since) == (0.0, 0)  # nothing left reserved
+        finally:
+            ledger.close()
+        for r in responses:
+            if r.status_code == 200:
+                assert gw.audit(r).budget[0].committed_usd is not None
+
+
+async def test_idempotency_replay_and_conflict(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        key = {"Idempotency-Key": "order-42"}
+        first = await gw.post(chat(), headers=key)
+        assert first.status_code == 200 and "x-pilothouse-idempotent-replay" not in first.headers
+        again = await gw.post(chat(), headers=key)
+        assert again.status_code == 200 and again.headers["x-pilothouse-idempotent-replay"] == "true"
+        assert again.content == first.content and primary.requests == 1
+        assert again.headers["x-pilothouse-request-id"] == first.headers["x-pilothouse-request-id"]
+        other = await gw.post(chat(max_tokens=4), headers=key)
+        assert other.status_code == 409 and primary.requests == 1
+        # another tenant's key space is its own
+        assert (await gw.client.post("/v1/chat/completions", json=chat(), headers={**B, **key})).status_code == 200
+        assert primary.requests == 2
+        # a failed request does not keep its key: the retry is served
+        primary.fail_with(503)
+        fallback.fail_with(503)
+        failed = await gw.post(chat(max_tokens=3), headers={"Idempotency-Key": "k2"})
+        assert failed.status_code == 502
+        primary.reset()
+        fallback.reset()
+        assert (await gw.post(chat(max_tokens=3), headers={"Idempotency-Key": "k2"})).status_code == 200
+
+
+async def test_cache_hit_is_free_and_tenant_partitioned(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        first = await gw.post(chat(temperature=0))
+        hit = await gw.post(chat(temperature=0))
+        assert hit.status_code == 200 and hit.headers["x-pilothouse-cache"] == "hit"
+        assert hit.json()["choices"] == first.json()["choices"] and primary.requests == 1
+        record = gw.audit(hit)
+        assert record.cache_hit and record.budget == []
+        other = await gw.client.post("/v1/chat/completions", json=chat(temperature=0), headers=B)
+        assert other.status_code == 200 and "x-pilothouse-cache" not in other.headers and primary.requests == 2
+        sampled = [await gw.post(chat()) for _ in range(2)]  # not deterministic: never cached
+        assert all("x-pilothouse-cache" not in r.headers for r in sampled) and primary.requests == 4
+        metrics = (await gw.client.get("/metrics")).text
+        assert 'pilothouse_cache_hits_total{route="wf/extract"} 1.0' in metrics
+
+
+async def test_every_acknowledged_response_has_an_audit_record(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        responses = await asyncio.gather(*(gw.post(chat(messages=[{"role": "user", "content": f"q {i}"}]))
+                                           for i in range(30)))
+        for r in responses:
+            assert r.status_code == 200
+            record = gw.audit(r)
+            assert record is not None and record.routing.backend == "small" and record.inputs is None
+            assert record.inputs_hash.startswith("sha256:")
+
+
+def sse_events(text: str) -> list[Any]:
+    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+            for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_streaming_passes_chunks_through_and_falls_back_before_the_first(tmp_path: Path,
+                                                                               fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        r = await gw.post(chat(stream=True))
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        assert r.content == b"".join(primary.last_stream)  # byte for byte
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+        assert len(text.split()) == 8
+        record = gw.audit(r)
+        assert record.usage.completion_tokens == 8 and record.budget[0].committed_usd is not None
+        await primary.die()
+        r = await gw.post(chat(stream=True))
+        assert r.status_code == 200 and sse_events(r.text)[1]["model"] == "org/large"
+        assert [a.backend for a in gw.audit(r).routing.attempts] == ["small", "large"]
+
+
+async def test_a_stream_failing_mid_way_settles_and_reports(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        primary.break_stream_after(3)
+        r = await gw.post(chat(stream=True))
+        events = sse_events(r.text)
+        assert "error" in events[-1] and fallback.requests == 0  # never spliced onto another backend
+        record = gw.audit(r)
+        assert record.status_code == 502 and record.budget[0].committed_usd is not None
+        ledger = Ledger(gw.store_url)
+        try:
+            assert ledger.in_flight("default", "team", datetime.now(UTC) - timedelta(days=2)) == (0.0, 0)
+        finally:
+            ledger.close()
+
+
+async def test_all_backends_down_is_a_5xx_and_releases(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        await primary.die()
+        await fallback.die()
+        r = await gw.post(chat())
+        assert r.status_code == 502 and r.json()["error"]["code"] == "backend_connection"
+        assert gw.audit(r).budget[0].released
+
+
+async def test_metrics_endpoint(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        assert (await gw.post(chat())).status_code == 200
+        metrics = await gw.client.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'pilothouse_requests_total{backend="small",outcome="ok",route="wf/extract"} 1.0' in metrics.text
+        assert "pilothouse_gateway_overhead_seconds_count 1.0" in metrics.text
+        assert 'pilothouse_table_revision{workflow="wf"}' in metrics.text
+
+
+def test_helpers() -> None:
+    assert trace_id("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01") == "0af7651916cd43dd8448eb211c80319c"
+    assert len(trace_id("garbage")) == 32 and trace_id(None) != trace_id(None)
+    assert secret_env_var("openai-key", "api.key") == "PILOTHOUSE_SECRET_OPENAI_KEY_API_KEY"
+    assert estimate_prompt_tokens("/completions", {"prompt": "abcdefgh"}) == 2
+
+
+def test_resolve_accepts_the_bare_step_only_when_unambiguous() -> None:
+    table = RoutingTable.model_validate({
+        "workflow": "wf", "namespace": "default", "revision": 1, "generatedAt": AT.isoformat(), "degraded": False,
+        "routes": [{"step": "a", "tier": "small", "backends": [], "maxTokens": 8}]})
+    assert resolve(table, "wf/a") is not None and resolve(table, "a") is not None
+    assert resolve(table, "other/a") is None and resolve(table, "b") is None
+
+
+async def test_idempotent_stream_replays_the_whole_stream(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        key = {"Idempotency-Key": "stream-1"}
+        first = await gw.post(chat(stream=True), headers=key)
+        again = await gw.post(chat(stream=True), headers=key)
+        assert again.headers["x-pilothouse-idempotent-replay"] == "true"
+        assert again.content == first.content and sse_events(again.text)[-1] == "[DONE]"
+        assert primary.requests == 1
+
+
+async def test_an_audit_store_failure_is_a_503_not_an_ack(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        stores = await gw.app.state.dataplane.stores()
+
+        def broken(rows: Any) -> int:
+            raise RuntimeError("disk full")
+
+        stores.audit.insert_rows = broken
+        r = await gw.post(chat())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
+
+
+async def test_a_client_that_leaves_mid_stream_leaves_no_reservation(tmp_path: Path, fakes: Any) -> None:
+    primary, fallback = fakes
+    primary.token_interval(0.05)
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        body = json.dumps(chat(stream=True)).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
+                 "query_string": b"", "root_path": "", "server": ("gw", 80), "client": ("127.0.0.1", 1),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                             (b"authorization", A["Authorization"].encode())]}
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and any(m["type"] == "http.response.body" for m in sent):
+                raise OSError("client went away")
+            sent.append(message)
+
+        with contextlib.suppress(Exception):
+            await gw.app(scope, receive, send)
+        request_id = dict(sent[0]["headers"])[b"x-pilothouse-request-id"].decode()
+        ledger = Ledger(gw.store_url)
+        try:
+            for _ in range(200):
+                with AuditLog(gw.store_url, create=False) as log:
+                    record = log.get(request_id)
+                if record is not None and ledger.in_flight("default", "team", AT) == (0.0, 0):
+                    break
+                await asyncio.sleep(0.02)
+            assert record is not None and record.status_code == 499
+            assert record.routing.attempts[-1].error_class == "cancelled"
+            assert ledger.in_flight("default", "team", AT) == (0.0, 0)
+        finally:
+            ledger.close()
