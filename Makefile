@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: setup run test crds lint e2e bench
+.PHONY: setup pg run test crds lint e2e bench
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,19 @@ $(VENV)/.installed: pyproject.toml
 run: setup  ## install, then run the main job on embedded defaults (Milvus Lite, SQLite)
 	$(BIN)/pilothouse run examples/invoice-triage/
 
-test: setup  ## unit + integration suites (kopf operator against the Kubernetes emulator, Milvus Lite)
+test: setup pg  ## unit + integration suites (kopf operator against the Kubernetes emulator, Milvus Lite, PostgreSQL)
 	$(PY) -m pytest
+
+# The PostgreSQL variants of the ledger/audit/idempotency tests start a throwaway server from the installed
+# binaries (tests/pg.py). On a fresh Debian machine as root (CI) install them; anywhere else, or when the
+# install fails, nothing fails: those tests skip and say why.
+PG_INITDB ?= $(firstword $(shell command -v initdb 2>/dev/null) $(wildcard /usr/lib/postgresql/*/bin/initdb))
+pg:
+	@if [ -z "$(PG_INITDB)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing postgresql (apt-get) for the PostgreSQL test variants"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	    || echo "warning: apt-get install postgresql failed; the PostgreSQL tests will be skipped" >&2; \
+	fi
 
 crds: setup  ## regenerate CRDs from the pydantic API models (crds/ and the Helm chart's copy)
 	$(BIN)/pilothouse crds --out crds

@@ -29,19 +29,18 @@ from pilothouse.serving.audit import (
     content_hash,
     redact,
 )
-
-from .test_ledger import POSTGRES_URL, throwaway_postgres_database
+from tests.pg import throwaway_postgres_database
 
 AT = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 PROMPT = [{"role": "user", "content": "Invoice 4711 from ACME, IBAN DE89 3704 0044 0532 0130 00"}]
 
 
-@pytest.fixture(params=["sqlite", *(["postgresql"] if POSTGRES_URL else [])])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/state/audit.db"  # the folder does not exist yet: the log makes it
     else:
-        with throwaway_postgres_database() as database_url:
+        with throwaway_postgres_database(request.getfixturevalue("postgres_url"), "audit_test") as database_url:
             yield database_url
 
 

@@ -3,7 +3,6 @@ operator reading what the gateway wrote (DESIGN.md §5)."""
 
 from __future__ import annotations
 
-import os
 import random
 import sqlite3
 import threading
@@ -11,7 +10,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from pilothouse.operator.api.ledger import window_bounds
 from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.operator.budget import SqlSpendReader, evaluate
 from pilothouse.serving.ledger import USD_EPSILON, Denied, Ledger, Reservation, Usage, reservation_id
+from tests.pg import throwaway_postgres_database
 
 AT = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 DAY = datetime(2026, 3, 15, tzinfo=UTC)
@@ -37,32 +36,14 @@ def rule(*limits: dict[str, Any], per_request: dict[str, Any] | None = None, pol
                                       **(per_request or {})})
 
 
-POSTGRES_URL = os.environ.get("PILOTHOUSE_TEST_POSTGRES_URL")
-"""A PostgreSQL server where the tests may create and drop databases; without it they run on SQLite only."""
-
-
-@contextmanager
-def throwaway_postgres_database() -> Iterator[str]:
-    assert POSTGRES_URL
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", *(["postgresql"] if POSTGRES_URL else [])])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty store: a SQLite file, or a throwaway database on the PostgreSQL server."""
+    """A fresh, empty store: a SQLite file, or a throwaway database on the PostgreSQL server (tests/pg.py:
+    started for the session, or PILOTHOUSE_TEST_POSTGRES_URL; skipped with the reason when neither)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/ledger.db"
     else:
-        with throwaway_postgres_database() as database_url:
+        with throwaway_postgres_database(request.getfixturevalue("postgres_url"), "ledger_test") as database_url:
             yield database_url
 
 
@@ -74,10 +55,8 @@ def ledger(url: str) -> Iterator[Ledger]:
 
 
 @pytest.fixture
-def postgres_ledger() -> Iterator[Ledger]:
-    if not POSTGRES_URL:
-        pytest.skip("set PILOTHOUSE_TEST_POSTGRES_URL to a server where tests may create databases")
-    with throwaway_postgres_database() as database_url:
+def postgres_ledger(postgres_url: str) -> Iterator[Ledger]:
+    with throwaway_postgres_database(postgres_url, "ledger_test") as database_url:
         book = Ledger(database_url)
         yield book
         book.close()
