@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev,serving]"
+	$(PY) -m pip install --quiet -e ".[dev,serving,postgres]"
 	$(PY) -c "import kmock, kopf, lightkube, pymilvus, helm_python, pilothouse.operator.api"
 	touch $@
 
