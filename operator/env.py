@@ -63,7 +63,3 @@ def status_doc(outcome: Outcome, old: dict[str, Any] | None, generation: int | N
     }
     return {k: v for k, v in doc.items() if v is not None}
 
-
-def secret_env_var(ref: SecretKeyRef) -> str:
-    """Where local mode looks for a Secret value that no manifest provides."""
-    return f"PILOTHOUSE_SECRET_{ref.name}_{ref.key}".upper().replace("-", "_").replace(".", "_")

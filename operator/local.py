@@ -19,7 +19,7 @@ from . import budget_policy, model_deployment, vector_index, workflow
 from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, Resource, RoutingTable, VectorIndex
 from .api.common import SecretKeyRef
 from .budget import SqlSpendReader
-from .env import Outcome, secret_env_var, status_doc
+from .env import Outcome, status_doc
 from .health import Health
 from .manifests import Bundle
 
@@ -48,7 +48,7 @@ class LocalEnv:
     async def secret(self, namespace: str, ref: SecretKeyRef) -> str | None:
         """Secret manifests in the run folder first, then PILOTHOUSE_SECRET_<NAME>_<KEY>."""
         value = self.secrets.get((namespace, ref.name), {}).get(ref.key)
-        return value if value is not None else os.environ.get(secret_env_var(ref))
+        return value if value is not None else os.environ.get(ref.env_var)
 
     async def list(self, kind: type[R], namespace: str) -> dict[str, R]:
         return {name: obj for (k, ns, name), obj in self.objects.items()  # type: ignore[misc]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .api import ModelDeployment
 from .api.model_deployment import Engine
 from .conditions import Observation
-from .env import Env, Outcome, secret_env_var
+from .env import Env, Outcome
 from .health import probe_external
 from .render_model import endpoint, render
 
@@ -22,7 +22,7 @@ async def reconcile(md: ModelDeployment, env: Env) -> Outcome:
                     "Ready", False, "SecretMissing",
                     f"spec.external.apiKeySecretRef: Secret {ref.name!r} key {ref.key!r} not found; create it in "
                     f"this namespace (pilothouse run: a Secret manifest beside the others, or the environment "
-                    f"variable {secret_env_var(ref)})")],
+                    f"variable {ref.env_var})")],
                 retry_after=30,
             )
         health = await probe_external(env.http, md.spec.external.url, key,

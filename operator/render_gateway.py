@@ -45,12 +45,21 @@ def configmap(wf: AutonomousWorkflow, table: RoutingTable) -> dict[str, Any]:
     }
 
 
-def _container(wf: AutonomousWorkflow, image: str) -> dict[str, Any]:
+def _secret_env(table: RoutingTable) -> list[dict[str, Any]]:
+    """Backend API keys, from their Secrets into the variables the gateway reads."""
+    refs = {b.api_key_secret_ref.env_var: b.api_key_secret_ref for r in table.routes for b in r.backends
+            if b.api_key_secret_ref is not None}
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+            for name, ref in sorted(refs.items())]
+
+
+def _container(wf: AutonomousWorkflow, table: RoutingTable, image: str) -> dict[str, Any]:
     return {
         "name": "gateway",
         "image": image,
         "args": ["serve", "--routing", f"{MOUNT}/{ROUTING_FILE}", "--port", str(PORT)],
         "ports": [{"name": "http", "containerPort": PORT}],
+        "env": _secret_env(table),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
@@ -78,7 +87,7 @@ def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_
                 "replicas": wf.spec.gateway.replicas,
                 "selector": {"matchLabels": selector},
                 "template": {"metadata": {"labels": _labels(wf)}, "spec": {
-                    "containers": [_container(wf, image)], "volumes": _volumes(wf),
+                    "containers": [_container(wf, table, image)], "volumes": _volumes(wf),
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
                 }},
             },
@@ -91,7 +100,7 @@ def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_
             "deployments": [{"name": "Gateway", "num_replicas": wf.spec.gateway.replicas}],
         }]}
         head = {"name": "ray-head", "image": image,  # the Pilothouse image carries Ray Serve
-                "ports": [{"containerPort": PORT, "name": "serve"}],
+                "ports": [{"containerPort": PORT, "name": "serve"}], "env": _secret_env(table),
                 "volumeMounts": [{"name": "routing", "mountPath": MOUNT, "readOnly": True}]}
         app = {
             "apiVersion": "ray.io/v1",

@@ -91,14 +91,9 @@ _ERROR_STATUS = {ErrorClass.TIMEOUT: 504, ErrorClass.CONNECTION: 502, ErrorClass
                  ErrorClass.RATE_LIMITED: 503, ErrorClass.CANCELLED: 503}
 
 
-def secret_env_var(name: str, key: str) -> str:
-    """Where a backend's API key is read from: the operator's local-mode rule (operator/env.py)."""
-    return f"PILOTHOUSE_SECRET_{name}_{key}".upper().replace("-", "_").replace(".", "_")
-
-
 def backend_api_key(backend: Backend) -> str | None:
     ref = backend.api_key_secret_ref
-    return None if ref is None else os.environ.get(secret_env_var(ref.name, ref.key))
+    return None if ref is None else os.environ.get(ref.env_var)
 
 
 def resolve(table: RoutingTable, model: str) -> Route | None:

@@ -42,6 +42,12 @@ class SecretKeyRef(ApiModel):
     name: str = Field(description="Name of the Secret.", min_length=1, max_length=253)
     key: str = Field(description="Key inside the Secret whose value is used.", min_length=1)
 
+    @property
+    def env_var(self) -> str:
+        """The environment variable carrying this value where no Secret API is at hand: the gateway
+        (the operator renders it from the Secret) and local mode (the user exports it)."""
+        return f"PILOTHOUSE_SECRET_{self.name}_{self.key}".upper().replace("-", "_").replace(".", "_")
+
 
 class ConditionStatus(StrEnum):
     TRUE = "True"

@@ -19,11 +19,12 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from pilothouse.operator.api import RoutingTable
+from pilothouse.operator.api.common import SecretKeyRef
 from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving.audit import AuditLog
 from pilothouse.serving.breaker import BreakerState
-from pilothouse.serving.dataplane import estimate_prompt_tokens, resolve, secret_env_var, trace_id
+from pilothouse.serving.dataplane import estimate_prompt_tokens, resolve, trace_id
 from pilothouse.serving.gateway import build_app
 from pilothouse.serving.ledger import Ledger
 from tests.fakes.openai_backend import FakeBackend
@@ -365,7 +366,7 @@ async def test_metrics_endpoint(tmp_path: Path, fakes: Any) -> None:
 def test_helpers() -> None:
     assert trace_id("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01") == "0af7651916cd43dd8448eb211c80319c"
     assert len(trace_id("garbage")) == 32 and trace_id(None) != trace_id(None)
-    assert secret_env_var("openai-key", "api.key") == "PILOTHOUSE_SECRET_OPENAI_KEY_API_KEY"
+    assert SecretKeyRef(name="openai-key", key="api.key").env_var == "PILOTHOUSE_SECRET_OPENAI_KEY_API_KEY"
     assert estimate_prompt_tokens("/completions", {"prompt": "abcdefgh"}) == 2
 
 

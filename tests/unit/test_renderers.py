@@ -78,3 +78,17 @@ def test_workflow_renders_routing_configmap_and_gateway(mode: str) -> None:
     check_golden(f"invoice-triage-{mode}.yaml", objects)
     configmap = objects[0]
     assert configmap["metadata"]["labels"]["pilothouse.io/routing-revision"] == "1"
+
+
+def test_gateway_gets_backend_keys_from_their_secrets() -> None:
+    doc = example("AutonomousWorkflow", "invoice-triage")
+    del doc["spec"]["budgetPolicyRef"]
+    wf = AutonomousWorkflow.model_validate(doc)
+    large = ModelDeployment.model_validate(example("ModelDeployment", "invoice-large"))
+    small = model("small", fallback=["invoice-large"])
+    deps = Dependencies(models={"small": small, "invoice-large": large},
+                        indexes={"invoice-docs": index("invoice-docs")}, budgets={})
+    deployment = render_gateway.render(wf, compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC)))[1]
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env == [{"name": "PILOTHOUSE_SECRET_OPENAI_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}}]
