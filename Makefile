@@ -41,5 +41,11 @@ lint: setup
 e2e: setup  ## against a real cluster: KUBECONFIG, or a throwaway kind cluster when kind + Docker exist
 	bash tests/e2e/run.sh
 
-bench: setup
+bench: setup .venv-litellm/.installed  ## side-by-side benchmarks; tables on stdout, JSON in bench/results/
 	$(PY) bench/reconcile_scale.py
+	$(PY) bench/gateway_overhead.py
+
+.venv-litellm/.installed:  ## the LiteLLM peer, in its own venv: its pins conflict with ours
+	$(PYTHON) -m venv .venv-litellm
+	.venv-litellm/bin/python -m pip install --quiet "litellm[proxy]"
+	touch $@

@@ -1,0 +1,680 @@
+"""Gateway overhead: added latency and max RPS of Pilothouse vs the backend, bare Ray Serve and LiteLLM.
+
+Every piece runs in its own process, all on loopback:
+
+- ``backend``: the test suite's FakeBackend (aiohttp) with a fixed 20 ms latency and fixed token counts;
+- ``ray``: one Ray + Serve holding two applications behind the same HTTP proxy: a bare pass-through
+  (FastAPI ingress forwarding the body to the backend with one pooled httpx client: the floor of our
+  stack) at ``/pt`` and the Pilothouse gateway (``serve.app_builder``) at ``/`` with API keys, a
+  BudgetPolicy rule with a high cap (the ledger reserves and commits), audit and metrics on. Requests use
+  ``temperature 0.7``, so the response cache never applies;
+- ``litellm``: ``litellm --config`` with one model pointing at the backend, master key on, no database
+  (so no budgets, no spend logs), no callbacks, when the ``litellm`` CLI is installed;
+- ``load``: the load generator (aiohttp client, one process per measurement).
+
+Concurrency 1 runs a fixed number of requests; concurrency 32 (and 256 with ``--c256``) runs for a fixed
+duration after a warm-up. Results: a rich table and ``bench/results/gateway_overhead.json``.
+``--throughput-optimized both`` repeats the Ray targets with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, measured
+on the replicas' direct-ingress ports. ``--profile`` samples the gateway replica and the Serve proxy with
+py-spy during a c=32 run and groups the samples by component.
+
+Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "gateway_overhead.json"
+BACKEND_MODEL = "org/small"
+KEY = "sk-bench-0123456789abcdef"
+LATENCY_S = 0.020
+REPLY_TOKENS = 16
+PROMPT = "Summarise the quarterly report for the platform team in three short bullet points please"
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def chat_body(model: str) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}],
+                       "max_tokens": REPLY_TOKENS, "temperature": 0.7}).encode()
+
+
+# ---- role: backend --------------------------------------------------------------------------------
+def role_backend(port: int) -> None:
+    spec = importlib.util.spec_from_file_location("bench_fake_backend", ROOT / "tests" / "fakes" / "openai_backend.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        fake = module.FakeBackend(model=BACKEND_MODEL, reply_tokens=REPLY_TOKENS)
+        fake.port = port
+        async with fake:
+            fake.latency(LATENCY_S)
+            print("ready", flush=True)
+            await stop.wait()
+
+    _run(main())
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# ---- role: load generator -------------------------------------------------------------------------
+def role_load(url: str, model: str, concurrency: int, requests: int, duration: float, warmup: int) -> None:
+    import aiohttp
+
+    body = chat_body(model)
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+
+    async def main() -> dict[str, Any]:
+        latencies: list[float] = []
+        errors: Counter[str] = Counter()
+        issued = 0
+        connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, ttl_dns_cache=None)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            async def one() -> tuple[float, str | None]:
+                start = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as r:
+                        payload = await r.read()
+                        if r.status != 200:
+                            return 0.0, f"{r.status} {payload[:120]!r}"
+                        if b'"completion_tokens"' not in payload:
+                            return 0.0, "no usage"
+                except Exception as exc:
+                    return 0.0, type(exc).__name__
+                return (time.perf_counter() - start) * 1000, None
+
+            await asyncio.gather(*(one() for _ in range(warmup)))
+            t0 = time.perf_counter()
+            deadline = t0 + duration
+
+            async def worker() -> None:
+                nonlocal issued
+                while issued < requests and time.perf_counter() < deadline:
+                    issued += 1
+                    ms, err = await one()
+                    if err is None:
+                        latencies.append(ms)
+                    else:
+                        errors[err] += 1
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - t0
+        latencies.sort()
+        n = len(latencies)
+        return {"ok": n, "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(3)),
+                "elapsed_s": round(elapsed, 3), "rps": round(n / elapsed, 1) if elapsed else 0.0,
+                "p50_ms": round(statistics.median(latencies), 2) if n else None,
+                "p99_ms": round(latencies[min(n - 1, int(n * 0.99))], 2) if n else None,
+                "mean_ms": round(statistics.fmean(latencies), 2) if n else None}
+
+    print(json.dumps(_run(main())), flush=True)
+
+
+# ---- role: ray (pass-through + Pilothouse gateway on one Serve instance) ----------------------------
+def role_ray(config_path: str) -> None:
+    import ray
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+    from ray import serve
+
+    from pilothouse.serving import serve as gateway
+
+    cfg = json.loads(Path(config_path).read_text())
+    os.environ.update(gateway.ray_env(throughput_optimized=cfg["throughput_optimized"]))
+    backend = cfg["backend"]
+
+    @serve.deployment(name="PassThrough", max_ongoing_requests=gateway.MAX_ONGOING_REQUESTS,
+                      ray_actor_options={"num_cpus": 0})
+    @serve.ingress()
+    class PassThrough:
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            import httpx
+
+            client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
+                                       timeout=30)
+            app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+            async def whoami(_: Request) -> Response:
+                return Response(b'{"target": "passthrough"}', media_type="application/json")
+
+            async def chat(request: Request) -> Response:
+                r = await client.post(f"{backend}/chat/completions", content=await request.body(),
+                                      headers={"content-type": "application/json"})
+                return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+            # Plain Starlette routes: no signature inspection (this class is pickled by value from __main__,
+            # where FastAPI could not resolve the postponed annotations).
+            app.add_route("/whoami", whoami, methods=["GET"])
+            app.add_route("/v1/chat/completions", chat, methods=["POST"])
+            return app
+
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]})
+        serve.run(PassThrough.bind(), name="passthrough", route_prefix="/pt", blocking=False)
+        args = gateway.GatewayArgs(routing=cfg["routing"], api_keys=cfg["keys"], store_url=cfg["store_url"])
+        serve.run(gateway.app_builder(args.model_dump()), name=gateway.APP_NAME, route_prefix="/", blocking=False)
+        if cfg.get("routing_nobudget"):  # ablation: the same gateway with no BudgetPolicy rule (no ledger work)
+            nb = args.model_copy(update={"routing": cfg["routing_nobudget"]})
+            serve.run(gateway.app_builder(nb.model_dump()), name="nobudget", route_prefix="/nb", blocking=False)
+        print(json.dumps({"ready": True}), flush=True)
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ---- orchestration ----------------------------------------------------------------------------------
+class Proc:
+    """A child in its own process group (killed as a group), with its stdout lines readable."""
+
+    def __init__(self, argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.log = log
+        err = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                  env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def readline(self, timeout: float) -> str:
+        import select
+
+        assert self.p.stdout is not None
+        ready, _, _ = select.select([self.p.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"no output from {self.p.args!r} in {timeout} s")
+        line = self.p.stdout.readline()
+        if not line:
+            tail = self.log.read_text()[-2000:] if self.log and self.log.exists() else ""
+            raise RuntimeError(f"{self.p.args!r} exited ({self.p.poll()}): {tail}")
+        return line
+
+    def stop(self, grace: float = 60.0) -> None:
+        if self.p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.p.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.p.wait(grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.p.pid, signal.SIGKILL)  # stragglers of the group (Ray workers, litellm workers)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.p.wait(5)
+
+
+def wait_http(url: str, timeout: float, *, method: str = "GET", body: bytes | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.request(method, url, content=body, headers=headers, timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready in {timeout} s: {last}")
+
+
+def load(url: str, model: str, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
+    if concurrency == 1:
+        requests, duration, warmup = args.c1_requests, 120.0, 10
+    else:
+        requests, duration, warmup = 10**9, args.duration, concurrency * 2
+    argv = [PY, __file__, "--role", "load", "--url", url, "--model", model, "--concurrency", str(concurrency),
+            "--requests", str(requests), "--seconds", str(duration), "--warmup", str(warmup)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120, cwd=ROOT, check=False)
+    if out.returncode != 0:
+        return {"ok": 0, "errors": -1, "error_kinds": {"loadgen": out.stderr[-300:]}, "rps": 0.0,
+                "p50_ms": None, "p99_ms": None}
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def proc_tree(root: int) -> dict[int, str]:
+    """pid → title for ``root`` and its descendants (from /proc)."""
+    parents: dict[int, int] = {}
+    titles: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        titles[int(entry)] = cmd.strip()
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return {pid: titles.get(pid, "") for pid in tree}
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def label(title: str) -> str:
+    for key, name in (("ServeReplica:gateway", "gateway replica"), ("ServeReplica:nobudget", "no-budget replica"),
+                      ("ServeReplica:passthrough", "passthrough replica"),
+                      ("ProxyActor", "serve proxy"), ("ServeController", "serve controller"),
+                      ("raylet", "raylet"), ("gcs_server", "gcs"), ("--role ray", "driver")):
+        if key in title:
+            return name
+    return "other ray"
+
+
+def measure_cpu(pids: dict[int, str], run: Any) -> tuple[Any, dict[str, float]]:
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    result = run()
+    used: Counter[str] = Counter()
+    for pid, title in pids.items():
+        used[title] += cpu_seconds(pid) - before[pid]
+    return result, {k: round(v, 2) for k, v in used.most_common() if v >= 0.05}
+
+
+def replica_ports(count: int) -> dict[str, int]:
+    """Direct-ingress ports (30000+) of the replicas in throughput-optimized mode: Serve app name → port."""
+    import httpx
+
+    found: dict[str, int] = {}
+    for port in range(30000, 30000 + 20):
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            routes = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=1).json()  # {"/pt": "passthrough"}
+            found.update(dict.fromkeys(routes.values(), port))
+        if len(found) >= count:
+            break
+    return found
+
+
+# ---- profile ----------------------------------------------------------------------------------------
+CATEGORIES = [  # first match wins, checked on the whole stack (outermost first)
+    ("ledger (budget, SQLite)", ("serving/ledger.py",)), ("audit (SQLite)", ("serving/audit.py",)),
+    ("idempotency/cache", ("serving/idempotency.py", "serving/cache.py")),
+    ("metrics (prometheus_client)", ("serving/metrics.py", "prometheus_client")),
+    ("sqlalchemy/sqlite (other)", ("sqlalchemy", "sqlite3")),
+    ("backend call (engine, httpx)", ("serving/engines/", "httpx", "httpcore")),
+    ("validation/JSON (ours)", ("serving/openai_schema.py",)), ("router/breaker (ours)", ("serving/router.py",
+                                                                                          "serving/breaker.py")),
+    ("dataplane other (ours)", ("serving/dataplane.py",)),
+    ("auth/body middleware (ours)", ("serving/auth.py", "serving/gateway.py")),
+    ("fastapi/starlette", ("fastapi", "starlette")),
+    ("ray serve internals", ("ray/serve",)), ("ray core (rpc, threads)", ("ray/", "grpc")),
+    ("uvicorn/asyncio loop", ("uvicorn", "asyncio", "uvloop")),
+]
+IDLE = ("epoll_wait", "select (selectors", "_run_once", "wait (threading", "poll (selectors")
+
+
+def categorize(stack: str) -> str:
+    frames = stack.split(";")
+    leaf = frames[-1] if frames else ""
+    if any(k in leaf for k in IDLE):
+        return "idle (waiting)"
+    for name, keys in CATEGORIES:
+        if any(k in stack for k in keys):
+            return name
+    return "other"
+
+
+def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    exe = shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-spy")
+    if exe is None:
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+                             "--format", "raw", "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarise_profile(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"error": "no profile written"}
+    by_cat: Counter[str] = Counter()
+    self_time: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        by_cat[categorize(stack)] += n
+        leaf = stack.split(";")[-1]
+        self_time[re.sub(r"\s*\(.*?([^/]+\.py):\d+\)", r" (\1)", leaf)] += n
+    busy = total - by_cat["idle (waiting)"]
+    return {"samples": total, "busy_samples": busy,
+            "share_of_busy": {k: round(v / busy, 3) for k, v in by_cat.most_common() if k != "idle (waiting)"}
+            if busy else {},
+            "top_self": [[k, round(v / max(1, busy), 3)] for k, v in self_time.most_common(15)]}
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def write_fixtures(folder: Path, backend_url: str) -> dict[str, Any]:
+    from pilothouse.operator.api import RoutingTable
+
+    table = RoutingTable.model_validate({
+        "workflow": "wf", "namespace": "bench", "revision": 1, "generatedAt": datetime.now(UTC).isoformat(),
+        "degraded": False,
+        "routes": [{"step": "extract", "tier": "small", "maxTokens": 256, "backends": [{
+            "modelDeployment": "small", "model": BACKEND_MODEL, "endpoint": backend_url, "engine": "external",
+            "tier": "small", "contextWindow": 8192, "healthy": True, "role": "primary", "reason": "bench",
+            "pricing": {"inputPerMillionUSD": 1.0, "outputPerMillionUSD": 2.0}}]}],
+        "budget": {"policy": "bench", "state": "Ok", "action": "none",
+                   "limits": [{"window": "day", "maxCostUSD": 1e9}]},
+    })
+    routing = folder / "routing.json"
+    routing.write_text(table.model_dump_json(by_alias=True, indent=2))
+    nobudget = folder / "routing-nobudget.json"
+    nobudget.write_text(table.model_copy(update={"budget": None}).model_dump_json(by_alias=True, indent=2))
+    keys = folder / "keys.yaml"
+    keys.write_text(f"{KEY}: team-bench\n")
+    return {"routing": str(routing), "routing_nobudget": str(nobudget), "keys": str(keys), "store_url": f"sqlite:///{folder}/store.db"}
+
+
+def start_ray(folder: Path, fixtures: dict[str, Any], backend_url: str, tp: bool,
+              ablation: bool) -> tuple[Proc, int]:
+    port = free_port()
+    cfg = folder / f"ray-{'tp' if tp else 'default'}.json"
+    if not ablation:
+        fixtures = {k: v for k, v in fixtures.items() if k != "routing_nobudget"}
+    cfg.write_text(json.dumps({**fixtures, "backend": backend_url, "port": port, "throughput_optimized": tp}))
+    proc = Proc([PY, __file__, "--role", "ray", "--config", str(cfg)], log=folder / f"ray-{tp}.log")
+    proc.readline(180)
+    return proc, port
+
+
+def start_litellm(folder: Path, backend_url: str) -> tuple[Proc, int] | None:
+    # LiteLLM lives in its own venv (make bench creates .venv-litellm): its pins downgrade openai and
+    # rich, which the project's own venv must not inherit.
+    exe = shutil.which("litellm", path=os.pathsep.join([str(ROOT / ".venv-litellm" / "bin"), str(Path(PY).parent)]))
+    if exe is None:
+        return None
+    port = free_port()
+    cfg = folder / "litellm.yaml"
+    cfg.write_text(f"""model_list:
+  - model_name: wf-extract
+    litellm_params:
+      model: openai/{BACKEND_MODEL}
+      api_base: {backend_url}
+      api_key: sk-backend
+general_settings:
+  master_key: {KEY}
+litellm_settings:
+  telemetry: false
+  drop_params: true
+""")
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False",
+           "DISABLE_SCHEMA_UPDATE": "True"}
+    proc = Proc([exe, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+                env=env, log=folder / "litellm.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/chat/completions", 120, method="POST", body=chat_body("wf-extract"))
+    except TimeoutError:
+        proc.stop(5)
+        raise
+    return proc, port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--role", choices=["main", "backend", "load", "ray"], default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per run at c>1 (default 8)")
+    parser.add_argument("--c1-requests", type=int, default=300, help="requests at concurrency 1 (default 300)")
+    parser.add_argument("--c256", action="store_true", help="also measure concurrency 256")
+    parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM proxy")
+    parser.add_argument("--throughput-optimized", choices=["off", "on", "both"], default="off",
+                        help="Ray Serve mode for the Ray targets (both: measure each)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the gateway replica and proxy at c=32")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also measure the gateway without its BudgetPolicy rule (the ledger's share)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.role == "backend":
+        role_backend(args.port)
+    elif args.role == "load":
+        role_load(args.url, args.model, args.concurrency, args.requests, args.seconds, args.warmup)
+    elif args.role == "ray":
+        role_ray(args.config)
+    else:
+        bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False, width=120)
+    levels = [1, 32] + ([256] if args.c256 else [])
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.throughput_optimized]
+    results: dict[str, dict[str, Any]] = {}
+    notes: dict[str, Any] = {}
+    cpu: dict[str, Any] = {}
+    profile: dict[str, Any] = {}
+    started = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix="pilothouse-gw-bench-"))
+    procs: list[Proc] = []
+    try:
+        bport = free_port()
+        backend = Proc([PY, __file__, "--role", "backend", "--port", str(bport)], log=folder / "backend.log")
+        procs.append(backend)
+        backend.readline(30)
+        backend_url = f"http://127.0.0.1:{bport}/v1"
+        console.print(f"backend (20 ms) on {backend_url}")
+        results["direct"] = {f"c{c}": load(f"{backend_url}/chat/completions", BACKEND_MODEL, c, args) for c in levels}
+        fixtures = write_fixtures(folder, backend_url)
+        for tp in modes:
+            suffix = " (tp)" if tp else ""
+            t0 = time.perf_counter()
+            ray_proc, port = start_ray(folder, fixtures, backend_url, tp, args.ablation)
+            procs.append(ray_proc)
+            notes[f"ray_start_s{suffix}"] = round(time.perf_counter() - t0, 1)
+            urls = {"serve passthrough": f"http://127.0.0.1:{port}/pt/v1/chat/completions",
+                    "pilothouse": f"http://127.0.0.1:{port}/v1/chat/completions"}
+            if args.ablation:
+                urls["pilothouse, no budget"] = f"http://127.0.0.1:{port}/nb/v1/chat/completions"
+            if tp:
+                ports = replica_ports(len(urls))
+                notes["direct_ingress_ports"] = ports
+                if "passthrough" in ports:  # a replica's own port still routes by the app's prefix
+                    urls["serve passthrough"] = f"http://127.0.0.1:{ports['passthrough']}/pt/v1/chat/completions"
+                if "gateway" in ports:
+                    urls["pilothouse"] = f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions"
+                if "nobudget" in ports:
+                    urls["pilothouse, no budget"] = f"http://127.0.0.1:{ports['nobudget']}/nb/v1/chat/completions"
+            for target, url in urls.items():
+                model = BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
+                wait_http(url, 60, method="POST", body=chat_body(model))
+            pids = {pid: label(title) for pid, title in proc_tree(ray_proc.p.pid).items()}
+            pids[backend.p.pid] = "backend"
+            console.print(f"Ray Serve{suffix} up in {notes[f'ray_start_s{suffix}']} s: {urls}")
+            for target, url in urls.items():
+                model = BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
+                row: dict[str, Any] = {}
+                for c in levels:
+                    if c == 32 and target == "pilothouse" and args.profile:
+                        spied = profile.setdefault("throughput-optimized" if tp else "default", {})
+                        row[f"c{c}"], cpu[f"{target}{suffix} c32"] = measure_cpu(
+                            pids, lambda u=url, m=model, p=pids, o=spied: profiled(u, m, args, p, folder, o))
+                    elif c == 32:
+                        row[f"c{c}"], cpu[f"{target}{suffix} c32"] = measure_cpu(
+                            pids, lambda u=url, m=model, c=c: load(u, m, c, args))
+                    else:
+                        row[f"c{c}"] = load(url, model, c, args)
+                results[target + suffix] = row
+            ray_proc.stop()
+        if not args.no_litellm:
+            try:
+                t0 = time.perf_counter()
+                started_litellm = start_litellm(folder, backend_url)
+            except Exception as exc:
+                notes["litellm"] = f"not measured: {exc}"[:500]
+                started_litellm = None
+            if started_litellm is None:
+                notes.setdefault("litellm", "not measured: the litellm CLI is not installed")
+            else:
+                lproc, lport = started_litellm
+                procs.append(lproc)
+                notes["litellm_start_s"] = round(time.perf_counter() - t0, 1)
+                notes["litellm"] = ("litellm proxy, 1 worker, master key on, no database (no budgets, no spend "
+                                    "logs), no callbacks, drop_params")
+                url = f"http://127.0.0.1:{lport}/v1/chat/completions"
+                results["litellm"] = {f"c{c}": load(url, "wf-extract", c, args) for c in levels}
+                lproc.stop(10)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    report(console, args, levels, results, notes, cpu, profile, time.perf_counter() - started)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def profiled(url: str, model: str, args: argparse.Namespace, pids: dict[int, str], folder: Path,
+             profile: dict[str, Any]) -> dict[str, Any]:
+    seconds = max(3, int(args.duration) - 2)
+    spies = []
+    for pid, name in pids.items():
+        if name in ("gateway replica", "serve proxy"):
+            out = folder / f"spy-{pid}-{len(profile)}.txt"
+            spy = py_spy(pid, seconds, out)
+            if spy is not None:
+                spies.append((name, spy, out))
+    if not spies:
+        profile["error"] = "py-spy is not installed"
+    time.sleep(0.5)
+    result = load(url, model, 32, args)
+    for name, spy, out in spies:
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+        profile[name] = summarise_profile(out)
+    return result
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def report(console: Any, args: argparse.Namespace, levels: list[int], results: dict[str, dict[str, Any]],
+           notes: dict[str, Any], cpu: dict[str, Any], profile: dict[str, Any], total_s: float) -> None:
+    from rich.table import Table
+
+    direct = results.get("direct", {})
+    table = Table(title=f"Gateway overhead: 20 ms backend, {REPLY_TOKENS}-token replies, {os.cpu_count()} CPUs")
+    for col in ("target", "c", "p50 ms", "p99 ms", "added p50", "added p99", "RPS", "errors"):
+        table.add_column(col, justify="left" if col == "target" else "right")
+    for target, row in results.items():
+        for c in levels:
+            r = row.get(f"c{c}", {})
+            d = direct.get(f"c{c}", {})
+            for q in ("p50", "p99"):
+                base, got = d.get(f"{q}_ms"), r.get(f"{q}_ms")
+                r[f"added_{q}_ms"] = round(got - base, 2) if got is not None and base is not None else None
+            table.add_row(target, str(c), _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), _ms(r.get("added_p50_ms")),
+                          _ms(r.get("added_p99_ms")), f"{r.get('rps', 0):.0f}", str(r.get("errors")))
+    console.print(table)
+    for k, v in cpu.items():
+        console.print(f"CPU seconds during {k} ({args.duration:.0f} s): {v}")
+    for mode, spied in profile.items():
+        for name, summary in spied.items() if isinstance(spied, dict) else ():
+            if isinstance(summary, dict) and "share_of_busy" in summary:
+                shares = ", ".join(f"{k} {v:.0%}" for k, v in list(summary["share_of_busy"].items())[:10])
+                console.print(f"py-spy {name} ({mode}, c=32): {summary['busy_samples']} busy samples: {shares}")
+    for k, v in notes.items():
+        console.print(f"{k}: {v}")
+    max_rps = {t: max((r.get(f"c{c}", {}).get("rps", 0.0) for c in levels
+                       if c > 1 and r.get(f"c{c}", {}).get("errors") == 0), default=0.0)
+               for t, r in results.items()}
+    payload = {
+        "benchmark": "gateway_overhead",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                                                            / 2**30, 1),
+                    "python": platform.python_version(), "platform": platform.platform(),
+                    "ray": _version("ray"), "litellm": _version("litellm")},
+        "setup": {"backend_latency_ms": LATENCY_S * 1000, "reply_tokens": REPLY_TOKENS, "duration_s": args.duration,
+                  "c1_requests": args.c1_requests, "concurrency": levels,
+                  "pilothouse": "API keys, budget rule (day cap 1e9 USD, ledger reserve+commit), audit, metrics on; "
+                                "cache off (temperature 0.7); SQLite store",
+                  "throughput_optimized": args.throughput_optimized},
+        "results": results, "max_rps_without_errors": max_rps, "cpu_seconds": cpu, "profile": profile,
+        "notes": notes, "total_s": round(total_s, 1),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    console.print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output} "
+                  f"in {total_s:.0f} s")
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
