@@ -17,6 +17,14 @@ life in the table is one row per policy:
 Spend is attributed to the window in which it was *reserved* (``created_at``), the same column the
 operator's reader filters on, so both sides agree on which window a request belongs to.
 
+Running totals: reserve, commit, release and expire also update ``budget_totals`` (declared beside
+the ledger table) in the same transaction — reserve adds the worst case to ``reserved`` of the
+policy's hour, day and month windows containing ``created_at``; commit moves it to ``committed`` as
+the actual; release and expire take it back out of ``reserved`` — so a reservation's cap check reads
+one totals row per window limit instead of summing the window's ledger rows: O(1) per window, not
+O(rows). ``budget_ledger`` is written exactly as before and stays the source of truth;
+``rebuild_totals`` recomputes the totals from it, and runs when a ``Ledger`` starts.
+
 Serialization per policy: SQLite takes the database write lock at ``BEGIN IMMEDIATE`` (SQLAlchemy's
 ``begin`` event emits it; pysqlite's own implicit BEGIN is switched off, as the SQLAlchemy pysqlite
 docs prescribe), so a reservation's read and write cannot interleave with another writer's, and WAL
@@ -41,9 +49,11 @@ from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from pilothouse.operator.api.ledger import ledger, metadata, window_bounds
+from pilothouse.operator.api.budget_policy import Window
+from pilothouse.operator.api.ledger import ledger, metadata, totals, window_bounds
 from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
 
 log = logging.getLogger(__name__)
@@ -170,6 +180,7 @@ class Ledger:
         # so reporting spend never waits for (or blocks) a reservation.
         self._writer = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
         metadata.create_all(self.engine)
+        self.rebuild_totals()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -211,6 +222,7 @@ class Ledger:
                 return denied
             conn.execute(ledger.insert().values(id=rid, namespace=namespace, policy=policy, state=RESERVED,
                                                 cost_usd=worst_cost_usd, tokens=worst_tokens, created_at=at))
+            self._add_totals(conn, namespace, policy, at, reserved=(worst_cost_usd, worst_tokens))
         return Reservation(rid, namespace, policy, worst_cost_usd, worst_tokens, at)
 
     @_retry_when_locked
@@ -224,7 +236,8 @@ class Ledger:
         spend past a cap.
         """
         with self._write() as conn:
-            row = conn.execute(sa.select(ledger.c.state, ledger.c.cost_usd, ledger.c.tokens)
+            row = conn.execute(sa.select(ledger.c.state, ledger.c.cost_usd, ledger.c.tokens, ledger.c.namespace,
+                                         ledger.c.policy, ledger.c.created_at)
                                .where(ledger.c.id == reservation_id).with_for_update()).first()
             if row is None:
                 log.warning("commit of unknown reservation %s ignored", reservation_id)
@@ -237,7 +250,11 @@ class Ledger:
                             reservation_id, actual_cost_usd, actual_tokens, row.cost_usd, row.tokens)
             done = conn.execute(ledger.update().where(ledger.c.id == reservation_id, ledger.c.state == RESERVED)
                                 .values(state=COMMITTED, cost_usd=actual_cost_usd, tokens=actual_tokens))
-            return done.rowcount == 1
+            if done.rowcount != 1:
+                return False
+            self._add_totals(conn, row.namespace, row.policy, _stored(row.created_at),
+                             reserved=(-row.cost_usd, -row.tokens), committed=(actual_cost_usd, actual_tokens))
+            return True
 
     @_retry_when_locked
     def release(self, reservation_id: str) -> bool:
@@ -246,9 +263,19 @@ class Ledger:
         The row keeps the worst case it reserved (for audit); released rows count nowhere.
         """
         with self._write() as conn:
+            row = conn.execute(sa.select(ledger.c.namespace, ledger.c.policy, ledger.c.cost_usd, ledger.c.tokens,
+                                         ledger.c.created_at)
+                               .where(ledger.c.id == reservation_id, ledger.c.state == RESERVED)
+                               .with_for_update()).first()
+            if row is None:
+                return False
             done = conn.execute(ledger.update().where(ledger.c.id == reservation_id, ledger.c.state == RESERVED)
                                 .values(state=RELEASED))
-            return done.rowcount == 1
+            if done.rowcount != 1:
+                return False
+            self._add_totals(conn, row.namespace, row.policy, _stored(row.created_at),
+                             reserved=(-row.cost_usd, -row.tokens))
+            return True
 
     @_retry_when_locked
     def expire(self, older_than: timedelta, now: datetime | None = None) -> int:
@@ -262,12 +289,50 @@ class Ledger:
         (returns False) and that spend is lost to the ledger.
         """
         cutoff = _utc(now or datetime.now(UTC)) - older_than
+        stale = sa.and_(ledger.c.state == RESERVED, ledger.c.created_at < cutoff)
         with self._write() as conn:
-            done = conn.execute(ledger.update().where(ledger.c.state == RESERVED, ledger.c.created_at < cutoff)
-                                .values(state=RELEASED))
-        if done.rowcount:
-            log.warning("released %d stale reservations created before %s", done.rowcount, _rfc3339(cutoff))
-        return done.rowcount
+            rows = conn.execute(sa.select(ledger.c.id, ledger.c.namespace, ledger.c.policy, ledger.c.cost_usd,
+                                          ledger.c.tokens, ledger.c.created_at)
+                                .where(stale).order_by(ledger.c.id).with_for_update()).all()
+            released = 0
+            for row in rows:  # one by one, so a row committed meanwhile is neither released nor subtracted
+                done = conn.execute(ledger.update().where(ledger.c.id == row.id, ledger.c.state == RESERVED)
+                                    .values(state=RELEASED))
+                if done.rowcount == 1:
+                    released += 1
+                    self._add_totals(conn, row.namespace, row.policy, _stored(row.created_at),
+                                     reserved=(-row.cost_usd, -row.tokens))
+        if released:
+            log.warning("released %d stale reservations created before %s", released, _rfc3339(cutoff))
+        return released
+
+    def rebuild_totals(self) -> None:
+        """Recompute ``budget_totals`` from the ledger rows (startup, tests, or after manual edits).
+
+        Runs under the write lock (SQLite) or with the ledger locked against writers (PostgreSQL), so
+        no reservation changes rows between the scan and the new totals.
+        """
+        sums: dict[tuple[str, str, str, datetime], list[float]] = {}
+        with self._write() as conn:
+            if self.backend == "postgresql":
+                conn.execute(sa.text("LOCK TABLE budget_ledger, budget_totals IN SHARE ROW EXCLUSIVE MODE"))
+            rows = conn.execute(sa.select(ledger.c.namespace, ledger.c.policy, ledger.c.state, ledger.c.cost_usd,
+                                          ledger.c.tokens, ledger.c.created_at)
+                                .where(ledger.c.state.in_((COMMITTED, RESERVED))))
+            for row in rows:
+                offset = 0 if row.state == COMMITTED else 2
+                for window in Window:
+                    start, _ = window_bounds(window, _stored(row.created_at))
+                    acc = sums.setdefault((row.namespace, row.policy, window.value, start), [0.0, 0, 0.0, 0])
+                    acc[offset] += row.cost_usd
+                    acc[offset + 1] += row.tokens
+            conn.execute(totals.delete())
+            if sums:
+                conn.execute(totals.insert(), [
+                    {"namespace": ns, "policy": policy, "window": window, "window_start": start,
+                     "committed_usd": acc[0], "committed_tokens": acc[1], "reserved_usd": acc[2],
+                     "reserved_tokens": acc[3]}
+                    for (ns, policy, window, start), acc in sums.items()])
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -312,17 +377,19 @@ class Ledger:
         if not limits:
             return None
         bounds = [window_bounds(limit.window, at) for limit in limits]
-        columns: list[sa.ColumnElement[Any]] = []
-        for start, end in bounds:
-            in_window = sa.and_(ledger.c.created_at >= start, ledger.c.created_at < end)
-            for state in (COMMITTED, RESERVED):
-                row_counts = sa.and_(in_window, ledger.c.state == state)
-                columns.append(sa.func.coalesce(sa.func.sum(sa.case((row_counts, ledger.c.cost_usd), else_=0.0)), 0.0))
-                columns.append(sa.func.coalesce(sa.func.sum(sa.case((row_counts, ledger.c.tokens), else_=0)), 0))
-        sums = conn.execute(sa.select(*columns).where(
-            ledger.c.namespace == namespace, ledger.c.policy == policy, ledger.c.state.in_((COMMITTED, RESERVED)),
-            ledger.c.created_at >= min(start for start, _ in bounds),
-            ledger.c.created_at < max(end for _, end in bounds))).one()
+        keys = {(Window(limit.window).value, start) for limit, (start, _) in zip(limits, bounds, strict=True)}
+        found = {(row.window, _stored(row.window_start)): row[2:] for row in conn.execute(
+            sa.select(totals.c.window, totals.c.window_start, totals.c.committed_usd, totals.c.committed_tokens,
+                      totals.c.reserved_usd, totals.c.reserved_tokens)
+            .where(totals.c.namespace == namespace, totals.c.policy == policy,
+                   sa.or_(*(sa.and_(totals.c.window == w, totals.c.window_start == st) for w, st in keys))))}
+        sums: list[Any] = []
+        for limit, (start, _) in zip(limits, bounds, strict=True):
+            committed_usd, committed_tokens, reserved_usd, reserved_tokens = found.get(
+                (Window(limit.window).value, start), (0.0, 0, 0.0, 0))
+            # Running float sums may keep a few ULPs of reservations long gone: report those as none.
+            sums += [committed_usd, committed_tokens, reserved_usd if abs(reserved_usd) > USD_EPSILON else 0.0,
+                     reserved_tokens]
         refusals: list[Denied] = []
         for i, (limit, (_, end)) in enumerate(zip(limits, bounds, strict=True)):
             spent_cost, spent_tokens, flying_cost, flying_tokens = sums[4 * i: 4 * i + 4]
@@ -335,6 +402,23 @@ class Ledger:
                 refusals.append(Denied(namespace, policy, "window", "tokens", cap_tokens, worst_tokens, limit.window,
                                        int(spent_tokens), int(flying_tokens), end))
         return max(refusals, key=lambda d: d.resets_at or at, default=None)
+
+    def _add_totals(self, conn: sa.Connection, namespace: str, policy: str, created_at: datetime, *,
+                    reserved: tuple[float, int] = (0.0, 0), committed: tuple[float, int] = (0.0, 0)) -> None:
+        """Add to the running totals of every window (hour, day, month) containing ``created_at``.
+
+        Always in the same window order, so concurrent PostgreSQL transactions lock totals rows alike.
+        """
+        insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
+        for window in Window:
+            start, _ = window_bounds(window, created_at)
+            stmt = insert(totals).values(namespace=namespace, policy=policy, window=window.value, window_start=start,
+                                         committed_usd=committed[0], committed_tokens=committed[1],
+                                         reserved_usd=reserved[0], reserved_tokens=reserved[1])
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[totals.c.namespace, totals.c.policy, totals.c.window, totals.c.window_start],
+                set_={name: totals.c[name] + stmt.excluded[name]
+                      for name in ("committed_usd", "committed_tokens", "reserved_usd", "reserved_tokens")}))
 
     def _sum(self, namespace: str, policy: str, state: str, since: datetime, until: datetime | None) -> Usage:
         query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.cost_usd), 0.0),

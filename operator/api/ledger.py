@@ -4,6 +4,13 @@ One row per reservation and policy. The gateway inserts it as ``reserved`` with 
 cost before dispatch, then moves it to ``committed`` (actual cost) or ``released``. Spend is the
 sum of committed rows in a window; what is reserved is in flight. Declared here, beside the API
 models, because both sides use it and neither may import the other (DESIGN.md §3).
+
+``budget_totals`` is the gateway's accelerator, not part of the contract: running sums of
+``budget_ledger`` per policy and calendar window (hour, day and month, whatever the policy's limits),
+committed and reserved, kept by the gateway in the same transaction as each ledger row change so a
+reservation's cap check reads one row per window instead of summing the window's rows. It is derived
+from ``budget_ledger`` and can be rebuilt from it at any time (``Ledger.rebuild_totals``); the
+operator does not read it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,19 @@ ledger = sa.Table(
     sa.Column("tokens", sa.Integer, nullable=False, default=0),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_budget_ledger_policy_time", "namespace", "policy", "created_at"),
+)
+
+totals = sa.Table(
+    "budget_totals",
+    metadata,
+    sa.Column("namespace", sa.String(63), primary_key=True),
+    sa.Column("policy", sa.String(63), primary_key=True),
+    sa.Column("window", sa.String(8), primary_key=True),  # hour | day | month
+    sa.Column("window_start", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("committed_usd", sa.Float, nullable=False, default=0.0),
+    sa.Column("committed_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("reserved_usd", sa.Float, nullable=False, default=0.0),
+    sa.Column("reserved_tokens", sa.BigInteger, nullable=False, default=0),
 )
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from pilothouse.operator.api import BudgetPolicy, BudgetState
 from pilothouse.operator.api.ledger import ledger as ledger_table
+from pilothouse.operator.api.ledger import totals as totals_table
 from pilothouse.operator.api.ledger import window_bounds
 from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.operator.budget import SqlSpendReader, evaluate
@@ -397,3 +398,92 @@ def test_operator_reader_sees_gateway_committed_spend(ledger: Ledger, url: str) 
     assert view.state is BudgetState.EXHAUSTED and view.windows[0].spent_usd == 10.0
     with reader.engine.connect() as conn:  # one table, one schema: the same rows from both sides
         assert conn.execute(sa.select(sa.func.count()).select_from(ledger_table)).scalar() == 3
+
+
+# -- running totals (budget_totals: the gateway's accelerator, derived from budget_ledger) -------------
+
+
+def _totals_from_rows(book: Ledger) -> dict[tuple[str, str, str, datetime], tuple[float, int, float, int]]:
+    """What budget_totals must hold: the row sums of every (namespace, policy, window, window start)."""
+    sums: dict[tuple[str, str, str, datetime], list[Any]] = {}
+    with book.engine.connect() as conn:
+        for row in conn.execute(sa.select(ledger_table)):
+            if row.state == "released":
+                continue
+            created_at = row.created_at.replace(tzinfo=UTC) if row.created_at.tzinfo is None else row.created_at
+            for window in ("hour", "day", "month"):
+                start = window_bounds(window, created_at)[0]
+                acc = sums.setdefault((row.namespace, row.policy, window, start), [0.0, 0, 0.0, 0])
+                offset = 0 if row.state == "committed" else 2
+                acc[offset] += row.cost_usd
+                acc[offset + 1] += row.tokens
+    return {key: tuple(acc) for key, acc in sums.items()}  # type: ignore[misc]
+
+
+def _stored_totals(book: Ledger) -> dict[tuple[str, str, str, datetime], tuple[float, int, float, int]]:
+    with book.engine.connect() as conn:
+        rows = conn.execute(sa.select(totals_table)).all()
+    return {(r.namespace, r.policy, r.window, r.window_start.replace(tzinfo=UTC) if r.window_start.tzinfo is None
+             else r.window_start.astimezone(UTC)):
+            (r.committed_usd, r.committed_tokens, r.reserved_usd, r.reserved_tokens) for r in rows}
+
+
+def _assert_totals_match_rows(book: Ledger) -> None:
+    expected, stored = _totals_from_rows(book), _stored_totals(book)
+    for key in expected.keys() | stored.keys():
+        want, got = expected.get(key, (0.0, 0, 0.0, 0)), stored.get(key, (0.0, 0, 0.0, 0))
+        assert got[0] == pytest.approx(want[0], abs=1e-9) and got[2] == pytest.approx(want[2], abs=1e-9), key
+        assert (got[1], got[3]) == (want[1], want[3]), key
+
+
+totals_operations = st.lists(st.one_of(
+    st.tuples(st.just("reserve"), st.sampled_from(["p", "q"]), st.floats(0, 4, allow_nan=False),
+              st.integers(0, 300), st.integers(0, 60 * 24 * 40)),
+    st.tuples(st.just("commit"), st.integers(0, 1000), st.floats(0, 1.5)),
+    st.tuples(st.just("release"), st.integers(0, 1000)),
+    st.tuples(st.just("expire"), st.integers(0, 60 * 24 * 40)),
+), max_size=30)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=totals_operations)
+def test_totals_equal_row_sums_after_any_sequence_and_after_rebuild(ledger: Ledger, ops: list[tuple[Any, ...]]) -> None:
+    with ledger.engine.begin() as conn:  # one ledger per test: each example starts from an empty table
+        conn.execute(ledger_table.delete())
+    ledger.rebuild_totals()
+    budget = {name: rule({"window": "day", "maxCostUSD": 50, "maxTokens": 5000}, policy=name) for name in "pq"}
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    live: list[Reservation] = []
+    for n, op in enumerate(ops):
+        if op[0] == "reserve":
+            _, policy, cost, tokens, minute = op
+            result = ledger.reserve("team", policy, budget[policy], cost, tokens, f"r{n}",
+                                    start + timedelta(minutes=minute))
+            if isinstance(result, Reservation):
+                live.append(result)
+        elif op[0] == "commit" and live:
+            got = live.pop(op[1] % len(live))
+            ledger.commit(got.id, got.cost_usd * op[2], int(got.tokens * op[2]))  # may exceed the worst case
+        elif op[0] == "release" and live:
+            ledger.release(live.pop(op[1] % len(live)).id)
+        elif op[0] == "expire":
+            ledger.expire(timedelta(0), start + timedelta(minutes=op[1]))
+        _assert_totals_match_rows(ledger)
+    with ledger.engine.begin() as conn:  # totals wrong or lost: rebuild recomputes them from the rows
+        conn.execute(totals_table.update().values(committed_usd=123.0, reserved_tokens=-7))
+    ledger.rebuild_totals()
+    _assert_totals_match_rows(ledger)
+
+
+def test_totals_are_rebuilt_on_startup_from_existing_rows(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    book = Ledger(url)
+    granted(book.reserve("team", "p", rule({"window": "day", "maxCostUSD": 10}), 4.0, 0, "r1", AT))
+    with book.engine.begin() as conn:
+        conn.execute(totals_table.delete())  # as if the rows came from a gateway without totals
+    book.close()
+    book = Ledger(url)
+    _assert_totals_match_rows(book)
+    refused = denied(book.reserve("team", "p", rule({"window": "day", "maxCostUSD": 10}), 7.0, 0, "r2", AT))
+    assert refused.in_flight == 4.0
+    book.close()
