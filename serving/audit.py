@@ -36,9 +36,10 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from . import sqlite_setup
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,6 @@ def _is_locked(exc: BaseException) -> bool:
 _retry_when_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(8),
                            wait=wait_random_exponential(multiplier=0.02, max=1.0), reraise=True)
 
-_BEGIN_OPTION = "pilothouse_sqlite_begin"
 
 FOLLOW_OVERLAP = timedelta(seconds=5)
 """How far back ``follow`` re-reads: a batch stamped just before another writer's later one may commit
@@ -221,14 +221,14 @@ class AuditLog:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             connect_args = {"timeout": busy_timeout_s, **engine_options.pop("connect_args", {})}
             self.engine = sa.create_engine(parsed, connect_args=connect_args, **engine_options)
-            _sqlite_durable(self.engine, busy_timeout_s)
+            sqlite_setup.configure(self.engine, busy_timeout_s=busy_timeout_s, synchronous="FULL")
             self._insert_stmt: Any = sqlite.insert(audit_records).on_conflict_do_nothing(index_elements=["id"])
         elif self.backend == "postgresql":
             self.engine = sa.create_engine(parsed, **engine_options)
             self._insert_stmt = postgresql.insert(audit_records).on_conflict_do_nothing(index_elements=["id"])
         else:
             raise ValueError(f"audit log supports sqlite and postgresql URLs, not {self.backend!r}")
-        self._writer = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        self._writer = sqlite_setup.writer(self.engine)
         self._count_lock = threading.Lock()
         self.transactions = 0
         """Write transactions committed by this instance (the group-commit measure)."""
@@ -336,30 +336,6 @@ class AuditLog:
 def _stored(at: datetime) -> datetime:
     """SQLite hands DateTime back naive; it was written in UTC."""
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-
-
-def _sqlite_durable(engine: sa.Engine, busy_timeout_s: float) -> None:
-    """WAL + ``synchronous=FULL`` + a busy timeout, and ``BEGIN IMMEDIATE`` for write transactions.
-
-    FULL fsyncs the WAL at each commit, so an acknowledged record survives power loss too (NORMAL,
-    enough for the ledger, may lose the last commits then). Group commit is what keeps this cheap.
-    pysqlite's own BEGIN handling is switched off (as in ``serving.ledger``): taking the write lock
-    at BEGIN means a second writer waits in the busy handler instead of failing mid-transaction.
-    Readers (``get``, ``tail``, the CLI) keep a deferred BEGIN, so they never take the write lock.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = FULL")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN_OPTION, 'DEFERRED')}")
 
 
 # -- the group-committing writer ---------------------------------------------------------------------

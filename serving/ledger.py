@@ -48,13 +48,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from pilothouse.operator.api.budget_policy import Window
 from pilothouse.operator.api.ledger import ledger, metadata, totals, window_bounds
 from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
+
+from . import sqlite_setup
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ the cap in decimal (50 x 0.2 = 10) can land a few ULPs above it in binary. A nan
 below anything a price table can express, so it cannot admit a request a real cap should refuse."""
 
 _ID_LENGTH = 64  # budget_ledger.id is String(64)
-_BEGIN_OPTION = "pilothouse_sqlite_begin"
 
 
 class Usage(NamedTuple):
@@ -173,12 +173,12 @@ class Ledger:
         if self.backend == "sqlite":
             connect_args = {"timeout": busy_timeout_s, **engine_options.pop("connect_args", {})}
             self.engine = sa.create_engine(parsed, connect_args=connect_args, **engine_options)
-            _sqlite_serialized_writes(self.engine, busy_timeout_s)
+            sqlite_setup.configure(self.engine, busy_timeout_s=busy_timeout_s, synchronous="NORMAL")
         else:
             self.engine = sa.create_engine(parsed, **engine_options)
         # Writers open their transaction with BEGIN IMMEDIATE on SQLite; readers keep a deferred BEGIN
         # so reporting spend never waits for (or blocks) a reservation.
-        self._writer = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        self._writer = sqlite_setup.writer(self.engine)
         metadata.create_all(self.engine)
         self.rebuild_totals()
 
@@ -430,33 +430,6 @@ class Ledger:
         with self.engine.connect() as conn:
             cost, tokens = conn.execute(query).one()
         return Usage(float(cost), int(tokens))
-
-
-def _sqlite_serialized_writes(engine: sa.Engine, busy_timeout_s: float) -> None:
-    """WAL, synchronous=NORMAL, a busy timeout, and SQLAlchemy-emitted BEGIN (IMMEDIATE for writers).
-
-    pysqlite's own transaction handling emits a deferred BEGIN only before DML, so a reservation's
-    SELECT would run outside the transaction and two gateways could both see room under the cap.
-    Following SQLAlchemy's pysqlite documentation, pysqlite's BEGIN is disabled and the ``begin``
-    event emits one; ``BEGIN IMMEDIATE`` takes the write lock up front, so a second writer waits in
-    the busy handler instead of failing on a lock upgrade. WAL lets readers (the operator) proceed
-    alongside; synchronous=NORMAL is durable across process crashes in WAL mode, which is the
-    failure the ledger must survive, at a fraction of FULL's fsyncs.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: sa.Connection) -> None:
-        mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def _utc(at: datetime) -> datetime:
