@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
     from rich.tree import Tree
 
     from pilothouse.serving.audit import AuditLog, AuditRecord
@@ -137,17 +138,22 @@ StoreUrl = Annotated[
 DEFAULT_STORE_URL = "sqlite:///.pilothouse/pilothouse.db"
 
 
-def _open_audit_log(store_url: str) -> AuditLog:
-    """The audit store, read as it is: a missing SQLite file is an error here, not a new empty store."""
-    import sqlalchemy as sa
-
-    from pilothouse.serving.audit import AuditLog
+def _store_url(store_url: str) -> sa.URL:
+    """Parse --store-url, or one clear error line."""
+    from sqlalchemy import exc, make_url
 
     try:
-        url = sa.make_url(store_url)
-    except sa.exc.ArgumentError:
+        return make_url(store_url)
+    except exc.ArgumentError:
         raise fail(f"--store-url {store_url!r} is not a database URL",
                    "e.g. sqlite:///.pilothouse/pilothouse.db") from None
+
+
+def _open_audit_log(store_url: str) -> AuditLog:
+    """The audit store, read as it is: a missing SQLite file is an error here, not a new empty store."""
+    from pilothouse.serving.audit import AuditLog
+
+    url = _store_url(store_url)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         raise fail(f"no audit store at {url.database}", "pass --store-url (or PILOTHOUSE_STORE_URL) of the gateway")
     try:
@@ -334,13 +340,7 @@ def serve(
 
 def _absolute_store_url(store_url: str) -> str:
     """A relative SQLite path made absolute here: Ray runs the gateway replica in another directory."""
-    import sqlalchemy as sa
-
-    try:
-        url = sa.make_url(store_url)
-    except sa.exc.ArgumentError:
-        raise fail(f"--store-url {store_url!r} is not a database URL",
-                   "e.g. sqlite:///.pilothouse/pilothouse.db") from None
+    url = _store_url(store_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         url = url.set(database=str(Path(url.database).resolve()))
     return url.render_as_string(hide_password=False)
