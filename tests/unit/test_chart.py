@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,8 +11,10 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from pilothouse.operator import crdgen
+from serving.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 CHART = ROOT / "charts" / "pilothouse"
@@ -194,3 +198,111 @@ def test_chart_crds_are_the_generated_ones(chart: helm.Chart) -> None:
     assert on_disk == expected, "charts/pilothouse/crds is stale: run `make crds`"
     # and Helm sees exactly those files as the chart's CRDs
     assert sorted(Path(c["filename"]).name for c in chart.crds) == sorted(expected)
+
+
+# -- Grafana dashboard -----------------------------------------------------------------------------
+
+DASHBOARD_PANELS = {"Spend vs budget", "Fallbacks by backend and reason", "Circuit state per backend",
+                    "Request latency p50/p95/p99", "Gateway overhead p50/p99", "Cache hit rate",
+                    "Requests by outcome", "RoutingTable revision"}
+METRIC = re.compile(r"\bpilothouse_[A-Za-z0-9_]*")
+SELECTOR = re.compile(r"\b(pilothouse_[A-Za-z0-9_]*)\{([^}]*)\}")
+GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+
+
+def exported() -> dict[str, set[str]]:
+    """Sample name -> label names of every series the gateway's ``/metrics`` exposes, once each metric has data."""
+    m = Metrics()
+    m.allow(routes=["wf/step"], backends=["a", "b"], policies=["p"], workflows=["wf"])
+    m.observe_request("wf/step", "a", "ok", 0.2, overhead_s=0.002)
+    m.fallback("a", "b", "circuit_open")
+    m.circuit("a", 2)
+    m.spent("p", "a", 0.01)
+    m.budget_left("p", "day", 9.99)
+    m.cache("wf/step", hit=True)
+    m.cache("wf/step", hit=False)
+    m.used_tokens("a", 10, 5)
+    m.revision("wf", 3)
+    body, _ = m.render()
+    samples: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        assert family.name.startswith("pilothouse_")
+        # every metric the registry defines is listed (HELP/TYPE); each was exercised above, so has series
+        assert family.samples, f"{family.name} not exercised"
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):  # prometheus_client bookkeeping, not for dashboards
+                samples.setdefault(sample.name, set()).update(sample.labels)
+    return samples
+
+
+def stem(sample: str) -> str:
+    """The metric family a sample name belongs to (counters: _total; histograms: _bucket/_sum/_count)."""
+    for suffix in ("_total", "_bucket", "_count", "_sum"):
+        if sample.endswith(suffix):
+            return sample.removesuffix(suffix)
+    return sample
+
+
+def dashboard(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard")]
+    assert len(maps) == 1
+    assert maps[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert maps[0]["metadata"]["namespace"] == NAMESPACE
+    return json.loads(maps[0]["data"]["pilothouse-gateway.json"])
+
+
+def exprs(dash: dict[str, Any]) -> list[str]:
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", []) if t.get("expr")]
+
+
+def test_dashboard_configmap_is_the_file_on_disk(chart: helm.Chart) -> None:
+    dash = dashboard(render(chart))
+    assert dash == json.loads((CHART / "dashboards" / "pilothouse-gateway.json").read_text())
+    assert dash["uid"] == "pilothouse-gateway"
+    assert dash["schemaVersion"] >= 36
+    assert {p["title"] for p in dash["panels"]} >= DASHBOARD_PANELS
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert "label_values(pilothouse_table_revision, workflow)" in json.dumps(variables["workflow"]["query"])
+    for panel in dash["panels"]:  # every panel and query reads the selected data source
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert all(t["datasource"] == panel["datasource"] for t in panel["targets"]), panel["title"]
+
+
+def test_dashboard_queries_only_metrics_the_gateway_exports(chart: helm.Chart) -> None:
+    samples = exported()
+    families = {stem(n) for n in samples}
+    dash = dashboard(render(chart))
+    queries = exprs(dash) + [json.dumps(v.get("query")) for v in dash["templating"]["list"]]
+    used = {name for q in queries for name in METRIC.findall(q)}
+    assert used >= {"pilothouse_spend_usd_total", "pilothouse_budget_remaining_usd", "pilothouse_fallbacks_total",
+                    "pilothouse_circuit_state", "pilothouse_request_duration_seconds_bucket",
+                    "pilothouse_gateway_overhead_seconds_bucket", "pilothouse_cache_hits_total",
+                    "pilothouse_cache_misses_total", "pilothouse_requests_total", "pilothouse_table_revision"}
+    for name in used:
+        assert name in samples, f"dashboard queries {name}, which the gateway does not export"
+        assert stem(name) in families
+    for q in exprs(dash):
+        names = set(METRIC.findall(q))
+        if "histogram_quantile" in q:
+            assert all(n.endswith("_bucket") for n in names), q
+        for name, matchers in SELECTOR.findall(q):  # label matchers name labels the series carry
+            for label in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", matchers):
+                assert label in samples[name], f"{name} has no label {label!r}: {q}"
+        carried = set().union(*(samples[n] for n in names))
+        for grouping in GROUPING.findall(q):  # and so does every `by (...)`
+            for label in filter(None, (lbl.strip() for lbl in grouping.split(","))):
+                assert label in carried, f"no queried metric has label {label!r}: {q}"
+
+
+def test_dashboards_can_be_disabled(chart: helm.Chart) -> None:
+    assert not [d for d in render(chart, {"dashboards": {"enabled": False}}) if d["kind"] == "ConfigMap"]
+
+
+def test_dashboard_and_service_monitor_render_together(chart: helm.Chart) -> None:
+    docs = render(chart, {"serviceMonitor": {"enabled": True}, "dashboards": {"labels": {"grafana_folder": "ai"}}})
+    assert one(docs, "ServiceMonitor")["spec"]["endpoints"][0]["path"] == "/metrics"
+    cm = one(docs, "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_folder"] == "ai"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
