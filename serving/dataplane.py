@@ -43,9 +43,11 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace as otel
 
 from pilothouse.operator.api.routing import Backend, BudgetRule, Route, RoutingTable
 
+from . import tracing
 from .audit import (
     AuditLog,
     AuditRecord,
@@ -87,6 +89,8 @@ REPLAY_HEADER = "x-pilothouse-idempotent-replay"
 _DONE = b"data: [DONE]"
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _VALIDATORS = {CHAT: validate_chat, COMPLETIONS: validate_completion, EMBEDDINGS: validate_embedding}
+_OPERATION = {CHAT: "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings"}
+_PROVIDER = {"external": "openai"}  # gen_ai.provider.name by Backend.engine; others as they are
 _ERROR_STATUS = {ErrorClass.TIMEOUT: 504, ErrorClass.CONNECTION: 502, ErrorClass.SERVER: 502,
                  ErrorClass.RATE_LIMITED: 503, ErrorClass.CANCELLED: 503}
 
@@ -182,6 +186,9 @@ class _Ctx:
     output: Any = None
     backend_latency_s: float = 0.0
     idempotency_row: str | None = None
+    span: Any = None  # the request's recording span; None when tracing is off or not sampled
+    outcome: str = ""
+    status_code: int = 0
 
     @property
     def route_id(self) -> str | None:
@@ -266,8 +273,26 @@ class DataPlane:
         if isinstance(parsed, JSONResponse):
             self.metrics.observe_request(None, None, "invalid_request", time.perf_counter() - started)
             return parsed
-        ctx = _Ctx(request_id=uuid.uuid4().hex, trace_id=trace_id(request.headers.get("traceparent")),
-                   tenant=tenant_of(request), path=path, started=started, ts=datetime.now(UTC), model=parsed.model)
+        ctx = _Ctx(request_id=uuid.uuid4().hex, trace_id="", tenant=tenant_of(request), path=path,
+                   started=started, ts=datetime.now(UTC), model=parsed.model)
+        if tracing.enabled():
+            self._start_span(ctx, request)
+        if not ctx.trace_id:
+            ctx.trace_id = trace_id(request.headers.get("traceparent"))
+        if ctx.span is None:
+            return await self._handle(ctx, request, parsed, raw)
+        try:
+            response = await self._handle(ctx, request, parsed, raw)
+        except BaseException as exc:
+            ctx.outcome = ctx.outcome or type(exc).__name__
+            self._end_span(ctx, 500)
+            raise
+        if not isinstance(response, StreamingResponse):  # a stream's span ends with the stream
+            self._end_span(ctx, response.status_code)
+        return response
+
+    async def _handle(self, ctx: _Ctx, request: Request, parsed: Any, raw: bytes) -> Response:
+        path, started = ctx.path, ctx.started
         if not self.source.ready:
             return openai_error(503, f"No RoutingTable is loaded yet: {self.source.last_error}", code="not_ready",
                                 headers=ctx.headers)
@@ -325,6 +350,77 @@ class DataPlane:
             else:
                 await self._abandon(ctx, stores)
         return response
+
+    # -- tracing -----------------------------------------------------------------------------------
+    def _start_span(self, ctx: _Ctx, request: Request) -> None:
+        """The request's span, child of the caller's ``traceparent``; its trace id is the audit record's."""
+        operation = _OPERATION[ctx.path]
+        span = tracing.tracer().start_span(f"{operation} {ctx.model}", context=tracing.extract(request.headers),
+                                           kind=otel.SpanKind.SERVER)
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            ctx.trace_id = format(span_context.trace_id, "032x")
+        if not span.is_recording():
+            span.end()
+            return
+        span.set_attribute("gen_ai.operation.name", operation)
+        span.set_attribute("gen_ai.request.model", ctx.model)
+        ctx.span = span
+
+    def _end_span(self, ctx: _Ctx, status: int) -> None:
+        span, ctx.span = ctx.span, None
+        if span is None:
+            return
+        body, table, usage, budget = ctx.body, ctx.table, ctx.usage, ctx.budget
+        attributes: dict[str, Any] = {"http.response.status_code": status,
+                                      "pilothouse.cache_hit": ctx.cache_hit,
+                                      "pilothouse.fallback_count": max(len(ctx.attempts) - 1, 0)}
+        if table is not None:
+            attributes["pilothouse.table_revision"] = table.revision
+        if ctx.route_id:
+            attributes["pilothouse.route"] = ctx.route_id
+        if ctx.backend is not None:
+            attributes["pilothouse.backend"] = ctx.backend.model_deployment
+            attributes["gen_ai.provider.name"] = _PROVIDER.get(ctx.backend.engine, ctx.backend.engine)
+            attributes["gen_ai.response.model"] = ctx.backend.model
+        for key, name in (("max_tokens", "gen_ai.request.max_tokens"), ("temperature", "gen_ai.request.temperature")):
+            value = body.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                attributes[name] = value
+        if usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        if budget is not None:
+            attributes["pilothouse.budget.policy"] = budget.policy
+            if budget.reserved_usd is not None:
+                attributes["pilothouse.budget.reserved_usd"] = budget.reserved_usd
+            if budget.committed_usd is not None:
+                attributes["pilothouse.budget.committed_usd"] = budget.committed_usd
+        if status >= 400:
+            error = ctx.outcome if ctx.outcome and ctx.outcome != "ok" else str(status)
+            attributes["error.type"] = error
+            span.set_status(otel.Status(otel.StatusCode.ERROR, ctx.reason or error))
+        span.set_attributes(attributes)
+        span.end()
+
+    def _attempt_span(self, ctx: _Ctx, backend: Backend) -> Any:
+        if ctx.span is None:
+            return None
+        span = tracing.tracer().start_span(f"attempt {backend.model_deployment}", kind=otel.SpanKind.CLIENT,
+                                           context=otel.set_span_in_context(ctx.span))
+        span.set_attribute("pilothouse.backend", backend.model_deployment)
+        span.set_attribute("gen_ai.provider.name", _PROVIDER.get(backend.engine, backend.engine))
+        span.set_attribute("gen_ai.request.model", backend.model)
+        return span
+
+    @staticmethod
+    def _attempt_end(span: Any, error: BackendError | None = None) -> None:
+        if span is None:
+            return
+        if error is not None:
+            span.set_attribute("error.type", error.error_class.value)
+            span.set_status(otel.Status(otel.StatusCode.ERROR, error.failure.message[:200]))
+        span.end()
 
     async def _abandon(self, ctx: _Ctx, stores: Stores) -> None:
         if ctx.idempotency_row is not None:
@@ -489,16 +585,23 @@ class DataPlane:
         while attempt is not None:
             backend = attempt.backend
             started = time.perf_counter()
+            span = self._attempt_span(ctx, backend)
             try:
                 result: EngineResult = await self._engine(backend).complete(ctx.path, ctx.body)
             except BackendError as exc:
+                self._attempt_end(span, exc)
                 last = exc.failure
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, exc, time.perf_counter() - started))
                 continue
             except ValueError as exc:  # no endpoint yet
                 last = Failure(ErrorClass.CONNECTION, str(exc))
+                self._attempt_end(span, BackendError(last))
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, BackendError(last), 0.0))
                 continue
+            except BaseException:
+                self._attempt_end(span, BackendError(Failure(ErrorClass.CANCELLED, "cancelled")))
+                raise
+            self._attempt_end(span)
             self._succeeded(ctx, backend, attempt.reason, result.latency_s)
             usage = result.usage
             if usage.estimated and not usage.prompt_tokens:
@@ -537,6 +640,7 @@ class DataPlane:
             backend = attempt.backend
             started = time.perf_counter()
             stream: EngineStream | None = None
+            span = self._attempt_span(ctx, backend)
             try:
                 stream = await self._engine(backend).stream(ctx.path, ctx.body)
                 first = await stream.__anext__()  # fall back is still possible until this reaches the client
@@ -546,9 +650,11 @@ class DataPlane:
                 error = exc if isinstance(exc, BackendError) else BackendError(
                     Failure(ErrorClass.SERVER if isinstance(exc, StopAsyncIteration) else ErrorClass.CONNECTION,
                             str(exc) or "empty stream"))
+                self._attempt_end(span, error)
                 last = error.failure
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, error, time.perf_counter() - started))
                 continue
+            self._attempt_end(span)  # the first chunk came: no fallback from here on
             ctx.backend, ctx.reason = backend, attempt.reason
             return _ClosingStream(self._relay(ctx, stores, stream, first, attempt.reason, started),
                                      media_type="text/event-stream",
@@ -629,6 +735,8 @@ class DataPlane:
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(task)
             await stream.aclose()
+            if ctx.span is not None:
+                self._end_span(ctx, ctx.status_code or 499)
 
     async def _cancelled(self, ctx: _Ctx, stores: Stores, stream: EngineStream, finish: Any) -> None:
         with contextlib.suppress(Exception):
@@ -650,6 +758,7 @@ class DataPlane:
 
     # -- record ------------------------------------------------------------------------------------
     async def _audit(self, ctx: _Ctx, stores: Stores, status: int) -> None:
+        ctx.status_code = status
         table = ctx.table
         store_prompts = bool(table and table.audit_store_prompts)
         store_outputs = bool(table and table.audit_store_outputs)
@@ -676,6 +785,7 @@ class DataPlane:
             raise AuditUnavailable(str(exc)) from exc
 
     def _observe(self, ctx: _Ctx, outcome: str) -> None:
+        ctx.outcome = outcome
         total = time.perf_counter() - ctx.started
         overhead = max(total - ctx.backend_latency_s, 0.0) if ctx.backend_latency_s else None
         backend = ctx.backend.model_deployment if ctx.backend and outcome == "ok" else None

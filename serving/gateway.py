@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pilothouse.operator.api.routing import RoutingTable
 
+from . import tracing
 from .auth import ApiKeys, Authenticate
 from .dataplane import DataPlane
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS
@@ -177,7 +178,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes: int = MiB,
-              refresh_interval: float = 1.0, store_url: str | None = None) -> FastAPI:
+              refresh_interval: float = 1.0, store_url: str | None = None,
+              otlp_endpoint: str | None = None) -> FastAPI:
     """The gateway app for the RoutingTable at ``routing_path``.
 
     ``store_url`` (SQLAlchemy URL; default ``PILOTHOUSE_STORE_URL`` or ``sqlite:///.pilothouse/pilothouse.db``)
@@ -187,7 +189,13 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
     The table may be missing or invalid at start (the ConfigMap may not be written yet): the app
     starts, ``/readyz`` says why it is not ready, and the background refresh picks the table up.
     A bad ``api_keys`` file raises ``auth.ApiKeyError`` here: better no gateway than an open one.
+
+    ``otlp_endpoint`` (default ``OTEL_EXPORTER_OTLP_ENDPOINT``): an OTLP/HTTP collector to send the request
+    spans to (``tracing``); with neither, tracing stays as it is (the no-op tracer unless a test installed one).
     """
+    endpoint = otlp_endpoint or os.environ.get(tracing.ENDPOINT_ENV)
+    if endpoint:
+        tracing.configure(endpoint)
     source = TableSource(routing_path)
     keys = ApiKeys(api_keys)
     dataplane = DataPlane(source, store_url or os.environ.get("PILOTHOUSE_STORE_URL"))
@@ -205,6 +213,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
                     await t
             await dataplane.aclose()
             await close_shared_client()
+            tracing.flush()
 
     app = FastAPI(title="Pilothouse gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.table_source = source

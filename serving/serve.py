@@ -52,6 +52,8 @@ class GatewayArgs(BaseModel):
     max_body_bytes: int = Field(default=MiB, ge=1)
     store_url: str | None = Field(default=None, description="Audit/ledger/idempotency store (SQLAlchemy URL); "
                                   "None: $PILOTHOUSE_STORE_URL, else sqlite:///.pilothouse/pilothouse.db.")
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP collector base URL for request spans; "
+                                      "None: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing.")
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0})
@@ -64,7 +66,7 @@ class Gateway:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self.args.routing, api_keys=self.args.api_keys, max_body_bytes=self.args.max_body_bytes,
-                         store_url=self.args.store_url)
+                         store_url=self.args.store_url, otlp_endpoint=self.args.otlp_endpoint)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
