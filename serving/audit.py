@@ -31,15 +31,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from . import sqlite_setup
+from . import stores
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +188,6 @@ def _row(record: AuditRecord) -> dict[str, Any]:
             "kind": record.kind, "trace_id": record.trace_id, "record": record.model_dump_json(exclude_none=True)}
 
 
-def _is_locked(exc: BaseException) -> bool:
-    if not isinstance(exc, sa.exc.OperationalError):
-        return False
-    text = str(exc.orig).lower()
-    return "locked" in text or "busy" in text
-
-
-# Inserts are ON CONFLICT DO NOTHING, so replaying a batch after a busy error cannot duplicate rows.
-_retry_when_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(8),
-                           wait=wait_random_exponential(multiplier=0.02, max=1.0), reraise=True)
-
-
 FOLLOW_OVERLAP = timedelta(seconds=5)
 """How far back ``follow`` re-reads: a batch stamped just before another writer's later one may commit
 after it (or another replica's clock may lag); ids already shown are skipped."""
@@ -214,21 +200,11 @@ class AuditLog:
     """
 
     def __init__(self, url: str, *, create: bool = True, busy_timeout_s: float = 30.0, **engine_options: Any) -> None:
-        parsed = sa.make_url(url)
-        self.backend = parsed.get_backend_name()
-        if self.backend == "sqlite":
-            if create and parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            connect_args = {"timeout": busy_timeout_s, **engine_options.pop("connect_args", {})}
-            self.engine = sa.create_engine(parsed, connect_args=connect_args, **engine_options)
-            sqlite_setup.configure(self.engine, busy_timeout_s=busy_timeout_s, synchronous="FULL")
-            self._insert_stmt: Any = sqlite.insert(audit_records).on_conflict_do_nothing(index_elements=["id"])
-        elif self.backend == "postgresql":
-            self.engine = sa.create_engine(parsed, **engine_options)
-            self._insert_stmt = postgresql.insert(audit_records).on_conflict_do_nothing(index_elements=["id"])
-        else:
-            raise ValueError(f"audit log supports sqlite and postgresql URLs, not {self.backend!r}")
-        self._writer = sqlite_setup.writer(self.engine)
+        self.engine, self.backend = stores.open_engine(url, purpose="audit log", busy_timeout_s=busy_timeout_s,
+                                                       synchronous="FULL", create_dir=create, **engine_options)
+        dialect = sqlite if self.backend == "sqlite" else postgresql
+        self._insert_stmt: Any = dialect.insert(audit_records).on_conflict_do_nothing(index_elements=["id"])
+        self._writer = stores.writer(self.engine)
         self._count_lock = threading.Lock()
         self.transactions = 0
         """Write transactions committed by this instance (the group-commit measure)."""
@@ -250,7 +226,7 @@ class AuditLog:
         """Write one record in its own transaction; False when its id was already there."""
         return self.insert_rows([_row(record)]) == 1
 
-    @_retry_when_locked
+    @stores.retry_when_locked
     def insert_rows(self, rows: Sequence[dict[str, Any]]) -> int:
         """Insert prepared rows in one transaction; returns how many were new (duplicates are skipped),
         or -1 where the driver does not count an executemany."""
@@ -265,7 +241,7 @@ class AuditLog:
             self.transactions += 1
         return inserted
 
-    @_retry_when_locked
+    @stores.retry_when_locked
     def purge(self, older_than_days: float, workflow: str | None = None, now: datetime | None = None) -> int:
         """Retention: delete records whose ``ts`` is older than the cutoff (of one workflow, or all)."""
         cutoff = (now or datetime.now(UTC)).astimezone(UTC) - timedelta(days=older_than_days)

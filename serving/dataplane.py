@@ -538,7 +538,11 @@ class DataPlane:
 
     # -- attempts ----------------------------------------------------------------------------------
     def _engine(self, backend: Backend) -> ExternalEngine:
-        return ExternalEngine.for_backend(backend, shared_client(), backend_api_key(backend))
+        """The backend's engine; one the table lists without an endpoint yet fails like an unreachable one."""
+        try:
+            return ExternalEngine.for_backend(backend, shared_client(), backend_api_key(backend))
+        except ValueError as exc:
+            raise BackendError(Failure(ErrorClass.CONNECTION, str(exc))) from None
 
     def _allowed(self, ctx: _Ctx, p: Plan, attempt: Any) -> Any:
         """The first attempt from ``attempt`` on whose breaker lets it through (recording the skipped)."""
@@ -593,11 +597,6 @@ class DataPlane:
                 last = exc.failure
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, exc, time.perf_counter() - started))
                 continue
-            except ValueError as exc:  # no endpoint yet
-                last = Failure(ErrorClass.CONNECTION, str(exc))
-                self._attempt_end(span, BackendError(last))
-                attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, BackendError(last), 0.0))
-                continue
             except BaseException:
                 self._attempt_end(span, BackendError(Failure(ErrorClass.CANCELLED, "cancelled")))
                 raise
@@ -644,12 +643,11 @@ class DataPlane:
             try:
                 stream = await self._engine(backend).stream(ctx.path, ctx.body)
                 first = await stream.__anext__()  # fall back is still possible until this reaches the client
-            except (BackendError, StopAsyncIteration, ValueError) as exc:
+            except (BackendError, StopAsyncIteration) as exc:
                 if stream is not None:
                     await stream.aclose()
                 error = exc if isinstance(exc, BackendError) else BackendError(
-                    Failure(ErrorClass.SERVER if isinstance(exc, StopAsyncIteration) else ErrorClass.CONNECTION,
-                            str(exc) or "empty stream"))
+                    Failure(ErrorClass.SERVER, "the backend closed the stream before any chunk"))
                 self._attempt_end(span, error)
                 last = error.failure
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, error, time.perf_counter() - started))

@@ -19,11 +19,10 @@ import asyncio
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
+
+from . import stores
 
 metadata = sa.MetaData()
 
@@ -74,22 +73,8 @@ class IdempotencyStore:
     """Sync SQLAlchemy store; the gateway calls the ``a*`` wrappers (threads, not the event loop)."""
 
     def __init__(self, url: str, *, busy_timeout_s: float = 30.0) -> None:
-        parsed = sa.make_url(url)
-        self.backend = parsed.get_backend_name()
-        if self.backend == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(parsed, connect_args={"timeout": busy_timeout_s})
-
-            @event.listens_for(self.engine, "connect")
-            def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-                cursor = dbapi_connection.cursor()
-                cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-                cursor.execute("PRAGMA journal_mode = WAL")
-                cursor.execute("PRAGMA synchronous = FULL")
-                cursor.close()
-        else:
-            self.engine = sa.create_engine(parsed)
+        self.engine, self.backend = stores.open_engine(url, purpose="idempotency store",
+                                                       busy_timeout_s=busy_timeout_s, synchronous="FULL")
         metadata.create_all(self.engine)
 
     def close(self) -> None:

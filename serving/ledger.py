@@ -49,13 +49,12 @@ from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from pilothouse.operator.api.budget_policy import Window
 from pilothouse.operator.api.ledger import ledger, metadata, totals, window_bounds
 from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
 
-from . import sqlite_setup
+from . import stores
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +141,6 @@ def reservation_id(request_id: str, policy: str) -> str:
     return "h:" + hashlib.sha256(readable.encode()).hexdigest()[: _ID_LENGTH - 2]
 
 
-def _is_locked(exc: BaseException) -> bool:
-    """SQLite's busy error: the busy timeout ran out while another writer held the lock."""
-    if not isinstance(exc, sa.exc.OperationalError):
-        return False
-    text = str(exc.orig).lower()
-    return "locked" in text or "busy" in text
-
-
-# Every write is one idempotent transaction (conditional on the row's state, or on its id for
-# reserve), so replaying it after a busy error cannot double-count.
-_retry_when_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(8),
-                           wait=wait_random_exponential(multiplier=0.02, max=1.0), reraise=True)
-
-
 class Ledger:
     """Writes the budget ledger over SQLAlchemy: SQLite (a file path URL) by default, PostgreSQL by URL.
 
@@ -165,20 +150,12 @@ class Ledger:
     """
 
     def __init__(self, url: str, *, busy_timeout_s: float = 30.0, **engine_options: Any) -> None:
-        parsed = sa.make_url(url)
-        self.backend = parsed.get_backend_name()
-        if self.backend not in ("sqlite", "postgresql"):
-            raise ValueError(f"budget ledger supports sqlite and postgresql URLs, not {self.backend!r}: "
-                             "its cap check relies on their write serialization")
-        if self.backend == "sqlite":
-            connect_args = {"timeout": busy_timeout_s, **engine_options.pop("connect_args", {})}
-            self.engine = sa.create_engine(parsed, connect_args=connect_args, **engine_options)
-            sqlite_setup.configure(self.engine, busy_timeout_s=busy_timeout_s, synchronous="NORMAL")
-        else:
-            self.engine = sa.create_engine(parsed, **engine_options)
+        # Only SQLite and PostgreSQL: the cap check relies on their write serialization.
+        self.engine, self.backend = stores.open_engine(url, purpose="budget ledger", busy_timeout_s=busy_timeout_s,
+                                                       synchronous="NORMAL", create_dir=False, **engine_options)
         # Writers open their transaction with BEGIN IMMEDIATE on SQLite; readers keep a deferred BEGIN
         # so reporting spend never waits for (or blocks) a reservation.
-        self._writer = sqlite_setup.writer(self.engine)
+        self._writer = stores.writer(self.engine)
         metadata.create_all(self.engine)
         self.rebuild_totals()
 
@@ -187,7 +164,7 @@ class Ledger:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    @_retry_when_locked
+    @stores.retry_when_locked
     def reserve(self, namespace: str, policy: str, rule: BudgetRule, worst_cost_usd: float, worst_tokens: int,
                 request_id: str, at: datetime) -> Reservation | Denied:
         """Reserve this request's worst case against ``rule``'s caps, or say which cap refuses it.
@@ -225,7 +202,7 @@ class Ledger:
             self._add_totals(conn, namespace, policy, at, reserved=(worst_cost_usd, worst_tokens))
         return Reservation(rid, namespace, policy, worst_cost_usd, worst_tokens, at)
 
-    @_retry_when_locked
+    @stores.retry_when_locked
     def commit(self, reservation_id: str, actual_cost_usd: float, actual_tokens: int) -> bool:
         """Record the actual usage; True only if this call moved the row from ``reserved`` to ``committed``.
 
@@ -256,7 +233,7 @@ class Ledger:
                              reserved=(-row.cost_usd, -row.tokens), committed=(actual_cost_usd, actual_tokens))
             return True
 
-    @_retry_when_locked
+    @stores.retry_when_locked
     def release(self, reservation_id: str) -> bool:
         """Give the reservation back; True only if this call moved it from ``reserved`` to ``released``.
 
@@ -277,7 +254,7 @@ class Ledger:
                              reserved=(-row.cost_usd, -row.tokens))
             return True
 
-    @_retry_when_locked
+    @stores.retry_when_locked
     def expire(self, older_than: timedelta, now: datetime | None = None) -> int:
         """Release reservations still in flight after ``older_than``; returns how many.
 

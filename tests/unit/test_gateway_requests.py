@@ -442,3 +442,19 @@ async def test_a_client_that_leaves_mid_stream_leaves_no_reservation(tmp_path: P
             assert ledger.in_flight("default", "team", AT) == (0.0, 0)
         finally:
             ledger.close()
+
+
+async def test_a_backend_without_an_endpoint_yet_is_skipped_like_an_unreachable_one(tmp_path: Path,
+                                                                                   fakes: Any) -> None:
+    primary, fallback = fakes
+    table = make_table(primary, fallback)
+    routes = [r.model_copy(update={"backends": [b.model_copy(update={"endpoint": None}) if b.model_deployment ==
+                                                "small" else b for b in r.backends]}) for r in table.routes]
+    async with gateway(tmp_path, table.model_copy(update={"routes": routes})) as gw:
+        answer = await gw.post(chat())
+        assert answer.status_code == 200 and answer.json()["model"] == "org/large"
+        attempts = gw.audit(answer).routing.attempts
+        assert [(a.backend, a.error_class) for a in attempts] == [("small", "connection"), ("large", None)]
+        streamed = await gw.post(chat(stream=True))
+        assert streamed.status_code == 200 and "[DONE]" in streamed.text
+        assert primary.requests == 0

@@ -1,0 +1,71 @@
+"""One way to open the gateway's SQL stores (ledger, audit, idempotency): SQLite or PostgreSQL.
+
+SQLite gets WAL and an explicit BEGIN. pysqlite's own transaction handling emits a deferred BEGIN
+only before DML, so a read-then-write (a reservation's cap check) would run outside the transaction
+and two gateways could both see room under a cap. Following SQLAlchemy's pysqlite documentation,
+pysqlite's BEGIN is disabled and the ``begin`` event emits one: ``BEGIN IMMEDIATE`` on the engine
+returned by ``writer()`` takes the write lock up front, so a second writer waits in the busy
+handler instead of failing on a lock upgrade; readers keep a deferred BEGIN and, under WAL, never
+block writers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+_BEGIN_OPTION = "pilothouse_sqlite_begin"
+
+
+def open_engine(url: str, *, purpose: str, busy_timeout_s: float, synchronous: Literal["NORMAL", "FULL"],
+                create_dir: bool = True, **engine_options: Any) -> tuple[sa.Engine, str]:
+    """(engine, backend name). ``synchronous``: NORMAL survives process crashes in WAL mode, FULL also
+    power loss (one fsync per commit). Extra keyword arguments go to ``sqlalchemy.create_engine``."""
+    parsed = sa.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        return sa.create_engine(parsed, **engine_options), backend
+    if backend != "sqlite":
+        raise ValueError(f"{purpose} supports sqlite and postgresql URLs, not {backend!r}")
+    if create_dir and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    connect_args = {"timeout": busy_timeout_s, **engine_options.pop("connect_args", {})}
+    engine = sa.create_engine(parsed, connect_args=connect_args, **engine_options)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN_OPTION, 'DEFERRED')}")
+
+    return engine, backend
+
+
+def writer(engine: sa.Engine) -> sa.Engine:
+    """The same engine, whose SQLite transactions begin IMMEDIATE (take the write lock at BEGIN)."""
+    return engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+
+
+def _is_locked(exc: BaseException) -> bool:
+    """SQLite's busy error: the busy timeout ran out while another writer held the lock."""
+    if not isinstance(exc, sa.exc.OperationalError):
+        return False
+    text = str(exc.orig).lower()
+    return "locked" in text or "busy" in text
+
+
+# Only for idempotent transactions (conditional on a row's state, or ON CONFLICT DO NOTHING):
+# replaying one after a busy error must not double-count.
+retry_when_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(8),
+                          wait=wait_random_exponential(multiplier=0.02, max=1.0), reraise=True)
