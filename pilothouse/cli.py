@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from .console import err, fail, out
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -29,16 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# Piped output (CI logs, `| less`) gets a readable width instead of rich's 80-column default.
-err = Console(stderr=True, soft_wrap=True)  # error lines stay whole: grep-able, copy-able
-out = Console(width=None if sys.stdout.isatty() else 160)
-
-
-def fail(message: str, hint: str | None = None, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    if hint:
-        err.print(f"[dim]hint:[/] {hint}")
-    return typer.Exit(code)
 
 
 @app.command()
