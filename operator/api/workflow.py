@@ -87,6 +87,10 @@ class SqlWrite(ApiModel):
     url_secret_ref: SecretKeyRef | None = Field(default=None, description="Secret holding the database URL.")
     url: str | None = Field(default=None, description="Database URL (SQLAlchemy); prefer urlSecretRef.")
     statement: str = Field(min_length=1, description="Parameterised statement, e.g. INSERT ... VALUES (:vendor).")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Idempotent DDL run before the first write, e.g. CREATE TABLE IF NOT EXISTS ...",
+    )
 
 
 class Action(ApiModel):

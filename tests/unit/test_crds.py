@@ -130,7 +130,7 @@ BAD = [
     ("BudgetPolicy", "spec.limits", [{"window": "day"}], "spec.limits"),
     ("BudgetPolicy", "spec.warnAt", 1.5, "spec.warnAt"),
     ("AutonomousWorkflow", "spec.steps.1.generate", _DELETE, "spec.steps"),
-    ("AutonomousWorkflow", "spec.steps.3.act.sql", {"statement": "x"}, "spec.steps"),
+    ("AutonomousWorkflow", "spec.steps.3.act.webhook", {"url": "http://erp.example/x"}, "spec.steps"),
     ("AutonomousWorkflow", "spec.slo.precision", 1.2, "spec.slo.precision"),
 ]
 
