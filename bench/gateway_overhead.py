@@ -66,7 +66,7 @@ def chat_body(model: str) -> bytes:
 
 
 # ---- role: backend --------------------------------------------------------------------------------
-def role_backend(port: int) -> None:
+def role_backend(port: int, model: str = BACKEND_MODEL) -> None:
     spec = importlib.util.spec_from_file_location("bench_fake_backend", ROOT / "tests" / "fakes" / "openai_backend.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -77,7 +77,7 @@ def role_backend(port: int) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        fake = module.FakeBackend(model=BACKEND_MODEL, reply_tokens=REPLY_TOKENS)
+        fake = module.FakeBackend(model=model, reply_tokens=REPLY_TOKENS)
         fake.port = port
         async with fake:
             fake.latency(LATENCY_S)
@@ -493,7 +493,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.role == "backend":
-        role_backend(args.port)
+        role_backend(args.port, args.model or BACKEND_MODEL)
     elif args.role == "load":
         role_load(args.url, args.model, args.concurrency, args.requests, args.seconds, args.warmup)
     elif args.role == "ray":
