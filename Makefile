@@ -50,6 +50,7 @@ bench: setup .venv-litellm/.installed  ## side-by-side benchmarks; tables on std
 	$(PY) bench/reconcile_scale.py
 	$(PY) bench/gateway_overhead.py
 	$(PY) bench/failover.py
+	$(PY) bench/summary.py
 
 .venv-litellm/.installed:  ## the LiteLLM peer, in its own venv: its pins conflict with ours
 	$(PYTHON) -m venv .venv-litellm

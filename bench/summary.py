@@ -1,0 +1,108 @@
+"""Flatten the benchmark results into ``bench/results/summary.json``: one name → one number.
+
+Runs compare over time by these names (issue 5); each benchmark keeps its full JSON beside it. A figure
+whose benchmark has not been run (or could not measure it, e.g. LiteLLM not installed) is listed under
+``missing`` instead of being guessed.
+
+Run: ``.venv/bin/python bench/summary.py`` (``make bench`` runs it last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+Getter = Callable[[dict[str, dict[str, Any]]], Any]
+
+
+def _get(doc: str, *path: str) -> Getter:
+    def get(docs: dict[str, dict[str, Any]]) -> Any:
+        node: Any = docs.get(doc)
+        for key in path:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(key)
+        return node
+    return get
+
+
+def _gateway_target(docs: dict[str, dict[str, Any]], target: str) -> str:
+    """The throughput-optimized variant of a Ray target when it was measured, else the default one."""
+    results = docs.get("gateway_overhead", {}).get("results", {})
+    return f"{target} (tp)" if f"{target} (tp)" in results else target
+
+
+def _gw(target: str, level: str, metric: str) -> Getter:
+    def get(docs: dict[str, dict[str, Any]]) -> Any:
+        name = _gateway_target(docs, target) if target != "litellm" else target
+        return _get("gateway_overhead", "results", name, level, metric)(docs)
+    return get
+
+
+def _max_rps(target: str) -> Getter:
+    def get(docs: dict[str, dict[str, Any]]) -> Any:
+        name = _gateway_target(docs, target) if target != "litellm" else target
+        levels = docs.get("gateway_overhead", {}).get("results", {}).get(name, {})
+        clean = [v.get("rps") for v in levels.values() if isinstance(v, dict) and v.get("errors") == 0]
+        return max((r for r in clean if r is not None), default=None)
+    return get
+
+
+FIGURES: dict[str, Getter] = {
+    "gateway.added_p50_ms.c32.pilothouse": _gw("pilothouse", "c32", "added_p50_ms"),
+    "gateway.added_p50_ms.c32.litellm": _gw("litellm", "c32", "added_p50_ms"),
+    "gateway.added_p99_ms.c32.pilothouse": _gw("pilothouse", "c32", "added_p99_ms"),
+    "gateway.added_p99_ms.c32.litellm": _gw("litellm", "c32", "added_p99_ms"),
+    "gateway.added_p50_ms.c1.pilothouse": _gw("pilothouse", "c1", "added_p50_ms"),
+    "gateway.added_p50_ms.c32.serve_passthrough": _gw("serve passthrough", "c32", "added_p50_ms"),
+    "gateway.max_rps.pilothouse": _max_rps("pilothouse"),
+    "gateway.max_rps.litellm": _max_rps("litellm"),
+    "gateway.max_rps.serve_passthrough": _max_rps("serve passthrough"),
+    "gateway.max_rps.direct": _max_rps("direct"),
+    "failover.client_errors": _get("failover", "client_errors"),
+    "failover.reroute_ms": _get("failover", "reroute_ms"),
+    "failover.return_ms": _get("failover", "return_ms"),
+    "reconcile.all_ready_s": _get("reconcile_scale", "reconcile", "all_ready_s"),
+    "reconcile.operator_peak_rss_mb": _get("reconcile_scale", "reconcile", "operator_peak_rss_mb"),
+    "reconcile.recompile_all_s": _get("reconcile_scale", "reconcile", "recompile_all_s"),
+    "retrieval.dense_p50_ms": _get("retrieval", "summary", "dense_p50_ms"),
+    "retrieval.hybrid_p50_ms": _get("retrieval", "summary", "hybrid_p50_ms"),
+    "retrieval.keyword_only_p50_ms": _get("retrieval", "summary", "keyword_only_p50_ms"),
+    "retrieval.hot_p50_ms": _get("retrieval", "summary", "hot_p50_ms"),
+    "retrieval.faiss_p50_ms": _get("retrieval", "summary", "faiss_p50_ms"),
+    "engine.tokens_per_s_ratio": _get("engine", "summary", "tokens_per_s_ratio"),
+}
+
+
+def summarise(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    figures = {name: get(docs) for name, get in FIGURES.items()}
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "note": "2-core, 24 GiB CI-class VM, no GPU" if os.cpu_count() == 2 else ""},
+        "figures": {k: v for k, v in figures.items() if v is not None},
+        "missing": sorted(k for k, v in figures.items() if v is None),
+        "sources": sorted(docs),
+    }
+
+
+def main() -> None:
+    docs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.stem != "summary"}
+    summary = summarise(docs)
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    width = max(map(len, summary["figures"]), default=10)
+    for name, value in summary["figures"].items():
+        print(f"{name:<{width}}  {value}")
+    if summary["missing"]:
+        print(f"not measured: {', '.join(summary['missing'])}")
+
+
+if __name__ == "__main__":
+    main()
