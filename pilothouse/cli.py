@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_eval import eval_command
 from .console import err, fail, out
 
 if TYPE_CHECKING:
@@ -334,6 +335,9 @@ def _absolute_store_url(store_url: str) -> str:
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         url = url.set(database=str(Path(url.database).resolve()))
     return url.render_as_string(hide_password=False)
+
+
+app.command("eval")(eval_command)
 
 
 def main() -> None:
