@@ -8,8 +8,22 @@ never a 5xx).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from pymilvus import AnnSearchRequest, MilvusClient, MilvusException, RRFRanker
+
+from .breaker import Breaker, BreakerConfig
+from .errors import ErrorClass
+
+if TYPE_CHECKING:
+    from .embeddings import Embedder
+    from .keyword_store import KeywordStore
 
 Mode = Literal["hybrid", "dense", "keyword", "keyword-only"]
 
@@ -37,3 +51,168 @@ class Retriever(Protocol):
     """Search one VectorIndex. Synchronous (pymilvus is); async callers use ``asyncio.to_thread``."""
 
     def search(self, query: str, *, top_k: int, mode: Mode, filter: str | None = None) -> RetrievalResult: ...
+
+
+# -- Milvus implementation --------------------------------------------------------------------------
+
+RRF_K = 60
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+DEGRADED_REASONS = ("milvus_unreachable", "milvus_error", "routing_keyword_only", "embedding_failed")
+"""Fixed vocabulary of the degraded counter's ``reason`` label; the free-text reason goes to the result."""
+
+
+@dataclass(frozen=True)
+class RetrievalMetrics:
+    duration: Histogram
+    degraded: Counter
+
+
+@cache
+def retrieval_metrics(registry: CollectorRegistry = REGISTRY) -> RetrievalMetrics:
+    """Once per registry: every retriever in a process shares the series, one label set per index."""
+    return RetrievalMetrics(
+        duration=Histogram("pilothouse_retrieval_duration_seconds",
+                           "Retrieval latency by index, mode that answered, and cold (first query) or warm.",
+                           ["index", "mode", "state"], buckets=DURATION_BUCKETS, registry=registry),
+        degraded=Counter("pilothouse_retrieval_degraded", "Retrievals answered in a degraded mode, and why.",
+                         ["index", "reason"], registry=registry),
+    )
+
+
+class MilvusRetriever:
+    """Hybrid (dense + BM25, RRF k=60), dense or keyword search on one VectorIndex's Milvus alias.
+
+    Milvus failures never reach the caller: the local keyword copy answers instead, as mode
+    ``keyword-only`` with ``degraded=True`` and the cause in ``reason``. A breaker keeps a Milvus
+    that is down from costing every query a connection attempt; after its cooldown one query probes.
+
+    Milvus Lite: a ``.db`` file can be opened by ONE process only (an advisory lock; a second
+    process gets "Open local milvus failed"). Where several processes share a Lite database, one of
+    them runs ``python -m milvus_lite server --data-dir FILE.db --port P`` and the others pass
+    ``http://127.0.0.1:P`` as ``milvus_uri``.
+    """
+
+    def __init__(self, *, index: str, collection: str, milvus_uri: str, embedder: Embedder,
+                 keyword_store: KeywordStore | None, token: str | None = None,
+                 metric: Literal["COSINE", "IP", "L2"] = "COSINE", output_fields: Sequence[str] = (),
+                 registry: CollectorRegistry = REGISTRY, timeout_s: float = 10.0,
+                 breaker: BreakerConfig | None = None) -> None:
+        self.index = index
+        self.collection = collection
+        self.milvus_uri = milvus_uri
+        self.embedder = embedder
+        self.keyword_store = keyword_store
+        self.metric = metric
+        self.output_fields = ["text", *output_fields]
+        self._token = token or ""
+        self._timeout_s = timeout_s
+        self._metrics = retrieval_metrics(registry)
+        self._client: MilvusClient | None = None
+        self._lock = threading.Lock()
+        self._breaker = Breaker(f"milvus:{index}", breaker or BreakerConfig(cooldown_s=5.0, max_cooldown_s=30.0))
+        self._warm = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _milvus(self) -> MilvusClient:
+        with self._lock:
+            if self._client is None:
+                self._client = MilvusClient(uri=self.milvus_uri, token=self._token, timeout=self._timeout_s)
+            return self._client
+
+    def prewarm(self) -> RetrievalResult:
+        """Load the collection and run one query, recorded as the cold one, so users meet a warm index."""
+        try:
+            self._milvus().load_collection(self.collection)
+        except MilvusException as exc:
+            self._failed(exc)
+        return self.search("warm up", top_k=1, mode="dense")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def search(self, query: str, *, top_k: int, mode: Mode, filter: str | None = None) -> RetrievalResult:
+        started = time.perf_counter()
+        result = self._search(query, top_k=top_k, mode=mode, filter=filter)
+        seconds = time.perf_counter() - started
+        with self._lock:
+            state, self._warm = ("warm" if self._warm else "cold"), True
+        self._metrics.duration.labels(self.index, result.mode, state).observe(seconds)
+        return replace(result, latency_ms=seconds * 1000)
+
+    def _search(self, query: str, *, top_k: int, mode: Mode, filter: str | None) -> RetrievalResult:
+        if mode == "keyword-only":
+            return self._degraded(query, top_k, filter, "routing_keyword_only",
+                                  "the RoutingTable says keyword-only (VectorIndex not Ready)")
+        with self._lock:
+            allowed = self._breaker.allow()
+        if not allowed:
+            return self._degraded(query, top_k, filter, "milvus_unreachable",
+                                  f"Milvus at {self.milvus_uri} failed recently; retrying after a cooldown")
+        try:
+            vector = self.embedder.embed([query])[0] if mode in ("hybrid", "dense") else None
+        except Exception as exc:  # any embedder failure (remote down, model error) must not become a 5xx
+            with self._lock:  # Milvus was not asked: a non-counting failure only frees a probe slot
+                self._breaker.record_failure(ErrorClass.CANCELLED)
+            return self._degraded(query, top_k, filter, "embedding_failed", f"query embedding failed: {exc}")
+        try:
+            hits = self._milvus_search(query, vector, top_k, mode, filter)
+        except MilvusException as exc:
+            reason = self._failed(exc)
+            return self._degraded(query, top_k, filter, reason, f"Milvus at {self.milvus_uri}: {exc.message}")
+        with self._lock:
+            self._breaker.record_success()
+        return RetrievalResult(hits=hits, mode=mode)
+
+    def _failed(self, exc: MilvusException) -> str:
+        """Connection-level failures (code 1: Lite cannot open, 2: unreachable) trip the breaker at once."""
+        unreachable = exc.code in (1, 2)
+        with self._lock:
+            self._breaker.record_failure(ErrorClass.CONNECTION if unreachable else ErrorClass.SERVER,
+                                         refused=unreachable)
+            if unreachable and self._client is not None:
+                self._client.close()
+                self._client = None  # reconnect on the probe: a restarted server has a new channel
+        return "milvus_unreachable" if unreachable else "milvus_error"
+
+    def _milvus_search(self, query: str, vector: list[float] | None, top_k: int, mode: Mode,
+                       filter: str | None) -> list[Hit]:
+        client = self._milvus()
+        expr = filter or ""
+        dense_params = {"metric_type": self.metric}
+        sparse_params = {"metric_type": "BM25"}
+        if mode == "hybrid":
+            requests = [AnnSearchRequest([vector], "embedding", dense_params, top_k, expr=expr),
+                        AnnSearchRequest([query], "sparse", sparse_params, top_k, expr=expr)]
+            found = client.hybrid_search(self.collection, requests, RRFRanker(RRF_K), limit=top_k,
+                                         output_fields=self.output_fields)
+            sign = 1.0
+        elif mode == "dense":
+            found = client.search(self.collection, [vector], anns_field="embedding", limit=top_k, filter=expr,
+                                  search_params=dense_params, output_fields=self.output_fields)
+            sign = -1.0 if self.metric == "L2" else 1.0
+        else:
+            found = client.search(self.collection, [query], anns_field="sparse", limit=top_k, filter=expr,
+                                  search_params=sparse_params, output_fields=self.output_fields)
+            sign = -1.0  # Milvus (Lite) reports BM25 as a negative distance, best first
+        return [Hit(id=str(h["id"]), text=h["entity"].get("text", ""), score=sign * float(h["distance"]),
+                    metadata={k: v for k, v in h["entity"].items() if k != "text" and v is not None}) for h in found[0]]
+
+    def _degraded(self, query: str, top_k: int, filter: str | None, code: str, reason: str) -> RetrievalResult:
+        from .keyword_store import UnsupportedFilter  # keyword_store imports Hit from here
+
+        self._metrics.degraded.labels(self.index, code).inc()
+        if self.keyword_store is None:
+            return RetrievalResult(hits=[], mode="keyword-only", degraded=True,
+                                   reason=f"{reason}; no local keyword copy of {self.index}")
+        try:
+            hits = self.keyword_store.search(query, top_k=top_k, filter=filter)
+        except UnsupportedFilter as exc:
+            return RetrievalResult(hits=[], mode="keyword-only", degraded=True, reason=f"{reason}; {exc}")
+        return RetrievalResult(hits=hits, mode="keyword-only", degraded=True,
+                               reason=f"{reason}; answered by BM25 over the local keyword copy")
