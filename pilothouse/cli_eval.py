@@ -130,6 +130,8 @@ def _load_workflow(workflow_dir: Path) -> AutonomousWorkflow:
         raise fail(f"the AutonomousWorkflow in {workflow_dir} is invalid", "fix the fields named above")
     workflows = [obj for obj in bundle.objects if isinstance(obj, AutonomousWorkflow)]
     if len(workflows) != 1:
+        for problem in bundle.errors if not workflows else ():  # e.g. the workflow's file is not valid YAML
+            err.print(f"[red]invalid:[/] {escape(str(problem))}")
         found = ", ".join(w.name for w in workflows) or "none"
         raise fail(f"{workflow_dir} must hold exactly one AutonomousWorkflow (found: {found})",
                    "pass the folder or the manifest file of the workflow to evaluate")

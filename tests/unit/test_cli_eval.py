@@ -124,3 +124,9 @@ def test_the_injected_predictor_runs_on_every_valid_item(tmp_path: Path) -> None
     with pytest.raises(typer.Exit):
         evaluate(tmp_path / "missing", DATASET, predictions=None, baseline=None, tolerance=0.02, out_file=None,
                  skip_invalid=False, state_dir=tmp_path, predictor=predictor)
+
+
+def test_a_folder_whose_workflow_does_not_parse_says_why(tmp_path: Path) -> None:
+    (tmp_path / "workflow.yaml").write_text("kind: AutonomousWorkflow\n  spec: [\n")
+    result = runner.invoke(app, ["eval", str(tmp_path), str(DATASET)])
+    assert result.exit_code == 2 and "not valid YAML" in result.stderr and "found: none" in result.stderr
