@@ -115,17 +115,16 @@ class MilvusRetriever:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def _milvus(self) -> MilvusClient:
+        """The client, (re)connected with the collection loaded: a restarted Milvus Lite comes back released."""
         with self._lock:
             if self._client is None:
-                self._client = MilvusClient(uri=self.milvus_uri, token=self._token, timeout=self._timeout_s)
+                client = MilvusClient(uri=self.milvus_uri, token=self._token, timeout=self._timeout_s)
+                client.load_collection(self.collection)  # a no-op when it is loaded already
+                self._client = client
             return self._client
 
     def prewarm(self) -> RetrievalResult:
-        """Load the collection and run one query, recorded as the cold one, so users meet a warm index."""
-        try:
-            self._milvus().load_collection(self.collection)
-        except MilvusException as exc:
-            self._failed(exc)
+        """Connect, load the collection and run one query, recorded as the cold one, so users meet a warm index."""
         return self.search("warm up", top_k=1, mode="dense")
 
     def close(self) -> None:
