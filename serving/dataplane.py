@@ -61,8 +61,9 @@ from .audit import (
 from .auth import tenant_of
 from .breaker import Breaker
 from .cache import ResponseCache
-from .engines import CHAT, COMPLETIONS, EMBEDDINGS, BackendError, EngineResult, EngineStream, Usage
+from .engines import CHAT, COMPLETIONS, EMBEDDINGS, BackendError, Engine, EngineResult, EngineStream, Usage
 from .engines.external import ExternalEngine, shared_client
+from .engines.handle import HandleEngine, is_local
 from .errors import ErrorClass, Failure
 from .idempotency import Conflict, IdempotencyStore, Stored
 from .ledger import Denied, Ledger, Reservation
@@ -86,6 +87,8 @@ IDEMPOTENCY_RETENTION = timedelta(hours=24)
 REQUEST_ID_HEADER = "x-pilothouse-request-id"
 CACHE_HEADER = "x-pilothouse-cache"
 REPLAY_HEADER = "x-pilothouse-idempotent-replay"
+RUN_ID_HEADER = "x-pilothouse-run-id"  # a workflow run's id, sent by the runtime; kept in the audit record
+COST_HEADER = "x-pilothouse-cost-usd"  # what the answer cost (the committed amount; 0 for a cache hit)
 _DONE = b"data: [DONE]"
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _VALIDATORS = {CHAT: validate_chat, COMPLETIONS: validate_completion, EMBEDDINGS: validate_embedding}
@@ -189,6 +192,7 @@ class _Ctx:
     span: Any = None  # the request's recording span; None when tracing is off or not sampled
     outcome: str = ""
     status_code: int = 0
+    run_id: str | None = None
 
     @property
     def route_id(self) -> str | None:
@@ -274,7 +278,8 @@ class DataPlane:
             self.metrics.observe_request(None, None, "invalid_request", time.perf_counter() - started)
             return parsed
         ctx = _Ctx(request_id=uuid.uuid4().hex, trace_id="", tenant=tenant_of(request), path=path,
-                   started=started, ts=datetime.now(UTC), model=parsed.model)
+                   started=started, ts=datetime.now(UTC), model=parsed.model,
+                   run_id=request.headers.get(RUN_ID_HEADER, "")[:128] or None)
         if tracing.enabled():
             self._start_span(ctx, request)
         if not ctx.trace_id:
@@ -439,7 +444,8 @@ class DataPlane:
                 ctx.output = _output(ctx.path, hit.body)
                 await self._audit(ctx, stores, 200)
                 self._observe(ctx, "cache_hit")
-                return Response(hit.body, media_type="application/json", headers={**ctx.headers, CACHE_HEADER: "hit"})
+                return Response(hit.body, media_type="application/json",
+                                headers={**ctx.headers, CACHE_HEADER: "hit", COST_HEADER: "0"})
 
         p = plan(route, self.breakers, prompt_tokens=ctx.prompt_tokens, max_tokens=max_tokens, budget=table.budget,
                  now=time.monotonic())
@@ -537,9 +543,15 @@ class DataPlane:
                             headers=ctx.headers)
 
     # -- attempts ----------------------------------------------------------------------------------
-    def _engine(self, backend: Backend) -> ExternalEngine:
-        """The backend's engine; one the table lists without an endpoint yet fails like an unreachable one."""
+    def _engine(self, backend: Backend) -> Engine:
+        """The backend's engine; one the table lists without an endpoint yet fails like an unreachable one.
+
+        ``serve://`` endpoints are engines in this Ray cluster (local mode), called through a Serve
+        handle; any other endpoint is an OpenAI-compatible HTTP server.
+        """
         try:
+            if is_local(backend.endpoint):
+                return HandleEngine.for_backend(backend)
             return ExternalEngine.for_backend(backend, shared_client(), backend_api_key(backend))
         except ValueError as exc:
             raise BackendError(Failure(ErrorClass.CONNECTION, str(exc))) from None
@@ -611,7 +623,9 @@ class DataPlane:
             self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
             await self._audit(ctx, stores, 200)
             self._observe(ctx, "ok")
-            return Response(result.body, media_type=result.content_type, headers=ctx.headers)
+            cost, _ = cost_usd(backend, usage, ctx.prompt_tokens)
+            return Response(result.body, media_type=result.content_type,
+                            headers={**ctx.headers, COST_HEADER: f"{cost:.9f}"})
         return await self._fail(ctx, stores, last)
 
     async def _fail(self, ctx: _Ctx, stores: Stores, last: Failure | None) -> Response:
@@ -765,7 +779,7 @@ class DataPlane:
         output, output_hash = redact(ctx.output, store_outputs)
         usage = ctx.usage
         record = AuditRecord(
-            id=ctx.request_id, ts=ctx.ts, trace_id=ctx.trace_id, tenant=ctx.tenant,
+            id=ctx.request_id, ts=ctx.ts, trace_id=ctx.trace_id, run_id=ctx.run_id, tenant=ctx.tenant,
             workflow=table.workflow if table else None, route=ctx.route.step if ctx.route else None,
             model=ctx.model, inputs=inputs, inputs_hash=inputs_hash,
             routing=RoutingDecision(backend=ctx.backend.model_deployment if ctx.backend and status < 400 else None,

@@ -1,0 +1,255 @@
+"""The in-process engine: a vLLM engine in the same Ray cluster, called through a Serve DeploymentHandle.
+
+Locally (``pilothouse run``) the engines and the gateway share one Ray cluster, so the gateway calls
+an engine replica through a ``DeploymentHandle``: no HTTP server in front of vLLM, no extra hop,
+no port to allocate, and Ray routes to whichever engine replica is free. A RoutingTable backend
+names such an engine with the endpoint ``serve://<app>`` (the app's ingress deployment) or
+``serve://<app>/<deployment>``; ``DataPlane`` picks this engine for that scheme and the HTTP
+``ExternalEngine`` for everything else. In a cluster the engines live in their own RayService
+(another Ray cluster: handles cannot cross), so the table carries their HTTP URL instead.
+
+The replica side is ``engines.vllm.PilothouseLLMServer``; the wire between them is plain Python
+data, so the gateway never imports vLLM:
+
+* ``complete(path, body) -> (status, body_bytes)``: the OpenAI JSON answer or error object;
+* ``stream(path, body)``: a generator whose first item is the HTTP status, then SSE bytes (or,
+  when the status is not 200, one error object).
+
+Answers are the same bytes vLLM's own HTTP server would send, so usage and in-band stream errors
+are read by the same code as for an external backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from pilothouse.operator.api.routing import Backend
+from pilothouse.serving.errors import ErrorClass, Failure, classify
+
+from . import EMBEDDINGS, PATHS, BackendError, EngineResult, Usage
+from .external import _SseScanner, usage_from_body
+
+SCHEME = "serve://"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def endpoint(app: str, deployment: str | None = None) -> str:
+    """The RoutingTable endpoint of an engine deployed as a Serve application in the gateway's cluster."""
+    return f"{SCHEME}{app}" + (f"/{deployment}" if deployment else "")
+
+
+def is_local(endpoint: str | None) -> bool:
+    return bool(endpoint) and endpoint.startswith(SCHEME)  # type: ignore[union-attr]
+
+
+def parse(endpoint: str) -> tuple[str, str | None]:
+    """``serve://app[/deployment]`` → (app, deployment or None). ValueError naming the problem otherwise."""
+    if not endpoint.startswith(SCHEME):
+        raise ValueError(f"endpoint {endpoint!r} is not a local Serve engine (expected {SCHEME}<app>[/<deployment>])")
+    app, _, deployment = endpoint[len(SCHEME):].strip("/").partition("/")
+    if not app or "/" in deployment:
+        raise ValueError(f"endpoint {endpoint!r}: expected {SCHEME}<app> or {SCHEME}<app>/<deployment>")
+    return app, deployment or None
+
+
+def request_payload(path: str, body: Mapping[str, Any], model: str, *, stream: bool) -> dict[str, Any]:
+    """The body the engine gets: the backend's model name, and usage asked for on every stream.
+
+    The gateway's budget commit needs the engine's own token counts; vLLM reports them at the end
+    of a stream only when ``stream_options.include_usage`` is set.
+    """
+    if path not in PATHS:
+        raise ValueError(f"unsupported path {path!r}; expected one of {sorted(PATHS)}")
+    payload = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    payload["model"] = model
+    if stream:
+        if path == EMBEDDINGS:
+            raise ValueError("embeddings cannot be streamed")
+        options = body.get("stream_options")
+        payload["stream"] = True
+        payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return payload
+
+
+def classify_handle_error(exc: BaseException) -> Failure:
+    """A failed handle call, in the gateway's classes.
+
+    A missing application or replica, or a replica that died, means nothing serves this backend:
+    ``connection`` (refused when the application does not exist, so the breaker opens at once). Serve
+    shedding load is ``rate_limited``. An exception raised by the engine itself (vLLM's
+    ``EngineDeadError``) arrives wrapped in ``RayTaskError``: ``server``.
+    """
+    from ray import exceptions as ray_exc
+    from ray.serve import exceptions as serve_exc
+
+    message = f"{type(exc).__name__}: {exc}".rstrip(": ")[:500]
+    if isinstance(exc, serve_exc.BackPressureError):
+        return Failure(ErrorClass.RATE_LIMITED, message)
+    if isinstance(exc, serve_exc.RequestCancelledError | asyncio.CancelledError):
+        return Failure(ErrorClass.CANCELLED, message)
+    if isinstance(exc, serve_exc.DeploymentUnavailableError | serve_exc.ReplicaUnavailableError
+                  | ray_exc.ActorDiedError | ray_exc.ActorUnavailableError | ray_exc.RayActorError):
+        return Failure(ErrorClass.CONNECTION, message)
+    if isinstance(exc, serve_exc.RayServeException) and "does not exist" in str(exc):
+        return Failure(ErrorClass.CONNECTION, message, refused=True)
+    if isinstance(exc, ray_exc.GetTimeoutError | TimeoutError):
+        return Failure(ErrorClass.TIMEOUT, message)
+    if isinstance(exc, ray_exc.RayTaskError):
+        return Failure(ErrorClass.SERVER, message)
+    return classify(exc)
+
+
+_handles: dict[str, Any] = {}
+
+
+def _handle(endpoint: str) -> Any:
+    """One handle per endpoint and process: creating one asks the Serve controller."""
+    handle = _handles.get(endpoint)
+    if handle is None:
+        from ray import serve
+
+        app, deployment = parse(endpoint)
+        handle = serve.get_app_handle(app) if deployment is None else serve.get_deployment_handle(deployment, app)
+        _handles[endpoint] = handle
+    return handle
+
+
+def forget(endpoint: str) -> None:
+    """Drop a cached handle (its application was deleted or redeployed)."""
+    _handles.pop(endpoint, None)
+
+
+class HandleStream:
+    """A streamed answer from an engine replica (see :class:`~.EngineStream`)."""
+
+    def __init__(self, response: Any, started: float, timeout_s: float) -> None:
+        self._response = response  # DeploymentResponseGenerator, already past its status item
+        self._started = started
+        self._timeout_s = timeout_s
+        self._scanner = _SseScanner()
+        self.first_token_sent = False
+        self.ttft_s: float | None = None
+        self.latency_s: float | None = None
+        self._gen = self._run()
+
+    @property
+    def usage(self) -> Usage:
+        if self._scanner.usage is not None:
+            return self._scanner.usage
+        return Usage(0, self._scanner.content_deltas, estimated=True)
+
+    def __aiter__(self) -> HandleStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+        self._response.cancel()  # stops generation in the replica when the client left early
+
+    async def _run(self) -> AsyncIterator[bytes]:
+        scanner = self._scanner
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(self._response.__anext__(), self._timeout_s)
+                except StopAsyncIteration:
+                    break
+                if not chunk:
+                    continue
+                if not self.first_token_sent:
+                    self.first_token_sent = True
+                    self.ttft_s = time.perf_counter() - self._started
+                # Scanned before the hand-over: the consumer settles the budget as soon as it sees
+                # `data: [DONE]`, and the usage event often travels in the same (batched) chunk.
+                scanner.feed(chunk)
+                yield chunk
+                if scanner.error is not None:
+                    raise BackendError(scanner.error, first_token_sent=True)
+            scanner.finish()
+            if not scanner.done:
+                raise BackendError(Failure(ErrorClass.SERVER, "stream ended before data: [DONE]"),
+                                   first_token_sent=self.first_token_sent)
+        except BackendError:
+            raise
+        except Exception as exc:  # CancelledError/GeneratorExit pass through
+            raise BackendError(classify_handle_error(exc), first_token_sent=self.first_token_sent) from exc
+        finally:
+            self.latency_s = time.perf_counter() - self._started
+
+
+class HandleEngine:
+    """Calls one engine deployment through a Serve handle. Cheap to create: handles are cached per process."""
+
+    __slots__ = ("_endpoint", "model", "timeout_s")
+
+    def __init__(self, endpoint: str, model: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        parse(endpoint)
+        self._endpoint = endpoint
+        self.model = model
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def for_backend(cls, backend: Backend, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> HandleEngine:
+        if not backend.endpoint:
+            raise ValueError(f"backend {backend.model_deployment!r} has no endpoint yet")
+        return cls(backend.endpoint, backend.model, timeout_s=timeout_s)
+
+    def _get(self) -> Any:
+        try:
+            return _handle(self._endpoint)
+        except Exception as exc:
+            raise BackendError(classify_handle_error(exc)) from exc
+
+    async def complete(self, path: str, body: Mapping[str, Any]) -> EngineResult:
+        payload = request_payload(path, body, self.model, stream=False)
+        handle = self._get()
+        started = time.perf_counter()
+        try:
+            status, content = await asyncio.wait_for(_awaited(handle.complete.remote(path, payload)), self.timeout_s)
+        except Exception as exc:
+            raise BackendError(classify_handle_error(exc)) from exc
+        latency = time.perf_counter() - started
+        if status != 200:
+            raise BackendError(classify((status, content)) if status >= 400 else
+                               Failure(ErrorClass.SERVER, f"HTTP {status}: unexpected status", status_code=status))
+        try:
+            usage, data = usage_from_body(content)
+        except ValueError as exc:
+            raise BackendError(Failure(ErrorClass.SERVER, f"malformed response body: {exc}", status_code=200)) from exc
+        result = EngineResult(content, usage, latency)
+        if data is not None:
+            result.__dict__["data"] = data
+        return result
+
+    async def stream(self, path: str, body: Mapping[str, Any]) -> HandleStream:
+        """Start a stream; returns once the engine accepted the request (errors before that raise here)."""
+        payload = request_payload(path, body, self.model, stream=True)
+        handle = self._get()
+        started = time.perf_counter()
+        response = handle.options(stream=True).stream.remote(path, payload)
+        try:
+            status = await asyncio.wait_for(response.__anext__(), self.timeout_s)
+            if status != 200:
+                content = await asyncio.wait_for(response.__anext__(), self.timeout_s)
+        except StopAsyncIteration:
+            raise BackendError(Failure(ErrorClass.SERVER, "the engine closed the stream before any chunk")) from None
+        except Exception as exc:
+            response.cancel()
+            raise BackendError(classify_handle_error(exc)) from exc
+        if status != 200:
+            raise BackendError(classify((status, content)))
+        return HandleStream(response, started, self.timeout_s)
+
+
+async def _awaited(response: Any) -> Any:
+    """A coroutine around a DeploymentResponse, so ``wait_for`` can cancel it (which cancels the call)."""
+    return await response
+
+
+__all__ = ["SCHEME", "HandleEngine", "HandleStream", "classify_handle_error", "endpoint",
+           "forget", "is_local", "parse", "request_payload"]
