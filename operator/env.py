@@ -17,6 +17,7 @@ from .api.common import SecretKeyRef
 from .budget import SpendReader
 from .conditions import Observation, merge
 from .health import Health
+from .slo import SloReader
 
 R = TypeVar("R", bound=Resource)
 
@@ -24,6 +25,7 @@ R = TypeVar("R", bound=Resource)
 class Env(Protocol):
     http: httpx.AsyncClient
     spend: SpendReader
+    slo: SloReader | None  # workflow run figures for AutonomousWorkflow status; None: not reported
     default_milvus_uri: str | None
 
     async def secret(self, namespace: str, ref: SecretKeyRef) -> str | None:

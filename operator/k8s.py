@@ -23,6 +23,7 @@ from .api.common import SecretKeyRef
 from .budget import SpendReader
 from .health import Health, classify_vllm
 from .render_gateway import ROUTING_FILE, routing_configmap
+from .slo import SloReader
 
 R = TypeVar("R", bound=Resource)
 GENERIC = {kind.KIND: create_namespaced_resource(GROUP, VERSION, kind.KIND, kind.PLURAL) for kind in KINDS}
@@ -41,10 +42,11 @@ class ClusterEnv:
     """``Env`` for the in-cluster operator."""
 
     def __init__(self, client: lightkube.AsyncClient, http: httpx.AsyncClient, spend: SpendReader,
-                 default_milvus_uri: str | None) -> None:
+                 default_milvus_uri: str | None, slo: SloReader | None = None) -> None:
         self.client = client
         self.http = http
         self.spend = spend
+        self.slo = slo
         self.default_milvus_uri = default_milvus_uri
         # Dependencies, parsed once per resourceVersion and kept fresh by the watch (observe()).
         # Without it every workflow reconcile listed and validated every model in the namespace:

@@ -35,6 +35,7 @@ from .env import Outcome, status_doc
 from .k8s import ClusterEnv, parse
 from .manifests import describe
 from .render_gateway import GATEWAY_IMAGE
+from .slo import SloReader
 
 log = logging.getLogger("pilothouse.operator")
 FINALIZER = "pilothouse.io/finalizer"
@@ -183,7 +184,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
         client = lightkube.AsyncClient(field_manager="pilothouse")  # in-cluster, else $KUBECONFIG
-        rt.env = ClusterEnv(client, httpx.AsyncClient(), SqlSpendReader(rt.config.store_url), rt.config.milvus_uri)
+        rt.env = ClusterEnv(client, httpx.AsyncClient(), SqlSpendReader(rt.config.store_url), rt.config.milvus_uri,
+                            SloReader(rt.config.store_url))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

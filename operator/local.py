@@ -22,6 +22,7 @@ from .budget import SqlSpendReader
 from .env import Outcome, status_doc
 from .health import Health
 from .manifests import Bundle
+from .slo import SloReader
 
 R = TypeVar("R", bound=Resource)
 ORDER: tuple[type[Resource], ...] = (BudgetPolicy, ModelDeployment, VectorIndex, AutonomousWorkflow)
@@ -43,6 +44,7 @@ class LocalEnv:
     def __post_init__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.spend = SqlSpendReader(f"sqlite:///{self.state_dir / 'pilothouse.db'}")
+        self.slo: SloReader | None = SloReader(f"sqlite:///{self.state_dir / 'pilothouse.db'}")
         self.default_milvus_uri: str | None = str(self.state_dir / "milvus.db")
 
     async def secret(self, namespace: str, ref: SecretKeyRef) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, VectorIndex
 from .api.common import now
 from .conditions import Observation
@@ -39,6 +41,10 @@ async def reconcile(wf: AutonomousWorkflow, env: Env, *, gateway_image: str | No
         "budgetState": table.budget.state if table.budget else None,
         "activeFallbacks": table.active_fallbacks,
     }
+    if env.slo is not None:
+        figures = await asyncio.to_thread(env.slo.figures, wf.namespace, wf.name)
+        if figures.runs:
+            status["slo"] = figures.model_dump(mode="json", by_alias=True, exclude_none=True)
     summary = "; ".join(table.active_fallbacks) or "all dependencies healthy"
     message = f"revision {table.revision}: {summary}"
     if not all(r.backends and r.backends[0].healthy for r in table.routes):

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .cli_eval import eval_command
 from .cli_ingest import ingest
+from .cli_review import review_app
 from .console import err, fail, out
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ def operator(
 
 audit_app = typer.Typer(help="Read the audit trail: one record per request and workflow step.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(review_app, name="review")
 
 StoreUrl = Annotated[
     str, typer.Option(envvar="PILOTHOUSE_STORE_URL", help="SQLAlchemy URL of the store the gateway audits to.")

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pilothouse.operator.api.routing import RoutingTable
 
-from . import tracing
+from . import reviews, tracing
 from .auth import ApiKeys, Authenticate
 from .dataplane import DataPlane
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS
@@ -199,6 +199,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
     source = TableSource(routing_path)
     keys = ApiKeys(api_keys)
     dataplane = DataPlane(source, store_url or os.environ.get("PILOTHOUSE_STORE_URL"))
+    review_queue = reviews.ReviewQueue(dataplane.store_url, dataplane.metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -212,6 +213,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             await dataplane.aclose()
+            await review_queue.aclose()
             await close_shared_client()
             tracing.flush()
 
@@ -255,6 +257,8 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         return await dataplane.handle(request, EMBEDDINGS)
+
+    app.include_router(reviews.router(review_queue))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -38,6 +38,9 @@ REASONS = frozenset({"circuit_open", "unhealthy", "budget_downgrade", *(e.value 
 """Why a request moved to another backend: an error class or a decision taken before dispatch."""
 WINDOWS = frozenset({"hour", "day", "month"})
 TOKEN_KINDS = frozenset({"prompt", "completion"})
+RUN_OUTCOMES = frozenset({"automated", "approved", "rejected", "failed", "compensated"})
+"""How a workflow run ended: completed without a human, completed after approval, or not completed."""
+RUN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class CircuitState(IntEnum):
@@ -74,7 +77,20 @@ class Metrics:
                               ["backend", "kind"], registry=r)
         self.table_revision = Gauge("pilothouse_table_revision", "RoutingTable revision in use.", ["workflow"],
                                     registry=r)
+        self.workflow_runs = Counter("pilothouse_workflow_runs", "Finished workflow runs by outcome.",
+                                     ["workflow", "outcome"], registry=r)
+        self.workflow_run_duration = Histogram("pilothouse_workflow_run_duration_seconds",
+                                               "Machine time of a finished run (time parked for a human excluded).",
+                                               ["workflow"], buckets=RUN_BUCKETS, registry=r)
+        self.workflow_cost = Counter("pilothouse_workflow_cost_usd", "Model cost of workflow runs in USD.",
+                                     ["workflow"], registry=r)
+        self.workflow_reviews = Counter("pilothouse_workflow_reviews", "Runs parked in the human review queue.",
+                                        ["workflow"], registry=r)
+        self.workflow_compensations = Counter("pilothouse_workflow_compensations",
+                                              "Runs whose actions were undone by their compensation.",
+                                              ["workflow"], registry=r)
         self._lock = threading.Lock()
+        self._runtime_workflows: frozenset[str] = frozenset()
         self._routes: frozenset[str] = frozenset()
         self._backends: frozenset[str] = frozenset()
         self._policies: frozenset[str] = frozenset()
@@ -119,6 +135,14 @@ class Metrics:
     def workflow(self, value: str | None) -> str:
         return _bounded(value, self._workflows)
 
+    def allow_run_workflows(self, names: Iterable[str]) -> None:
+        """Add workflows a runtime executes (from its manifests, never from a request) to the run metrics."""
+        with self._lock:
+            self._runtime_workflows = self._runtime_workflows | frozenset(names)
+
+    def _run_workflow(self, value: str) -> str:
+        return _bounded(value, self._workflows | self._runtime_workflows)
+
     # -- recording ---------------------------------------------------------------------------------
 
     def observe_request(self, route: str | None, backend: str | None, outcome: str, duration_s: float,
@@ -161,6 +185,20 @@ class Metrics:
         name = self.workflow(workflow)
         if name != OTHER:
             self.table_revision.labels(name).set(revision)
+
+    def run_finished(self, workflow: str, outcome: str, duration_s: float) -> None:
+        name = self._run_workflow(workflow)
+        self.workflow_runs.labels(name, _bounded(outcome, RUN_OUTCOMES)).inc()
+        self.workflow_run_duration.labels(name).observe(duration_s)
+        if outcome == "compensated":
+            self.workflow_compensations.labels(name).inc()
+
+    def run_cost(self, workflow: str, usd: float) -> None:
+        if usd > 0:
+            self.workflow_cost.labels(self._run_workflow(workflow)).inc(usd)
+
+    def run_parked(self, workflow: str) -> None:
+        self.workflow_reviews.labels(self._run_workflow(workflow)).inc()
 
     def render(self) -> tuple[bytes, str]:
         """Body and Content-Type for ``GET /metrics`` (Prometheus text format)."""

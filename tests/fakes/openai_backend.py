@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ from aiohttp import web
 
 JSON = dict[str, Any]
 STALL_FOREVER_S = 3600.0
+_TOKEN = re.compile(r"\w+|\s+|[^\w\s]")
 
 
 @dataclass
@@ -181,6 +183,28 @@ class FakeBackend:
         self._token_interval_s = 0.0
         self._break_after: int | None = None
         self._stream_usage = True
+        self._content: str | None = None
+        self._logprob = 0.0
+        self._logprobs_for: dict[str, float] = {}
+
+    def reply_with(self, content: str | None, *, logprob: float = -0.001,
+                   logprobs_for: dict[str, float] | None = None) -> None:
+        """Answer chats with ``content`` (None: the default words). With ``logprobs`` requested, the content's
+        tokens (words, runs of spaces, single punctuation) each carry ``logprob``, or the value given for a
+        substring of ``logprobs_for`` they overlap: a model unsure of one field's value."""
+        self._content, self._logprob, self._logprobs_for = content, logprob, dict(logprobs_for or {})
+
+    def _logprobs(self, content: str) -> JSON:
+        tokens: list[JSON] = []
+        for match in _TOKEN.finditer(content):
+            logprob = self._logprob
+            for part, value in self._logprobs_for.items():
+                at = content.find(part)
+                if at >= 0 and match.start() < at + len(part) and match.end() > at:
+                    logprob = min(logprob, value)
+            tokens.append({"token": match.group(), "logprob": logprob, "bytes": list(match.group().encode()),
+                           "top_logprobs": []})
+        return {"content": tokens}
 
     def fail_with(self, status: int | None, body: JSON | str | None = None, *, times: int | None = None) -> None:
         """Answer POSTs with ``status`` (and an OpenAI error body unless given); None stops it."""
@@ -313,9 +337,11 @@ class FakeBackend:
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model}
         if not body.get("stream"):
-            content = " ".join(words)
+            content = " ".join(words) if self._content is None or not chat else self._content
             choice: JSON = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
                             if chat else {"index": 0, "text": content, "finish_reason": finish})
+            if chat and self._content is not None and body.get("logprobs"):
+                choice["logprobs"] = self._logprobs(content)
             return web.json_response({**head, "choices": [choice], "usage": usage})
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         events = self._events(head, words, finish, chat)

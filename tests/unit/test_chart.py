@@ -223,6 +223,9 @@ def exported() -> dict[str, set[str]]:
     m.cache("wf/step", hit=False)
     m.used_tokens("a", 10, 5)
     m.revision("wf", 3)
+    m.run_finished("wf", "compensated", 1.5)
+    m.run_cost("wf", 0.002)
+    m.run_parked("wf")
     body, _ = m.render()
     samples: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(body.decode()):
