@@ -20,6 +20,7 @@ class Health:
     reason: str
     message: str
     ready_replicas: int | None = None
+    endpoint: str | None = None  # where this environment serves the model, when not render_model.endpoint()
 
     def observations(self) -> list[Observation]:
         return [

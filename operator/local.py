@@ -40,6 +40,9 @@ class LocalEnv:
     secrets: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     objects: dict[tuple[str, str, str], Resource] = field(default_factory=dict)
     http: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
+    # ModelDeployment name → endpoint of its engine running in the local Ray Serve (``serve://<app>``),
+    # as ``serving.engines.vllm.deploy_local_engines`` returned it; absent = not started (yet).
+    engine_endpoints: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -57,8 +60,16 @@ class LocalEnv:
                 if k == kind.KIND and ns == namespace}
 
     async def vllm_health(self, md: ModelDeployment) -> Health:
-        """Locally, vLLM runs inside the gateway process; what can be checked here is the weights."""
+        """Locally, vLLM runs as a Serve application beside the gateway, which calls it through a handle.
+
+        Ready with the engine's ``serve://`` endpoint once it was started; before that, the weights
+        are what can be checked (the RoutingTable then carries the cluster URL, which fails over).
+        """
         source = md.spec.model.name
+        local_endpoint = self.engine_endpoints.get(md.name)
+        if local_endpoint is not None:
+            return Health(True, "LocalEngine", f"vLLM serving {source} in the local Ray Serve ({local_endpoint})",
+                          endpoint=local_endpoint)
         if await asyncio.to_thread(_exists, source):
             return Health(True, "LocalEngine", f"weights at {source}; served in-process by the local gateway")
         if source.startswith(("/", "./", "~", "s3://")):

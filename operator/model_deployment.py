@@ -32,7 +32,7 @@ async def reconcile(md: ModelDeployment, env: Env) -> Outcome:
     progressing = Observation("Progressing", not health.ready and health.reason == "PodsNotReady",
                               "Rollout" if not health.ready else "Stable",
                               health.message if not health.ready else "")
-    status = {"endpoint": endpoint(md)}
+    status = {"endpoint": health.endpoint or endpoint(md)}
     if health.ready_replicas is not None:
         status["readyReplicas"] = health.ready_replicas
     phase = "Ready" if health.ready else ("Pending" if health.reason == "PodsNotReady" else "Degraded")

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .cli_eval import eval_command
 from .cli_ingest import ingest
+from .cli_models import models_app
 from .cli_review import review_app
 from .console import err, fail, out
 
@@ -124,6 +125,7 @@ def operator(
 
 audit_app = typer.Typer(help="Read the audit trail: one record per request and workflow step.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
 app.add_typer(review_app, name="review")
 
 StoreUrl = Annotated[
