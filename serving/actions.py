@@ -176,9 +176,10 @@ class Actions:
         engine = self._engine(write)
         dialect = sqlite if engine.dialect.name == "sqlite" else postgresql
         claimed = key + UNDO_SUFFIX if undo else key
-        claim = dialect.insert(action_keys).values(key=claimed, done_at=datetime.now(UTC)).on_conflict_do_nothing()
+        claim = (dialect.insert(action_keys).values(key=claimed, done_at=datetime.now(UTC))
+                 .on_conflict_do_nothing().returning(action_keys.c.key))
         with stores.writer(engine).begin() as conn:
-            if conn.execute(claim).rowcount == 0:
+            if conn.execute(claim).first() is None:  # the key was there: done before
                 return ActionResult("sql", claimed, "replayed", replayed=True)
             conn.execute(sa.text(write.statement), _params(fields, key, run_id, workflow))
         return ActionResult("sql", claimed, "written")

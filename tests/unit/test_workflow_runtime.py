@@ -4,7 +4,12 @@ human and acts only when approved; failures after partial effects are compensate
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,3 +194,72 @@ async def test_empty_input_and_an_unreachable_gateway_are_recorded_failures(tmp_
         retried = await k.runtime.resume("run-down")  # nothing was acted on: a failed run may be retried
         assert retried.state == "completed" and k.receiver.effects == {"run-down-post": 1}
         assert k.store.steps("run-down")["extract"].attempts == 2
+
+
+def test_a_runtime_killed_while_acting_resumes_and_the_effect_happens_once(tmp_path: Path) -> None:
+    """kill -9 between "action sent" and "action recorded": the restarted runtime resumes at the act step
+    and sends the same key again; the receiver acts once."""
+    store_url = f"sqlite:///{tmp_path}/store.db"
+    with receiver() as r:
+        r.stall(120)  # hold the first act request: the child is killed while it waits
+        child = subprocess.Popen([sys.executable, "-m", "tests.fakes.workflow_child", str(tmp_path), store_url,
+                                  r.url], cwd=Path(__file__).parents[2], start_new_session=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert r.got_request.wait(60), child.communicate(timeout=5)[0] if child.poll() is not None else ""
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(30)
+        r.stall(0, times=0)
+        store = RunStore(store_url)
+        assert store.get("run-crash").state == "running"
+        assert store.steps("run-crash")["post"].state == "started"
+
+        async def restart() -> list[Any]:
+            runtime = WorkflowRuntime(store=store, owner="runtime-a")  # the same runtime, restarted
+            try:
+                return await runtime.resume_incomplete()
+            finally:
+                await runtime.aclose()
+
+        results = asyncio.run(restart())
+        assert [x.state for x in results] == ["completed"]
+        assert r.calls == {"run-crash-post": 2} and r.effects == {"run-crash-post": 1}
+        steps = store.steps("run-crash")
+        assert steps["post"].attempts == 2 and steps["extract"].attempts == 1  # generate was not re-run
+        store.close()
+
+
+def test_review_cli_lists_shows_and_decides_and_refuses_runs_not_waiting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pilothouse.cli import app
+
+    async def park(r: Receiver) -> None:
+        async with kit(tmp_path, wf=make_workflow(r.url)) as k:
+            k.backend.reply_with(answer(), logprobs_for={"1234.5": -1.0})
+            for i, run_id in enumerate(("cli-a", "cli-b", "cli-c")):
+                assert (await k.runtime.start(f"{INVOICE} Copy {i}.", run_id=run_id)).state == "review"
+
+    store_url = f"sqlite:///{tmp_path}/store.db"
+    cli = CliRunner()
+    with receiver() as r:
+        asyncio.run(park(r))
+        listed = cli.invoke(app, ["review", "list", "--store-url", store_url])
+        assert listed.exit_code == 0 and all(i in listed.output for i in ("cli-a", "cli-b", "cli-c"))
+        shown = cli.invoke(app, ["review", "show", "cli-a", "--store-url", store_url])
+        assert shown.exit_code == 0 and '"review_reason"' in shown.output and "low confidence" in shown.output
+        approved = cli.invoke(app, ["review", "approve", "cli-a", "--reviewer", "dana", "--reason", "ok",
+                                    "--store-url", store_url])
+        assert approved.exit_code == 0 and "completed" in approved.output and r.effects == {"cli-a-post": 1}
+        rejected = cli.invoke(app, ["review", "reject", "cli-b", "--reviewer", "dana", "--store-url", store_url])
+        assert rejected.exit_code == 0 and "rejected" in rejected.output
+        edited = cli.invoke(app, ["review", "edit", "cli-c", "--reviewer", "dana", "--set", "total=99.5",
+                                  "--set", "currency=USD", "--store-url", store_url])
+        assert edited.exit_code == 0, edited.output
+        assert r.bodies["cli-c-post"]["fields"] == {**FIELDS, "total": 99.5, "currency": "USD"}
+        again = cli.invoke(app, ["review", "approve", "cli-b", "--reviewer", "eve", "--store-url", store_url])
+        assert again.exit_code == 2 and "rejected, not waiting for review" in again.output
+        assert "Traceback" not in again.output and set(r.effects) == {"cli-a-post", "cli-c-post"}
+        nowhere = cli.invoke(app, ["review", "list", "--store-url", f"sqlite:///{tmp_path}/none.db"])
+        assert nowhere.exit_code == 2 and "no run store" in nowhere.output
