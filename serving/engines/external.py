@@ -261,8 +261,10 @@ class ExternalStream:
                 if not self.first_token_sent:
                     self.first_token_sent = True
                     self.ttft_s = time.perf_counter() - self._started
+                # Scan before the hand-over: the relay settles the budget as soon as it forwards
+                # `data: [DONE]`, and a usage event often shares that chunk.
+                scanner.feed(chunk)
                 yield chunk
-                scanner.feed(chunk)  # after the hand-over: parsing never delays a chunk
                 if scanner.error is not None:
                     raise BackendError(scanner.error, first_token_sent=True)
             scanner.finish()

@@ -407,3 +407,26 @@ async def test_a_finished_stream_returns_its_connection_to_the_pool(engine: Exte
         async with await engine.stream(CHAT, {"messages": MESSAGES}) as stream:
             [chunk async for chunk in stream]
     assert len(fb.peers) == 1 and pool_size(client) == 1
+
+
+async def test_usage_is_known_when_the_chunk_carrying_done_is_handed_on() -> None:
+    """A backend (vLLM does) may send the usage event and ``[DONE]`` in one read; the gateway settles
+    the budget the moment it forwards ``[DONE]``, so usage must be parsed before that chunk leaves."""
+    tail = (b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n'
+            b"data: [DONE]\n\n")
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield first
+        yield tail
+
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                                             content=chunks()))
+    async with httpx.AsyncClient(transport=transport) as client:
+        engine = ExternalEngine(client, "http://backend/v1", None, "m")
+        seen: list[Usage] = []
+        async with await engine.stream(CHAT, {"messages": MESSAGES}) as stream:
+            async for chunk in stream:
+                if chunk.endswith(b"data: [DONE]\n\n"):
+                    seen.append(stream.usage)
+    assert seen == [Usage(7, 3)]
