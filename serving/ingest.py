@@ -35,6 +35,7 @@ from .keyword_store import KeywordStore, StoredChunk
 SUFFIXES = frozenset({".txt", ".md", ".markdown", ".jsonl", ".pdf"})
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 _BLANK_LINE = re.compile(r"\n\s*\n")
+SEAL_EVERY = 1_000  # rows written between Milvus flushes (see Ingestor._seal)
 _MAX_IDS_PER_SOURCE = 16_384  # Milvus' query window; far beyond any one file's chunk count
 
 
@@ -247,6 +248,7 @@ class Ingestor:
         self.max_chars = min(max_chars, text_max_length // 4)  # VARCHAR limits bytes; UTF-8 is ≤ 4 per char
         self.overlap = overlap
         self.batch_size = batch_size
+        self._unsealed = 0  # rows written since the last flush
 
     @staticmethod
     def discover(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[Skipped]]:
@@ -283,8 +285,19 @@ class Ingestor:
             if progress is not None:
                 progress(done, len(files), path)
         self._flush(pending, report)
+        if self._unsealed:
+            self._seal()
         report.seconds = time.perf_counter() - started
         return report
+
+    def _seal(self) -> None:
+        """Milvus Lite searches unflushed rows slowly (BM25 p50 2 ms → 45 ms after 1,200 upserted rows
+        on 2 cores); a flush (≈0.25 s) brings queries, including ingestion's own lookups, back to speed."""
+        try:
+            self.client.flush(self.collection)
+            self._unsealed = 0
+        except MilvusException as exc:
+            raise IngestError(f"Milvus flush of {self.collection} failed: {exc.message}") from exc
 
     def _documents(self, path: Path, report: IngestReport) -> list[Document]:
         suffix = path.suffix.lower()
@@ -384,3 +397,6 @@ class Ingestor:
             report.chunks_unchanged += p.unchanged
         report.chunks_written += len(chunks)
         report.chunks_removed += len(stale)
+        self._unsealed += len(chunks) + len(stale)
+        if self._unsealed >= SEAL_EVERY:
+            self._seal()
