@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from .cli_eval import eval_command
 from .cli_ingest import ingest
@@ -50,9 +49,19 @@ def crds(
 def run(
     directory: Annotated[Path, typer.Argument(help="Folder of manifests, e.g. examples/invoice-triage/.")],
     state_dir: Annotated[Path, typer.Option(help="Where local state lives.")] = Path(".pilothouse"),
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port of the local gateway (default: a free "
+                                             "one).")] = None,
+    reconcile_only: Annotated[bool, typer.Option("--reconcile-only", help="Only reconcile and print status; do "
+                                                 "not start the stack or run the folder's LocalJob.")] = False,
 ) -> None:
-    """Local mode: validate the manifests, reconcile them with no cluster, print their status."""
+    """Local mode: reconcile the manifests with no cluster, start the stack, run the folder's job, summarise.
+
+    The job (a LocalJob document, e.g. examples/invoice-triage/local/job.yaml) says which workflow runs on
+    which inputs; a folder without one is only reconciled.
+    """
     from pilothouse.operator import local, manifests
+
+    from . import localrun
 
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # Lite logs recoverable RPC misses as errors
     if not directory.exists():
@@ -60,13 +69,18 @@ def run(
     bundle = manifests.load(directory)
     if bundle.errors:
         for error in bundle.errors:
-            err.print(f"[red]invalid:[/] {error}")
+            err.print(f"[red]invalid:[/] {escape(str(error))}")
         raise fail(
             f"{len(bundle.errors)} problem(s) in {directory}; nothing was reconciled",
             "fix the fields named above; `kubectl explain <kind>.spec` documents each field",
         )
     if not bundle.objects:
         raise fail(f"no pilothouse.io/v1alpha1 objects found in {directory}")
+    job, job_file = localrun.find_job(directory)
+    if job is not None and not reconcile_only:
+        out.print(f"job {job_file}: workflow {job.spec.workflow}")
+        localrun.run_job(directory, bundle, job, state_dir, port)
+        return
 
     async def go() -> list:
         env = local.LocalEnv(state_dir)
@@ -75,24 +89,7 @@ def run(
         finally:
             await env.http.aclose()
 
-    objects = asyncio.run(go())
-    table = Table(title=f"Pilothouse local reconcile ({directory})")
-    for column in ("Kind", "Name", "Phase", "Ready", "Reason"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("Detail", overflow="fold")
-    for obj in objects:
-        status = obj.status.dump() if obj.status else {}
-        ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
-        colour = {"True": "green", "False": "red"}.get(ready.get("status", ""), "yellow")
-        table.add_row(
-            obj.KIND,
-            obj.name,
-            status.get("phase", "-"),
-            f"[{colour}]{ready.get('status', '-')}[/]",
-            ready.get("reason", "-"),
-            ready.get("message", ""),
-        )
-    out.print(table)
+    out.print(localrun.status_table(asyncio.run(go()), f"Pilothouse local reconcile ({directory})"))
     out.print(f"RoutingTables and status: {state_dir}/routing/, {state_dir}/status.json")
 
 

@@ -30,9 +30,9 @@ Predictor = Callable[[Path, "list[DatasetItem]", Path], "list[Prediction]"]
 
 def run_workflow(workflow_dir: Path, items: list[DatasetItem], state_dir: Path) -> list[Prediction]:
     """Run the workflow locally on every item: the default predictor of ``pilothouse eval``."""
-    raise fail("running the workflow for eval needs the local workflow runtime (pilothouse.localrun.predict), "
-               "which is not wired yet",
-               "pass --predictions FILE: one JSON line per run, {id, fields, automated, state}")
+    from .localrun import predict
+
+    return predict(workflow_dir, items, state_dir)
 
 
 def eval_command(
@@ -82,7 +82,7 @@ def evaluate(workflow_dir: Path, dataset: Path, *, predictions: Path | None, bas
         runs = predictor(workflow_dir, loaded.items, state_dir)
     report = _checked(lambda: evaluation.score(loaded.items, runs, kinds, dataset=str(dataset),
                                                workflow=workflow.name), skip_invalid, "predictions")
-    _print(report, workflow)
+    print_report(report, workflow)
     if out_file is not None:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(report.to_json() + "\n", encoding="utf-8")
@@ -179,7 +179,7 @@ def _decisions_line(scores: Scores) -> str:
     return f"{d.correct}/{d.runs}"
 
 
-def _print(report: EvalReport, workflow: AutonomousWorkflow) -> None:
+def print_report(report: EvalReport, workflow: AutonomousWorkflow) -> None:
     slo = workflow.spec.slo
     fields = Table(title=f"{workflow.name}: {report.items} item(s) from {escape(report.dataset or '-')}")
     for column in ("Field", "Labelled", "Predicted", "Correct", "Precision", "Recall"):

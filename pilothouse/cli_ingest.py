@@ -73,14 +73,14 @@ def ingest(
                         metadata_fields=vi.spec.fields.metadata, text_key=text_key, max_chars=max_chars,
                         overlap=overlap, text_max_length=vi.spec.fields.text_max_length)
     try:
-        result = _with_progress(ingestor, paths)
+        result = with_progress(ingestor, paths)
     except IngestError as exc:
         raise fail(str(exc), "files finished before this are stored; re-run the same command to resume "
                    "(unchanged files are skipped)") from None
     finally:
         store.close()
     rows = int(client.get_collection_stats(vi.alias).get("row_count", 0))
-    _summary(result, rows)
+    summary(result, rows)
 
 
 def _find(bundle: Bundle, name: str, namespace: str | None, source: Path) -> VectorIndex:
@@ -109,7 +109,7 @@ def _token(bundle: Bundle, vi: VectorIndex) -> str | None:
     return bundle.secrets.get((vi.namespace, ref.name), {}).get(ref.key) or os.environ.get(ref.env_var)
 
 
-def _with_progress(ingestor: Ingestor, paths: list[Path]) -> IngestReport:
+def with_progress(ingestor: Ingestor, paths: list[Path]) -> IngestReport:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]ingesting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -122,7 +122,7 @@ def _with_progress(ingestor: Ingestor, paths: list[Path]) -> IngestReport:
         return ingestor.ingest(paths, progress=advance)
 
 
-def _summary(report: IngestReport, rows: int) -> None:
+def summary(report: IngestReport, rows: int) -> None:
     table = Table(title="Ingest summary")
     table.add_column("")
     table.add_column("count", justify="right")

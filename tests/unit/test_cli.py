@@ -21,7 +21,8 @@ def pilothouse(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_run_reconciles_the_example_locally(tmp_path: Path) -> None:
-    result = pilothouse("run", str(EXAMPLE), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    result = pilothouse("run", str(EXAMPLE), "--reconcile-only", "--state-dir", str(tmp_path / "state"),
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for name in ("invoice-small", "invoice-large", "invoice-docs", "invoice-budget", "invoice-triage"):
         assert name in result.stdout
@@ -41,7 +42,8 @@ def test_run_reconciles_the_example_locally(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_run_again_keeps_state_and_revision(tmp_path: Path) -> None:
     for _ in range(2):
-        result = pilothouse("run", str(EXAMPLE), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+        result = pilothouse("run", str(EXAMPLE), "--reconcile-only", "--state-dir", str(tmp_path / "state"),
+                        cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     table = json.loads((tmp_path / "state" / "routing" / "default" / "invoice-triage.json").read_text())
     assert table["revision"] == 1

@@ -91,7 +91,6 @@ def test_a_dataset_line_without_labels_is_a_clear_error(tmp_path: Path) -> None:
     (("--predictions", "nowhere.jsonl"), "predictions file nowhere.jsonl does not exist"),
     (("--baseline", "nowhere.json", "--predictions", "{good}"), "cannot read baseline nowhere.json"),
     (("--baseline", "{good}", "--predictions", "{good}"), "is not an eval report"),
-    ((), "running the workflow for eval needs the local workflow runtime"),
 ])
 def test_bad_inputs_are_one_line_with_a_hint(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     good = write_predictions(tmp_path / "good.jsonl", perfect())
