@@ -48,18 +48,22 @@ def eval_command(
     ] = None,
     tolerance: Annotated[float, typer.Option(min=0, max=1, help="Allowed drop of precision or recall.")] = 0.02,
     out_file: Annotated[Path | None, typer.Option("--out", help="Save the report (JSON) here.")] = None,
+    save_predictions: Annotated[Path | None, typer.Option(
+        help="Save the predictions scored (JSONL) here: re-score them later with --predictions, no model needed.")
+    ] = None,
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Warn about invalid dataset or prediction lines and score the rest.")] = False,
     state_dir: Annotated[Path, typer.Option(help="Local state of the workflow runs.")] = Path(".pilothouse"),
 ) -> None:
     """Score a workflow against a labelled dataset: precision/recall per field and per slice."""
     evaluate(workflow_dir, dataset, predictions=predictions, baseline=baseline, tolerance=tolerance,
-             out_file=out_file, skip_invalid=skip_invalid, state_dir=state_dir, predictor=run_workflow)
+             out_file=out_file, skip_invalid=skip_invalid, state_dir=state_dir, predictor=run_workflow,
+             save_predictions=save_predictions)
 
 
 def evaluate(workflow_dir: Path, dataset: Path, *, predictions: Path | None, baseline: Path | None,
              tolerance: float, out_file: Path | None, skip_invalid: bool, state_dir: Path,
-             predictor: Predictor) -> EvalReport:
+             predictor: Predictor, save_predictions: Path | None = None) -> EvalReport:
     """The command's body, with the predictor passed in (tests and the local runtime inject their own)."""
     from pilothouse.serving import evaluation
 
@@ -80,6 +84,9 @@ def evaluate(workflow_dir: Path, dataset: Path, *, predictions: Path | None, bas
         runs = _checked(lambda: evaluation.load_predictions(predictions), skip_invalid, "predictions").items
     else:
         runs = predictor(workflow_dir, loaded.items, state_dir)
+    if save_predictions is not None:
+        save_predictions.parent.mkdir(parents=True, exist_ok=True)
+        save_predictions.write_text("".join(p.model_dump_json() + "\n" for p in runs), encoding="utf-8")
     report = _checked(lambda: evaluation.score(loaded.items, runs, kinds, dataset=str(dataset),
                                                workflow=workflow.name), skip_invalid, "predictions")
     print_report(report, workflow)
