@@ -13,7 +13,6 @@ down deletions of Pilothouse objects wait; remove ``pilothouse.io/finalizer`` by
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import Any
 import httpx
 import kopf
 import lightkube
+from lightkube.core.exceptions import ApiError
 from pydantic import ValidationError
 
 from . import budget_policy, conditions, model_deployment, vector_index, workflow
@@ -39,6 +39,7 @@ from .slo import SloReader
 
 log = logging.getLogger("pilothouse.operator")
 FINALIZER = "pilothouse.io/finalizer"
+API_RETRY_S = 2.0
 
 
 @dataclass
@@ -114,15 +115,24 @@ async def sync(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runti
                 Observation("Ready", False, "InvalidSpec", f"{message} — fix the spec and re-apply")])
             await _write_status(kind, body, env, outcome, old_status, generation)
             raise kopf.PermanentError(f"InvalidSpec: {message}") from None
-        outcome = await _reconciler(kind, rt.config)(obj, env)
-        for child in outcome.children:
-            kopf.append_owner_reference(child, owner=body)
-            child_key = (child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
-            digest = hashlib.sha256(json.dumps(child, sort_keys=True).encode()).hexdigest()
-            if force_apply or rt.applied.get(child_key) != digest:
-                await env.apply(child)
-                rt.applied[child_key] = digest
-        await _write_status(kind, body, env, outcome, old_status, generation)
+        try:
+            outcome = await _reconciler(kind, rt.config)(obj, env)
+            for child in outcome.children:
+                kopf.append_owner_reference(child, owner=body)
+                child_key = (child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
+                digest = hashlib.sha256(json.dumps(child, sort_keys=True).encode()).hexdigest()
+                if force_apply or rt.applied.get(child_key) != digest:
+                    await env.apply(child)
+                    rt.applied[child_key] = digest
+            await _write_status(kind, body, env, outcome, old_status, generation)
+        except ApiError as exc:
+            # A conflict, a vanished object or an overloaded API server passes: retry in seconds, not after
+            # kopf's default backoff for unexpected errors (60 s), which also stalls the health timer.
+            code = exc.status.code or 0
+            if code not in (404, 409, 429) and code < 500:
+                raise
+            raise kopf.TemporaryError(f"the API server answered {code} ({exc.status.message}); retrying",
+                                      delay=API_RETRY_S) from exc
         for reason, message in outcome.events:
             kopf.info(body, reason=reason, message=message)
     if outcome.retry_after is not None:
@@ -158,18 +168,30 @@ async def _refresh_loop(namespace: str, rt: Runtime) -> None:
     while namespace in rt.dirty:
         rt.dirty.discard(namespace)
         try:
-            await refresh_workflows(namespace, rt)
-        except Exception:  # a failed pass must not kill the loop: the timers still converge
-            log.exception("recompiling workflows in %s failed; the next health tick retries", namespace)
+            complete = await refresh_workflows(namespace, rt)
+        except Exception:  # a failed pass must not kill the loop
+            log.exception("recompiling workflows in %s failed; retrying in %g s", namespace, API_RETRY_S)
+            complete = False
+        if not complete and rt.env is not None:
+            # Nothing else would redo it before the workflows' resync (minutes): their tables stay stale.
+            rt.dirty.add(namespace)
+            await asyncio.sleep(API_RETRY_S)
 
 
-async def refresh_workflows(namespace: str, rt: Runtime) -> None:
-    """Recompile every workflow of a namespace (a dependency changed health)."""
+async def refresh_workflows(namespace: str, rt: Runtime) -> bool:
+    """Recompile every workflow of a namespace (a dependency changed health); False when the API server
+    refused a write and the pass must be repeated."""
     if rt.env is None:
-        return
+        return True
+    complete = True
     for raw in await rt.env.list_raw(AutonomousWorkflow, namespace):
-        with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):  # its own handlers report and retry
+        try:
             await sync(AutonomousWorkflow, raw, rt, force_apply=False)
+        except kopf.PermanentError:
+            pass  # InvalidSpec: its own handlers report it
+        except kopf.TemporaryError as exc:  # a wait (retry_after) is its own handlers' to retry; an API error is ours
+            complete = complete and not isinstance(exc.__cause__, ApiError)
+    return complete
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
