@@ -37,10 +37,6 @@ def ingest(
 ) -> None:
     """Ingest documents into a VectorIndex: chunks, embeddings, upsert with stable ids (re-runs change nothing)."""
     from pilothouse.operator import manifests as manifest_files
-    from pilothouse.operator import milvus
-    from pilothouse.serving.embeddings import EmbeddingError, embedder_for
-    from pilothouse.serving.ingest import IngestError, Ingestor
-    from pilothouse.serving.keyword_store import KeywordStore, keyword_store_path
 
     for noisy in ("pymilvus", "milvus_lite", "pypdf"):  # each logs recoverable problems as tracebacks
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
@@ -48,10 +44,25 @@ def ingest(
         raise fail(f"-f {manifests} does not exist", "pass the manifest file or folder that defines the VectorIndex")
     bundle = manifest_files.load(manifests)
     vi = _find(bundle, index, namespace, manifests)
-    uri = milvus_uri or vi.spec.milvus.uri or str(state_dir / "milvus.db")
+    ingest_into(vi, paths, state_dir=state_dir, uri=milvus_uri or vi.spec.milvus.uri or str(state_dir / "milvus.db"),
+                token=_token(bundle, vi), embeddings_url=embeddings_url, text_key=text_key, max_chars=max_chars,
+                overlap=overlap)
+
+
+def ingest_into(vi: VectorIndex, paths: list[Path], *, state_dir: Path, uri: str, token: str | None = None,
+                embeddings_url: str | None = None, text_key: str = "text", max_chars: int = 1000,
+                overlap: int = 150) -> None:
+    """Make sure the collection exists, ingest with a progress bar, print the summary; errors are one line.
+
+    Shared by ``pilothouse ingest`` and ``pilothouse run`` (which ingests its job's documents the same way).
+    """
+    from pilothouse.operator import milvus
+    from pilothouse.serving.embeddings import EmbeddingError, embedder_for
+    from pilothouse.serving.ingest import IngestError, Ingestor
+    from pilothouse.serving.keyword_store import KeywordStore, keyword_store_path
+
     if milvus.backend_of(uri) == "milvus-lite":
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    token = _token(bundle, vi)
     try:
         report = milvus.reconcile(vi, uri, token)
         client = milvus.connect(uri, token)

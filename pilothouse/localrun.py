@@ -236,29 +236,15 @@ async def local_stack(bundle: manifests.Bundle, state_dir: Path, *, port: int | 
 
 
 def ingest(stack: Stack, directory: Path, items: Sequence[IngestItem]) -> None:
-    """The job's documents into their VectorIndexes, with the ingest command's progress bar and summary."""
-    from pilothouse.operator import milvus
-    from pilothouse.serving.embeddings import embedder_for
-    from pilothouse.serving.ingest import Ingestor
-    from pilothouse.serving.keyword_store import KeywordStore, keyword_store_path
-
-    from .cli_ingest import summary, with_progress
+    """The job's documents into their VectorIndexes, exactly as ``pilothouse ingest`` does."""
+    from .cli_ingest import ingest_into
 
     for item in items:
         vi: VectorIndex = stack.find(VectorIndex, item.vector_index)
         source = directory / item.path
         if not source.exists():
             raise fail(f"LocalJob spec.ingest path {item.path} does not exist under {directory}")
-        client = milvus.connect(stack.milvus_uri(vi))
-        store = KeywordStore(keyword_store_path(stack.state_dir, vi.namespace, vi.alias))
-        try:
-            ingestor = Ingestor(client=client, collection=vi.alias, embedder=embedder_for(vi), keyword_store=store,
-                                metadata_fields=vi.spec.fields.metadata,
-                                text_max_length=vi.spec.fields.text_max_length)
-            report = with_progress(ingestor, [source])
-        finally:
-            store.close()
-        summary(report, int(client.get_collection_stats(vi.alias).get("row_count", 0)))
+        ingest_into(vi, [source], state_dir=stack.state_dir, uri=stack.milvus_uri(vi))
 
 
 def retrievers(stack: Stack, wf: AutonomousWorkflow) -> dict[str, MilvusRetriever]:

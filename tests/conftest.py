@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
-from tests.pg import Unavailable, postgres_server
+from tests.pg import Unavailable, postgres_server, throwaway_postgres_database
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,15 @@ def postgres_url() -> Iterator[str]:
         except Unavailable as reason:
             pytest.skip(str(reason))
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store for the gateway's SQL stores (ledger, audit, idempotency, runs): a SQLite file,
+    or a throwaway database on the PostgreSQL server of ``postgres_url`` (skipped with the reason when
+    there is none)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.db"
+    else:
+        with throwaway_postgres_database(request.getfixturevalue("postgres_url"), "store_test") as url:
+            yield url

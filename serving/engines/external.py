@@ -199,24 +199,25 @@ def _close_later(response: httpx.Response) -> None:
     task.add_done_callback(_closing.discard)
 
 
-class ExternalStream:
-    """One streamed answer from an external backend (see :class:`~.EngineStream`).
+class SseStream:
+    """What every streamed answer shares (see :class:`~.EngineStream`): relay the upstream's SSE chunks
+    unchanged, note the first token, scan usage and in-band errors, and turn any failure into one
+    classified :class:`BackendError`. Subclasses say where chunks come from (``_chunks``), how their
+    transport's exceptions classify (``_classify``) and what to release when the relay ends (``_finished``).
 
-    The work happens in an inner async generator so that the upstream response is closed however
-    the consumer stops: exhaustion, an error, ``aclose()``, cancellation of the consumer's task
-    (thrown into the generator at its await), or even dropping the object (asyncio's async-generator
+    The work happens in an inner async generator so that the upstream is released however the
+    consumer stops: exhaustion, an error, ``aclose()``, cancellation of the consumer's task (thrown
+    into the generator at its await), or even dropping the object (asyncio's async-generator
     finaliser runs ``aclose``). Prefer ``async with``/``aclose`` over relying on the last one.
     """
 
-    def __init__(self, response: httpx.Response, started: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._response = response
+    def __init__(self, started: float) -> None:
         self._started = started
         self._scanner = _SseScanner()
         self.first_token_sent = False
         self.ttft_s: float | None = None
         self.latency_s: float | None = None
-        self._gen = self._run()
+        self._gen = self._relay()
 
     @property
     def usage(self) -> Usage:
@@ -230,7 +231,7 @@ class ExternalStream:
         """True once ``[DONE]`` was seen: the answer is whole."""
         return self._scanner.done
 
-    def __aiter__(self) -> ExternalStream:
+    def __aiter__(self) -> SseStream:
         return self
 
     async def __anext__(self) -> bytes:
@@ -238,24 +239,26 @@ class ExternalStream:
 
     async def aclose(self) -> None:
         await self._gen.aclose()
-        await self._response.aclose()  # no-op when the generator already closed it
 
-    async def __aenter__(self) -> ExternalStream:
+    async def __aenter__(self) -> SseStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def __del__(self) -> None:
-        """Dropped unclosed (and perhaps never iterated): give the connection back rather than leak it."""
-        response, loop = getattr(self, "_response", None), getattr(self, "_loop", None)
-        if response is not None and loop is not None and not response.is_closed and not loop.is_closed():
-            loop.call_soon_threadsafe(_close_later, response)
+    def _chunks(self) -> AsyncIterator[bytes]:
+        raise NotImplementedError
 
-    async def _run(self) -> AsyncIterator[bytes]:
+    def _classify(self, exc: Exception) -> Failure:
+        return classify(exc)
+
+    async def _finished(self) -> None:
+        """Release the upstream once the relay ended, however it ended."""
+
+    async def _relay(self) -> AsyncIterator[bytes]:
         scanner = self._scanner
         try:
-            async for chunk in self._response.aiter_bytes():
+            async for chunk in self._chunks():
                 if not chunk:
                     continue
                 if not self.first_token_sent:
@@ -275,11 +278,36 @@ class ExternalStream:
                                    first_token_sent=self.first_token_sent)
         except BackendError:
             raise
-        except Exception as exc:  # httpx read errors mid-stream; CancelledError/GeneratorExit pass through
-            raise BackendError(classify(exc), first_token_sent=self.first_token_sent) from exc
+        except Exception as exc:  # transport errors mid-stream; CancelledError/GeneratorExit pass through
+            raise BackendError(self._classify(exc), first_token_sent=self.first_token_sent) from exc
         finally:
             self.latency_s = time.perf_counter() - self._started
-            await self._response.aclose()
+            await self._finished()
+
+
+class ExternalStream(SseStream):
+    """One streamed answer from an external backend over HTTP."""
+
+    def __init__(self, response: httpx.Response, started: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._response = response
+        super().__init__(started)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._response.aclose()  # no-op when the relay already closed it
+
+    def __del__(self) -> None:
+        """Dropped unclosed (and perhaps never iterated): give the connection back rather than leak it."""
+        response, loop = getattr(self, "_response", None), getattr(self, "_loop", None)
+        if response is not None and loop is not None and not response.is_closed and not loop.is_closed():
+            loop.call_soon_threadsafe(_close_later, response)
+
+    def _chunks(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_bytes()
+
+    async def _finished(self) -> None:
+        await self._response.aclose()
 
 
 class ExternalEngine:

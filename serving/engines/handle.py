@@ -29,8 +29,8 @@ from typing import Any
 from pilothouse.operator.api.routing import Backend
 from pilothouse.serving.errors import ErrorClass, Failure, classify
 
-from . import EMBEDDINGS, PATHS, BackendError, EngineResult, Usage
-from .external import _SseScanner, usage_from_body
+from . import EMBEDDINGS, PATHS, BackendError, EngineResult
+from .external import SseStream, usage_from_body
 
 SCHEME = "serve://"
 DEFAULT_TIMEOUT_S = 60.0
@@ -122,64 +122,27 @@ def forget(endpoint: str) -> None:
     _handles.pop(endpoint, None)
 
 
-class HandleStream:
-    """A streamed answer from an engine replica (see :class:`~.EngineStream`)."""
+class HandleStream(SseStream):
+    """A streamed answer from an engine replica, through a Serve handle."""
 
     def __init__(self, response: Any, started: float, timeout_s: float) -> None:
         self._response = response  # DeploymentResponseGenerator, already past its status item
-        self._started = started
         self._timeout_s = timeout_s
-        self._scanner = _SseScanner()
-        self.first_token_sent = False
-        self.ttft_s: float | None = None
-        self.latency_s: float | None = None
-        self._gen = self._run()
-
-    @property
-    def usage(self) -> Usage:
-        if self._scanner.usage is not None:
-            return self._scanner.usage
-        return Usage(0, self._scanner.content_deltas, estimated=True)
-
-    def __aiter__(self) -> HandleStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        return await self._gen.__anext__()
+        super().__init__(started)
 
     async def aclose(self) -> None:
-        await self._gen.aclose()
+        await super().aclose()
         self._response.cancel()  # stops generation in the replica when the client left early
 
-    async def _run(self) -> AsyncIterator[bytes]:
-        scanner = self._scanner
-        try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(self._response.__anext__(), self._timeout_s)
-                except StopAsyncIteration:
-                    break
-                if not chunk:
-                    continue
-                if not self.first_token_sent:
-                    self.first_token_sent = True
-                    self.ttft_s = time.perf_counter() - self._started
-                # Scanned before the hand-over: the consumer settles the budget as soon as it sees
-                # `data: [DONE]`, and the usage event often travels in the same (batched) chunk.
-                scanner.feed(chunk)
-                yield chunk
-                if scanner.error is not None:
-                    raise BackendError(scanner.error, first_token_sent=True)
-            scanner.finish()
-            if not scanner.done:
-                raise BackendError(Failure(ErrorClass.SERVER, "stream ended before data: [DONE]"),
-                                   first_token_sent=self.first_token_sent)
-        except BackendError:
-            raise
-        except Exception as exc:  # CancelledError/GeneratorExit pass through
-            raise BackendError(classify_handle_error(exc), first_token_sent=self.first_token_sent) from exc
-        finally:
-            self.latency_s = time.perf_counter() - self._started
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while True:  # a replica that stops answering is a timeout, as a silent HTTP backend would be
+            try:
+                yield await asyncio.wait_for(self._response.__anext__(), self._timeout_s)
+            except StopAsyncIteration:
+                return
+
+    def _classify(self, exc: Exception) -> Failure:
+        return classify_handle_error(exc)
 
 
 class HandleEngine:

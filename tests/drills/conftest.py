@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 from fastapi import FastAPI
 
 from pilothouse.operator.api import RoutingTable
 from pilothouse.serving.gateway import build_app
-from tests.pg import throwaway_postgres_database
 from tests.unit.test_gateway_requests import KEYS
 
-__all__ = ["KEYS", "in_process_gateway", "store_url"]
+__all__ = ["KEYS", "in_process_gateway"]
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """One store for ledger, audit and idempotency: a SQLite file, or a throwaway PostgreSQL database
-    (tests/pg.py; skipped with the reason when no server can be started)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/store.db"
-    else:
-        with throwaway_postgres_database(request.getfixturevalue("postgres_url"), "drill") as url:
-            yield url
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,9 @@ One Ray + Serve per module (≈6-12 s to start on 2 cores, DESIGN.md §9); teard
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import statistics
 import threading
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import ray
 from ray import serve
@@ -90,26 +93,49 @@ class Served:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=10)
 
 
+def kill_leftovers(children: list[psutil.Process]) -> None:
+    """Ray's and vLLM's processes that outlived the shutdown (a ``VLLM::Worker`` orphan), by process group."""
+    own = os.getpgid(0)
+    for proc in children:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if proc.is_running():
+                pgid = os.getpgid(proc.pid)
+                if pgid != own:
+                    os.killpg(pgid, signal.SIGKILL)
+                else:
+                    proc.kill()
+
+
+@contextlib.contextmanager
+def served_gateway(folder: Path, routing: Path) -> Iterator[tuple[str, str]]:
+    """Local Ray with Serve and the gateway on a free port (API key ``KEY`` → team-a, a SQLite store in
+    ``folder``): yields (base URL, store URL); Serve, Ray and any stray child are gone afterwards."""
+    keys = folder / "keys.yaml"
+    keys.write_text(f"{KEY}: team-a\n")
+    store_url = f"sqlite:///{folder.resolve()}/store.db"
+    port = free_port()
+    os.environ.update(gateway.ray_env())
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        args = gateway.GatewayArgs(routing=str(routing), api_keys=str(keys), store_url=store_url)
+        gateway.start(args, host="127.0.0.1", port=port)
+        yield f"http://127.0.0.1:{port}", store_url
+    finally:
+        children = psutil.Process().children(recursive=True)
+        serve.shutdown()
+        ray.shutdown()
+        kill_leftovers(children)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("serve")
     with ThreadedFake("org/small") as fake:
         routing = folder / "routing.json"
         write(routing, table(1, "extract", endpoint=fake.url))
-        keys = folder / "keys.yaml"
-        keys.write_text(f"{KEY}: team-a\n")
-        port = free_port()
-        os.environ.update(gateway.ray_env())
         started = time.perf_counter()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            args = gateway.GatewayArgs(routing=str(routing), api_keys=str(keys),
-                                       store_url=f"sqlite:///{folder.resolve()}/store.db")
-            gateway.start(args, host="127.0.0.1", port=port)
-            yield Served(f"http://127.0.0.1:{port}", routing, time.perf_counter() - started, fake)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        with served_gateway(folder, routing) as (url, _):
+            yield Served(url, routing, time.perf_counter() - started, fake)
 
 
 def test_models_through_the_openai_client(served: Served) -> None:

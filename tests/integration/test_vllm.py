@@ -9,10 +9,7 @@ backend is the controllable FakeBackend over HTTP: a generative engine does not 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,19 +18,16 @@ from pathlib import Path
 import httpx
 import jsonschema
 import openai
-import psutil
 import pytest
-import ray
 from ray import serve
 
 from pilothouse.operator.api import ModelDeployment, RoutingTable
 from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
-from pilothouse.serving import serve as gateway
 from pilothouse.serving.audit import AuditLog, AuditRecord
 from pilothouse.serving.engines import vllm as engine
 from pilothouse.serving.tiny_model import make_tiny_llama
 from tests.fakes.openai_backend import FakeBackend
-from tests.integration.test_serve import KEY, ThreadedFake, free_port, table, write
+from tests.integration.test_serve import KEY, ThreadedFake, served_gateway, table, write
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.vllm]
 
@@ -82,49 +76,22 @@ class Stack:
         return record
 
 
-def _kill_leftovers(children: list[psutil.Process]) -> None:
-    """Ray's and vLLM's processes that outlived the shutdown (a ``VLLM::Worker`` orphan), by process group."""
-    own = os.getpgid(0)
-    for proc in children:
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if proc.is_running():
-                pgid = os.getpgid(proc.pid)
-                if pgid != own:
-                    os.killpg(pgid, signal.SIGKILL)
-                else:
-                    proc.kill()
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("vllm")
     model_dir = make_tiny_llama(folder / "tiny-llama")
-    store_url = f"sqlite:///{folder.resolve()}/store.db"
     with ThreadedFake("org/large") as fake:
-        keys = folder / "keys.yaml"
-        keys.write_text(f"{KEY}: team-a\n")
-        port = free_port()
-        os.environ.update(gateway.ray_env())
         started = time.perf_counter()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            # Serve (and the gateway) first: the engines join the same Serve instance.
-            route_file = folder / "routing.json"
-            args = gateway.GatewayArgs(routing=str(route_file), api_keys=str(keys), store_url=store_url)
-            gateway.start(args, host="127.0.0.1", port=port)
+        # Serve (and the gateway) first: the engines join the same Serve instance.
+        route_file = folder / "routing.json"
+        with served_gateway(folder, route_file) as (url, store_url):
             endpoints = engine.deploy_local_engines([small_model(model_dir)])
             write(route_file, routing(endpoints["small"], fake.url))
-            url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 15
             while httpx.get(f"{url}/readyz").status_code != 200:
                 assert time.monotonic() < deadline, "the gateway did not load the RoutingTable"
                 time.sleep(0.1)
             yield Stack(url, store_url, fake, time.perf_counter() - started)
-        finally:
-            children = psutil.Process().children(recursive=True)
-            serve.shutdown()
-            ray.shutdown()
-            _kill_leftovers(children)
 
 
 def _committed(record: AuditRecord) -> float | None:

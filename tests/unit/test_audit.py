@@ -29,20 +29,16 @@ from pilothouse.serving.audit import (
     content_hash,
     redact,
 )
-from tests.pg import throwaway_postgres_database
 
 AT = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 PROMPT = [{"role": "user", "content": "Invoice 4711 from ACME, IBAN DE89 3704 0044 0532 0130 00"}]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/state/audit.db"  # the folder does not exist yet: the log makes it
-    else:
-        with throwaway_postgres_database(request.getfixturevalue("postgres_url"), "audit_test") as database_url:
-            yield database_url
 
+@pytest.fixture
+def url(store_url: str) -> str:
+    """This module's tests call the store URL ``url``."""
+    return store_url
 
 @pytest.fixture
 def log(url: str) -> Iterator[AuditLog]:
@@ -172,7 +168,8 @@ def test_follow_yields_records_written_late_with_an_older_ts(log: AuditLog) -> N
 
 
 def test_sqlite_store_is_wal_and_fsyncs_every_commit(tmp_path: Path) -> None:
-    with AuditLog(f"sqlite:///{tmp_path}/a.db") as log, log.engine.connect() as conn:
+    with AuditLog(f"sqlite:///{tmp_path}/state/a.db") as log, log.engine.connect() as conn:  # folder made
+        assert (tmp_path / "state" / "a.db").is_file()
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
 

@@ -6,25 +6,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 from pilothouse.serving.idempotency import Claimed, Conflict, IdempotencyStore, Stored
-from tests.pg import throwaway_postgres_database
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IdempotencyStore]:
-    if request.param == "sqlite":
-        opened = IdempotencyStore(f"sqlite:///{tmp_path}/state/gateway.db")
-        yield opened
-        opened.close()
-    else:
-        with throwaway_postgres_database(request.getfixturevalue("postgres_url"), "idem_test") as url:
-            opened = IdempotencyStore(url)
-            yield opened
-            opened.close()
+@pytest.fixture
+def store(store_url: str) -> Iterator[IdempotencyStore]:
+    opened = IdempotencyStore(store_url)
+    yield opened
+    opened.close()
 
 
 def test_claim_complete_replay_and_conflict(store: IdempotencyStore) -> None:

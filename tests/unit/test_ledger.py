@@ -37,16 +37,11 @@ def rule(*limits: dict[str, Any], per_request: dict[str, Any] | None = None, pol
                                       **(per_request or {})})
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty store: a SQLite file, or a throwaway database on the PostgreSQL server (tests/pg.py:
-    started for the session, or PILOTHOUSE_TEST_POSTGRES_URL; skipped with the reason when neither)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
-    else:
-        with throwaway_postgres_database(request.getfixturevalue("postgres_url"), "ledger_test") as database_url:
-            yield database_url
 
+@pytest.fixture
+def url(store_url: str) -> str:
+    """This module's tests call the store URL ``url``."""
+    return store_url
 
 @pytest.fixture
 def ledger(url: str) -> Iterator[Ledger]:

@@ -20,19 +20,15 @@ from pilothouse.operator.slo import SloReader
 from pilothouse.serving.actions import ActionFailed, Actions
 from pilothouse.serving.confidence import appears, combine, score, token_probabilities
 from pilothouse.serving.runs import NotWaiting, RunBusy, RunError, RunStore
-from tests.pg import throwaway_postgres_database
 
 AT = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/runs.db"
-    else:
-        with throwaway_postgres_database(request.getfixturevalue("postgres_url"), "runs_test") as database_url:
-            yield database_url
 
+@pytest.fixture
+def url(store_url: str) -> str:
+    """This module's tests call the store URL ``url``."""
+    return store_url
 
 @pytest.fixture
 def store(url: str) -> Iterator[RunStore]:
