@@ -16,10 +16,10 @@ from .cli_eval import eval_command
 from .cli_ingest import ingest
 from .cli_models import models_app
 from .cli_review import review_app
+from .cli_store import DEFAULT_STORE_URL, StoreUrl, open_existing, parse_store_url, read
 from .console import err, fail, out
 
 if TYPE_CHECKING:
-    import sqlalchemy as sa
     from rich.tree import Tree
 
     from pilothouse.serving.audit import AuditLog, AuditRecord
@@ -125,45 +125,16 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
 app.add_typer(review_app, name="review")
 
-StoreUrl = Annotated[
-    str, typer.Option(envvar="PILOTHOUSE_STORE_URL", help="SQLAlchemy URL of the store the gateway audits to.")
-]
-DEFAULT_STORE_URL = "sqlite:///.pilothouse/pilothouse.db"
-
-
-def _store_url(store_url: str) -> sa.URL:
-    """Parse --store-url, or one clear error line."""
-    from sqlalchemy import exc, make_url
-
-    try:
-        return make_url(store_url)
-    except exc.ArgumentError:
-        raise fail(f"--store-url {store_url!r} is not a database URL",
-                   "e.g. sqlite:///.pilothouse/pilothouse.db") from None
 
 
 def _open_audit_log(store_url: str) -> AuditLog:
-    """The audit store, read as it is: a missing SQLite file is an error here, not a new empty store."""
     from pilothouse.serving.audit import AuditLog
 
-    url = _store_url(store_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-        raise fail(f"no audit store at {url.database}", "pass --store-url (or PILOTHOUSE_STORE_URL) of the gateway")
-    try:
-        return AuditLog(store_url, create=False)
-    except (ValueError, ImportError) as exc:
-        raise fail(str(exc)) from None
+    return open_existing(store_url, lambda url: AuditLog(url, create=False), "audit store")
 
 
 def _read_audit(action: Callable[[], T], store_url: str) -> T:
-    import sqlalchemy as sa
-
-    try:
-        return action()
-    except sa.exc.SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise fail(f"cannot read the audit store at {store_url}: {detail}",
-                   "is this the gateway's store? it must have served a request first") from None
+    return read(action, store_url, "audit store", "is this the gateway's store? it must have served a request first")
 
 
 @audit_app.command("show")
@@ -333,7 +304,7 @@ def serve(
 
 def _absolute_store_url(store_url: str) -> str:
     """A relative SQLite path made absolute here: Ray runs the gateway replica in another directory."""
-    url = _store_url(store_url)
+    url = parse_store_url(store_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         url = url.set(database=str(Path(url.database).resolve()))
     return url.render_as_string(hide_password=False)

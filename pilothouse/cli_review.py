@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from pilothouse.cli_store import DEFAULT_STORE_URL, StoreUrl, open_existing, read
 from pilothouse.console import err, fail, out
 
 if TYPE_CHECKING:
@@ -23,51 +23,31 @@ if TYPE_CHECKING:
     from pilothouse.serving.runtime import RunResult
 
 T = TypeVar("T")
-DEFAULT_STORE_URL = "sqlite:///.pilothouse/pilothouse.db"
 
 review_app = typer.Typer(help="The human review queue: runs parked below their confidence thresholds.",
                          no_args_is_help=True)
 
-StoreUrl = Annotated[str, typer.Option(envvar="PILOTHOUSE_STORE_URL", help="SQLAlchemy URL of the run store.")]
 RunId = Annotated[str, typer.Argument(metavar="RUN", help="Run id (see `pilothouse review list`).")]
 Reviewer = Annotated[str, typer.Option(help="Who decides (recorded with the decision).")]
 Reason = Annotated[str | None, typer.Option(help="Why (recorded with the decision).")]
 
 
 def _store(store_url: str) -> RunStore:
-    """The run store as it is: a missing SQLite file is an error, not a new empty store."""
-    import sqlalchemy as sa
-
     from pilothouse.serving.runs import RunStore
 
-    try:
-        url = sa.make_url(store_url)
-    except sa.exc.ArgumentError:
-        raise fail(f"--store-url {store_url!r} is not a database URL", f"e.g. {DEFAULT_STORE_URL}") from None
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-        raise fail(f"no run store at {url.database}", "pass --store-url (or PILOTHOUSE_STORE_URL) of the gateway")
-    try:
-        return RunStore(store_url, create=False)
-    except (ValueError, ImportError) as exc:
-        raise fail(str(exc)) from None
+    return open_existing(store_url, lambda url: RunStore(url, create=False), "run store")
 
 
 def _guard(action: Callable[[], T], store_url: str) -> T:
     """Run ``action``; a run error or an unreadable store is one clear line, never a traceback."""
-    import sqlalchemy as sa
-
     from pilothouse.serving.runs import NotWaiting, RunError
 
     try:
-        return action()
+        return read(action, store_url, "run store", "is this the gateway's store? a workflow must have run first")
     except NotWaiting as exc:
         raise fail(str(exc), "`pilothouse review list` shows the runs waiting for a decision") from None
     except RunError as exc:
         raise fail(str(exc)) from None
-    except sa.exc.SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise fail(f"cannot read the run store at {store_url}: {detail}",
-                   "is this the gateway's store? a workflow must have run first") from None
 
 
 def _decide(store_url: str, run_id: str, decision: str, reviewer: str, reason: str | None,
