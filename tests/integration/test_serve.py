@@ -115,13 +115,15 @@ def served_gateway(folder: Path, routing: Path) -> Iterator[tuple[str, str]]:
     store_url = f"sqlite:///{folder.resolve()}/store.db"
     port = free_port()
     os.environ.update(gateway.ray_env())
+    # Children that predate Ray (the session's PostgreSQL server) are not ours to kill afterwards.
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         args = gateway.GatewayArgs(routing=str(routing), api_keys=str(keys), store_url=store_url)
         gateway.start(args, host="127.0.0.1", port=port)
         yield f"http://127.0.0.1:{port}", store_url
     finally:
-        children = psutil.Process().children(recursive=True)
+        children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         serve.shutdown()
         ray.shutdown()
         kill_leftovers(children)
