@@ -21,12 +21,9 @@ There is no update API; ``purge`` deletes whole records past their retention.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import stores
+from .group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -316,10 +314,6 @@ def _stored(at: datetime) -> datetime:
 
 # -- the group-committing writer ---------------------------------------------------------------------
 
-_Pending = tuple[dict[str, Any], asyncio.AbstractEventLoop, asyncio.Future[None]]
-_STOP = object()
-
-
 class AuditWriter:
     """Durable-before-ack writes from asyncio, group committed by one background thread.
 
@@ -330,76 +324,28 @@ class AuditWriter:
 
     def __init__(self, log: AuditLog, *, max_batch: int = 2000) -> None:
         self.log = log
-        self.max_batch = max_batch
-        self.batches = 0
+        self._committer: GroupCommitter[dict[str, Any], None] = GroupCommitter(
+            self._insert, name="pilothouse-audit-writer", max_batch=max_batch)
+
+    @property
+    def batches(self) -> int:
         """Transactions committed by this writer; fewer than records when group commit works."""
-        self.records = 0
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="pilothouse-audit-writer", daemon=True)
-        self._thread.start()
+        return self._committer.batches
+
+    @property
+    def records(self) -> int:
+        return self._committer.items
 
     async def write(self, record: AuditRecord) -> None:
-        if self._closed:
-            raise RuntimeError("audit writer is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._queue.put((_row(record), loop, future))  # serialized here: a bad record fails its caller only
-        await future
+        await self._committer.submit(_row(record))  # serialized here: a bad record fails its caller only
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Stop taking records, commit everything queued, stop the thread. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.error("audit writer did not finish within %ss; queued records may be lost", timeout_s)
+        self._committer.close(timeout_s)
 
     async def aclose(self, timeout_s: float | None = 30.0) -> None:
-        await asyncio.to_thread(self.close, timeout_s)
+        await self._committer.aclose(timeout_s)
 
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch: list[_Pending] = []
-            item = self._queue.get()
-            while True:
-                if item is _STOP:
-                    stopping = True
-                else:
-                    batch.append(item)
-                if len(batch) >= self.max_batch:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._commit(batch)
-
-    def _commit(self, batch: list[_Pending]) -> None:
-        error: BaseException | None = None
-        try:
-            self.log.insert_rows([row for row, _, _ in batch])
-            self.batches += 1
-            self.records += len(batch)
-        except Exception as exc:  # every waiter must hear about it, or its request is acked unrecorded
-            log.exception("audit batch of %d records failed", len(batch))
-            error = exc
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        for _, loop, future in batch:
-            by_loop.setdefault(loop, []).append(future)
-        for loop, futures in by_loop.items():  # one wake-up per event loop, not one per record
-            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(_settle, futures, error)
-
-
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in futures:
-        if future.done():  # the waiter was cancelled
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
+    def _insert(self, rows: Sequence[dict[str, Any]]) -> list[None]:
+        self.log.insert_rows(list(rows))
+        return [None] * len(rows)

@@ -32,8 +32,12 @@ keeps the operator's reads from blocking it. PostgreSQL takes
 ``pg_advisory_xact_lock(hashtext(namespace || '/' || policy))`` inside the transaction, so only
 requests of the same policy queue behind each other.
 
-The engine is synchronous. The gateway's event loop must not block on it: it calls ``areserve``,
-``acommit``, ``arelease`` and ``aexpire``, which run the sync method in ``asyncio.to_thread``.
+Group commit: the gateway's ``areserve``, ``acommit`` and ``arelease`` queue their op for one writer
+thread (:class:`~pilothouse.serving.group_commit.GroupCommitter`), which applies everything queued
+meanwhile in one transaction (:meth:`Ledger.apply`) with a handful of statements per batch, not per
+request, and answers each caller when that transaction committed. The sync methods are batches of
+one. Admission is unchanged by batching: within a batch, each reservation is checked against the
+stored totals plus everything the batch admitted or settled before it.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
@@ -52,9 +58,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from pilothouse.operator.api.budget_policy import Window
 from pilothouse.operator.api.ledger import ledger, metadata, totals, window_bounds
-from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
+from pilothouse.operator.api.routing import BudgetRule
 
 from . import stores
+from .group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +135,91 @@ class Denied:
         return message
 
 
+TotalsKey = tuple[str, str, str, datetime]
+"""(namespace, policy, window, window start) of one ``budget_totals`` row."""
+_ZERO = (0.0, 0, 0.0, 0)  # committed USD, committed tokens, reserved USD, reserved tokens
+
+
+@dataclass(frozen=True)
+class ReserveOp:
+    """One request's reservation against one policy; checked for sense when built, before any queueing."""
+
+    namespace: str
+    policy: str
+    rule: BudgetRule
+    worst_cost_usd: float
+    worst_tokens: int
+    request_id: str
+    at: datetime
+
+    def __post_init__(self) -> None:
+        if self.rule.policy != self.policy:
+            raise ValueError(f"rule is for policy {self.rule.policy!r}, not {self.policy!r}")
+        if self.worst_cost_usd < 0 or self.worst_tokens < 0:
+            raise ValueError("worst-case cost and tokens must be non-negative")
+        object.__setattr__(self, "at", _utc(self.at))
+
+    def per_request_denial(self) -> Denied | None:
+        rule = self.rule
+        if (cap := rule.per_request_max_cost_usd) is not None and self.worst_cost_usd > cap + USD_EPSILON:
+            return Denied(self.namespace, self.policy, "perRequest", "USD", cap, self.worst_cost_usd)
+        if (cap_tokens := rule.per_request_max_tokens) is not None and self.worst_tokens > cap_tokens:
+            return Denied(self.namespace, self.policy, "perRequest", "tokens", cap_tokens, self.worst_tokens)
+        return None
+
+    @cached_property
+    def bounds(self) -> list[tuple[datetime, datetime]]:
+        return [window_bounds(limit.window, self.at) for limit in self.rule.limits]
+
+    def limit_keys(self) -> list[TotalsKey]:
+        """The totals row each window limit is checked against, in ``rule.limits`` order."""
+        return [(self.namespace, self.policy, Window(limit.window).value, start)
+                for limit, (start, _) in zip(self.rule.limits, self.bounds, strict=True)]
+
+    def window_denial(self, sums: Sequence[Sequence[float]]) -> Denied | None:
+        """The refusing window that resets last, or None when every window has room.
+
+        ``sums[i]`` is limit i's window as (committed USD, committed tokens, reserved USD, reserved tokens).
+        """
+        refusals: list[Denied] = []
+        for limit, (_, end), (spent_cost, spent_tokens, flying_cost, flying_tokens) in zip(
+                self.rule.limits, self.bounds, sums, strict=True):
+            # Running float sums may keep a few ULPs of reservations long gone: report those as none.
+            flying_cost = flying_cost if abs(flying_cost) > USD_EPSILON else 0.0
+            cap = limit.max_cost_usd
+            if cap is not None and spent_cost + flying_cost + self.worst_cost_usd > cap + USD_EPSILON:
+                refusals.append(Denied(self.namespace, self.policy, "window", "USD", cap, self.worst_cost_usd,
+                                       limit.window, float(spent_cost), float(flying_cost), end))
+            cap_tokens = limit.max_tokens
+            if cap_tokens is not None and spent_tokens + flying_tokens + self.worst_tokens > cap_tokens:
+                refusals.append(Denied(self.namespace, self.policy, "window", "tokens", cap_tokens, self.worst_tokens,
+                                       limit.window, int(spent_tokens), int(flying_tokens), end))
+        return max(refusals, key=lambda d: d.resets_at or self.at, default=None)
+
+
+@dataclass(frozen=True)
+class SettleOp:
+    """Commit a reservation at ``actual`` (cost USD, tokens), or release it when ``actual`` is None."""
+
+    reservation_id: str
+    actual: tuple[float, int] | None
+
+
+LedgerOp = ReserveOp | SettleOp
+
+
+def _add(deltas: dict[TotalsKey, list[float]], namespace: str, policy: str, created_at: datetime, *,
+         reserved: tuple[float, int] = (0.0, 0), committed: tuple[float, int] = (0.0, 0)) -> None:
+    """Count a change in every window (hour, day, month) containing ``created_at``."""
+    for window in Window:
+        start, _ = window_bounds(window, created_at)
+        acc = deltas.setdefault((namespace, policy, window.value, start), [0.0, 0, 0.0, 0])
+        acc[0] += committed[0]
+        acc[1] += committed[1]
+        acc[2] += reserved[0]
+        acc[3] += reserved[1]
+
+
 def reservation_id(request_id: str, policy: str) -> str:
     """Row id of one request's reservation against one policy.
 
@@ -158,13 +250,16 @@ class Ledger:
         self._writer = stores.writer(self.engine)
         metadata.create_all(self.engine)
         self.rebuild_totals()
+        self._committer: GroupCommitter[LedgerOp, Reservation | Denied | bool] | None = None
+        self._group_lock = threading.Lock()
 
     def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
         self.engine.dispose()
 
     # -- writes ------------------------------------------------------------------------------------
 
-    @stores.retry_when_locked
     def reserve(self, namespace: str, policy: str, rule: BudgetRule, worst_cost_usd: float, worst_tokens: int,
                 request_id: str, at: datetime) -> Reservation | Denied:
         """Reserve this request's worst case against ``rule``'s caps, or say which cap refuses it.
@@ -177,32 +272,10 @@ class Ledger:
         ``rule.action`` and ``rule.state`` are the operator's view and are not consulted: the ledger
         enforces caps from its own rows, and the gateway applies the action to a ``Denied``.
         """
-        if rule.policy != policy:
-            raise ValueError(f"rule is for policy {rule.policy!r}, not {policy!r}")
-        if worst_cost_usd < 0 or worst_tokens < 0:
-            raise ValueError("worst-case cost and tokens must be non-negative")
-        at = _utc(at)
-        if (cap := rule.per_request_max_cost_usd) is not None and worst_cost_usd > cap + USD_EPSILON:
-            return Denied(namespace, policy, "perRequest", "USD", cap, worst_cost_usd)
-        if (cap_tokens := rule.per_request_max_tokens) is not None and worst_tokens > cap_tokens:
-            return Denied(namespace, policy, "perRequest", "tokens", cap_tokens, worst_tokens)
+        result = self.apply([ReserveOp(namespace, policy, rule, worst_cost_usd, worst_tokens, request_id, at)])[0]
+        assert not isinstance(result, bool)
+        return result
 
-        rid = reservation_id(request_id, policy)
-        with self._write(namespace, policy) as conn:
-            existing = conn.execute(sa.select(ledger).where(ledger.c.id == rid)).first()
-            if existing is not None:
-                log.info("reservation %s exists (%s); not reserving twice", rid, existing.state)
-                return Reservation(rid, existing.namespace, existing.policy, existing.cost_usd, existing.tokens,
-                                   _stored(existing.created_at), replayed=True)
-            denied = self._check_windows(conn, namespace, policy, rule.limits, worst_cost_usd, worst_tokens, at)
-            if denied is not None:
-                return denied
-            conn.execute(ledger.insert().values(id=rid, namespace=namespace, policy=policy, state=RESERVED,
-                                                cost_usd=worst_cost_usd, tokens=worst_tokens, created_at=at))
-            self._add_totals(conn, namespace, policy, at, reserved=(worst_cost_usd, worst_tokens))
-        return Reservation(rid, namespace, policy, worst_cost_usd, worst_tokens, at)
-
-    @stores.retry_when_locked
     def commit(self, reservation_id: str, actual_cost_usd: float, actual_tokens: int) -> bool:
         """Record the actual usage; True only if this call moved the row from ``reserved`` to ``committed``.
 
@@ -212,47 +285,44 @@ class Ledger:
         backend produced more than max_tokens or the price table is wrong, and only that can push
         spend past a cap.
         """
-        with self._write() as conn:
-            row = conn.execute(sa.select(ledger.c.state, ledger.c.cost_usd, ledger.c.tokens, ledger.c.namespace,
-                                         ledger.c.policy, ledger.c.created_at)
-                               .where(ledger.c.id == reservation_id).with_for_update()).first()
-            if row is None:
-                log.warning("commit of unknown reservation %s ignored", reservation_id)
-                return False
-            if row.state != RESERVED:
-                log.info("commit of %s reservation %s ignored", row.state, reservation_id)
-                return False
-            if actual_cost_usd > row.cost_usd + USD_EPSILON or actual_tokens > row.tokens:
-                log.warning("reservation %s committed above its worst case: %s USD / %s tokens > %s USD / %s tokens",
-                            reservation_id, actual_cost_usd, actual_tokens, row.cost_usd, row.tokens)
-            done = conn.execute(ledger.update().where(ledger.c.id == reservation_id, ledger.c.state == RESERVED)
-                                .values(state=COMMITTED, cost_usd=actual_cost_usd, tokens=actual_tokens))
-            if done.rowcount != 1:
-                return False
-            self._add_totals(conn, row.namespace, row.policy, _stored(row.created_at),
-                             reserved=(-row.cost_usd, -row.tokens), committed=(actual_cost_usd, actual_tokens))
-            return True
+        return bool(self.apply([SettleOp(reservation_id, (actual_cost_usd, actual_tokens))])[0])
 
-    @stores.retry_when_locked
     def release(self, reservation_id: str) -> bool:
         """Give the reservation back; True only if this call moved it from ``reserved`` to ``released``.
 
         The row keeps the worst case it reserved (for audit); released rows count nowhere.
         """
-        with self._write() as conn:
-            row = conn.execute(sa.select(ledger.c.namespace, ledger.c.policy, ledger.c.cost_usd, ledger.c.tokens,
-                                         ledger.c.created_at)
-                               .where(ledger.c.id == reservation_id, ledger.c.state == RESERVED)
-                               .with_for_update()).first()
-            if row is None:
-                return False
-            done = conn.execute(ledger.update().where(ledger.c.id == reservation_id, ledger.c.state == RESERVED)
-                                .values(state=RELEASED))
-            if done.rowcount != 1:
-                return False
-            self._add_totals(conn, row.namespace, row.policy, _stored(row.created_at),
-                             reserved=(-row.cost_usd, -row.tokens))
-            return True
+        return bool(self.apply([SettleOp(reservation_id, None)])[0])
+
+    @stores.retry_when_locked
+    def apply(self, ops: Sequence[LedgerOp]) -> list[Reservation | Denied | bool]:
+        """Apply reservations, commits and releases in one transaction; one result per op, in order.
+
+        Settlements run first and their effect on the totals is visible to the reservations after
+        them, so a batch admits exactly what the same ops one transaction each would have admitted
+        had the settlements come first — which they may: ops in one batch are concurrent requests.
+        Replaying a batch after a busy error is safe: nothing of the failed attempt was committed.
+        """
+        results: list[Reservation | Denied | bool | None] = [None] * len(ops)
+        reserves: list[tuple[int, ReserveOp]] = []
+        settles: list[tuple[int, SettleOp]] = []
+        for i, op in enumerate(ops):
+            if isinstance(op, SettleOp):
+                settles.append((i, op))
+            elif (denied := op.per_request_denial()) is not None:
+                results[i] = denied
+            else:
+                reserves.append((i, op))
+        if reserves or settles:
+            deltas: dict[TotalsKey, list[float]] = {}
+            with self._write(sorted({(op.namespace, op.policy) for _, op in reserves})) as conn:
+                if settles:
+                    self._settle(conn, settles, results, deltas)
+                if reserves:
+                    self._reserve(conn, reserves, results, deltas)
+                self._apply_totals(conn, deltas)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
 
     @stores.retry_when_locked
     def expire(self, older_than: timedelta, now: datetime | None = None) -> int:
@@ -266,19 +336,14 @@ class Ledger:
         (returns False) and that spend is lost to the ledger.
         """
         cutoff = _utc(now or datetime.now(UTC)) - older_than
-        stale = sa.and_(ledger.c.state == RESERVED, ledger.c.created_at < cutoff)
+        deltas: dict[TotalsKey, list[float]] = {}
         with self._write() as conn:
-            rows = conn.execute(sa.select(ledger.c.id, ledger.c.namespace, ledger.c.policy, ledger.c.cost_usd,
-                                          ledger.c.tokens, ledger.c.created_at)
-                                .where(stale).order_by(ledger.c.id).with_for_update()).all()
-            released = 0
-            for row in rows:  # one by one, so a row committed meanwhile is neither released nor subtracted
-                done = conn.execute(ledger.update().where(ledger.c.id == row.id, ledger.c.state == RESERVED)
-                                    .values(state=RELEASED))
-                if done.rowcount == 1:
-                    released += 1
-                    self._add_totals(conn, row.namespace, row.policy, _stored(row.created_at),
-                                     reserved=(-row.cost_usd, -row.tokens))
+            stale = conn.execute(sa.select(ledger.c.id).where(ledger.c.state == RESERVED, ledger.c.created_at < cutoff)
+                                 .order_by(ledger.c.id)).scalars().all()
+            results: list[Reservation | Denied | bool | None] = [None] * len(stale)
+            self._settle(conn, [(i, SettleOp(rid, None)) for i, rid in enumerate(stale)], results, deltas)
+            self._apply_totals(conn, deltas)
+        released = sum(r is True for r in results)
         if released:
             log.warning("released %d stale reservations created before %s", released, _rfc3339(cutoff))
         return released
@@ -325,73 +390,129 @@ class Ledger:
 
     async def areserve(self, namespace: str, policy: str, rule: BudgetRule, worst_cost_usd: float,
                        worst_tokens: int, request_id: str, at: datetime) -> Reservation | Denied:
-        return await asyncio.to_thread(self.reserve, namespace, policy, rule, worst_cost_usd, worst_tokens,
-                                       request_id, at)
+        op = ReserveOp(namespace, policy, rule, worst_cost_usd, worst_tokens, request_id, at)
+        if (denied := op.per_request_denial()) is not None:
+            return denied
+        result = await self._group().submit(op)
+        assert not isinstance(result, bool)
+        return result
 
     async def acommit(self, reservation_id: str, actual_cost_usd: float, actual_tokens: int) -> bool:
-        return await asyncio.to_thread(self.commit, reservation_id, actual_cost_usd, actual_tokens)
+        return bool(await self._group().submit(SettleOp(reservation_id, (actual_cost_usd, actual_tokens))))
 
     async def arelease(self, reservation_id: str) -> bool:
-        return await asyncio.to_thread(self.release, reservation_id)
+        return bool(await self._group().submit(SettleOp(reservation_id, None)))
 
     async def aexpire(self, older_than: timedelta, now: datetime | None = None) -> int:
         return await asyncio.to_thread(self.expire, older_than, now)
 
+    @property
+    def batches(self) -> int:
+        """Transactions the group-commit thread applied; fewer than async ops when batching works."""
+        return self._committer.batches if self._committer is not None else 0
+
+    def _group(self) -> GroupCommitter[LedgerOp, Reservation | Denied | bool]:
+        """The group-commit thread, started by the first async write (sync users never need one)."""
+        with self._group_lock:
+            if self._committer is None:
+                self._committer = GroupCommitter(self.apply, name="pilothouse-ledger-writer")
+            return self._committer
+
     # -- internals ---------------------------------------------------------------------------------
 
     @contextmanager
-    def _write(self, namespace: str | None = None, policy: str | None = None) -> Iterator[sa.Connection]:
-        """A write transaction, serialized per policy (PostgreSQL) or per database (SQLite)."""
+    def _write(self, policies: Sequence[tuple[str, str]] = ()) -> Iterator[sa.Connection]:
+        """A write transaction, serialized per policy (PostgreSQL) or per database (SQLite).
+
+        PostgreSQL: the policies' advisory locks are taken first and in sorted order, before any row
+        lock, so two gateways' batches can wait for each other but never deadlock.
+        """
         with self._writer.begin() as conn:
-            if self.backend == "postgresql" and namespace is not None and policy is not None:
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(CAST(:namespace AS text) || '/' || "
-                                     "CAST(:policy AS text)))"), {"namespace": namespace, "policy": policy})
+            if self.backend == "postgresql":
+                for namespace, policy in policies:
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(CAST(:namespace AS text) || '/' || "
+                                         "CAST(:policy AS text)))"), {"namespace": namespace, "policy": policy})
             yield conn
 
-    def _check_windows(self, conn: sa.Connection, namespace: str, policy: str, limits: Sequence[BudgetLimit],
-                       worst_cost_usd: float, worst_tokens: int, at: datetime) -> Denied | None:
-        """The refusing window that resets last, or None when every window has room."""
-        if not limits:
-            return None
-        bounds = [window_bounds(limit.window, at) for limit in limits]
-        keys = {(Window(limit.window).value, start) for limit, (start, _) in zip(limits, bounds, strict=True)}
-        found = {(row.window, _stored(row.window_start)): row[2:] for row in conn.execute(
-            sa.select(totals.c.window, totals.c.window_start, totals.c.committed_usd, totals.c.committed_tokens,
-                      totals.c.reserved_usd, totals.c.reserved_tokens)
-            .where(totals.c.namespace == namespace, totals.c.policy == policy,
-                   sa.or_(*(sa.and_(totals.c.window == w, totals.c.window_start == st) for w, st in keys))))}
-        sums: list[Any] = []
-        for limit, (start, _) in zip(limits, bounds, strict=True):
-            committed_usd, committed_tokens, reserved_usd, reserved_tokens = found.get(
-                (Window(limit.window).value, start), (0.0, 0, 0.0, 0))
-            # Running float sums may keep a few ULPs of reservations long gone: report those as none.
-            sums += [committed_usd, committed_tokens, reserved_usd if abs(reserved_usd) > USD_EPSILON else 0.0,
-                     reserved_tokens]
-        refusals: list[Denied] = []
-        for i, (limit, (_, end)) in enumerate(zip(limits, bounds, strict=True)):
-            spent_cost, spent_tokens, flying_cost, flying_tokens = sums[4 * i: 4 * i + 4]
-            cap = limit.max_cost_usd
-            if cap is not None and spent_cost + flying_cost + worst_cost_usd > cap + USD_EPSILON:
-                refusals.append(Denied(namespace, policy, "window", "USD", cap, worst_cost_usd, limit.window,
-                                       float(spent_cost), float(flying_cost), end))
-            cap_tokens = limit.max_tokens
-            if cap_tokens is not None and spent_tokens + flying_tokens + worst_tokens > cap_tokens:
-                refusals.append(Denied(namespace, policy, "window", "tokens", cap_tokens, worst_tokens, limit.window,
-                                       int(spent_tokens), int(flying_tokens), end))
-        return max(refusals, key=lambda d: d.resets_at or at, default=None)
+    def _settle(self, conn: sa.Connection, settles: Sequence[tuple[int, SettleOp]],
+                results: list[Reservation | Denied | bool | None], deltas: dict[TotalsKey, list[float]]) -> None:
+        """Commit or release ``reserved`` rows; a row already settled (or unknown) gives False."""
+        ids = sorted({op.reservation_id for _, op in settles})
+        rows = {row.id: row for row in conn.execute(
+            sa.select(ledger.c.id, ledger.c.state, ledger.c.cost_usd, ledger.c.tokens, ledger.c.namespace,
+                      ledger.c.policy, ledger.c.created_at)
+            .where(ledger.c.id.in_(ids)).order_by(ledger.c.id).with_for_update())}
+        states = {rid: row.state for rid, row in rows.items()}
+        updates: list[dict[str, Any]] = []
+        for i, op in settles:
+            rid = op.reservation_id
+            row = rows.get(rid)
+            results[i] = False
+            if row is None or states[rid] != RESERVED:
+                if op.actual is not None:
+                    log.info("commit of %s reservation %s ignored", states.get(rid, "unknown"), rid)
+                continue
+            cost, tokens = op.actual if op.actual is not None else (row.cost_usd, row.tokens)
+            if op.actual is not None and (cost > row.cost_usd + USD_EPSILON or tokens > row.tokens):
+                log.warning("reservation %s committed above its worst case: %s USD / %s tokens > %s USD / %s tokens",
+                            rid, cost, tokens, row.cost_usd, row.tokens)
+            states[rid] = COMMITTED if op.actual is not None else RELEASED
+            updates.append({"rid": rid, "new_state": states[rid], "new_cost": cost, "new_tokens": tokens})
+            committed = (cost, tokens) if op.actual is not None else (0.0, 0)
+            _add(deltas, row.namespace, row.policy, _stored(row.created_at), committed=committed,
+                 reserved=(-row.cost_usd, -row.tokens))
+            results[i] = True
+        if updates:  # the rows are locked (FOR UPDATE, or SQLite's write lock): their state was read under it
+            conn.execute(ledger.update().where(ledger.c.id == sa.bindparam("rid"))
+                         .values(state=sa.bindparam("new_state"), cost_usd=sa.bindparam("new_cost"),
+                                 tokens=sa.bindparam("new_tokens")), updates)
 
-    def _add_totals(self, conn: sa.Connection, namespace: str, policy: str, created_at: datetime, *,
-                    reserved: tuple[float, int] = (0.0, 0), committed: tuple[float, int] = (0.0, 0)) -> None:
-        """Add to the running totals of every window (hour, day, month) containing ``created_at``.
+    def _reserve(self, conn: sa.Connection, reserves: Sequence[tuple[int, ReserveOp]],
+                 results: list[Reservation | Denied | bool | None], deltas: dict[TotalsKey, list[float]]) -> None:
+        """Admit in order against the stored totals plus this batch's own changes to them."""
+        rids = [reservation_id(op.request_id, op.policy) for _, op in reserves]
+        held: dict[str, Reservation] = {row.id: Reservation(row.id, row.namespace, row.policy, row.cost_usd,
+                                                           row.tokens, _stored(row.created_at), replayed=True)
+                                        for row in conn.execute(sa.select(ledger).where(ledger.c.id.in_(rids)))}
+        stored = self._load_totals(conn, {key for _, op in reserves for key in op.limit_keys()})
+        inserts: list[dict[str, Any]] = []
+        for (i, op), rid in zip(reserves, rids, strict=True):
+            if rid in held:
+                log.info("reservation %s exists; not reserving twice", rid)
+                results[i] = replace(held[rid], replayed=True)
+                continue
+            sums = [[a + b for a, b in zip(stored.get(key, _ZERO), deltas.get(key, _ZERO), strict=True)]
+                    for key in op.limit_keys()]
+            if (denied := op.window_denial(sums)) is not None:
+                results[i] = denied
+                continue
+            inserts.append({"id": rid, "namespace": op.namespace, "policy": op.policy, "state": RESERVED,
+                            "cost_usd": op.worst_cost_usd, "tokens": op.worst_tokens, "created_at": op.at})
+            _add(deltas, op.namespace, op.policy, op.at, reserved=(op.worst_cost_usd, op.worst_tokens))
+            results[i] = held[rid] = Reservation(rid, op.namespace, op.policy, op.worst_cost_usd, op.worst_tokens,
+                                                 op.at)
+        if inserts:
+            conn.execute(ledger.insert(), inserts)
 
-        Always in the same window order, so concurrent PostgreSQL transactions lock totals rows alike.
-        """
+    @staticmethod
+    def _load_totals(conn: sa.Connection, keys: set[TotalsKey]) -> dict[TotalsKey, tuple[float, ...]]:
+        if not keys:
+            return {}
+        found = conn.execute(
+            sa.select(totals.c.namespace, totals.c.policy, totals.c.window, totals.c.window_start,
+                      totals.c.committed_usd, totals.c.committed_tokens, totals.c.reserved_usd,
+                      totals.c.reserved_tokens)
+            .where(sa.or_(*(sa.and_(totals.c.namespace == ns, totals.c.policy == policy, totals.c.window == window,
+                                    totals.c.window_start == start) for ns, policy, window, start in sorted(keys)))))
+        return {(row[0], row[1], row[2], _stored(row[3])): tuple(row[4:]) for row in found}
+
+    def _apply_totals(self, conn: sa.Connection, deltas: dict[TotalsKey, list[float]]) -> None:
+        """Add the batch's changes to the running totals, in key order (PostgreSQL row locks alike everywhere)."""
         insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
-        for window in Window:
-            start, _ = window_bounds(window, created_at)
-            stmt = insert(totals).values(namespace=namespace, policy=policy, window=window.value, window_start=start,
-                                         committed_usd=committed[0], committed_tokens=committed[1],
-                                         reserved_usd=reserved[0], reserved_tokens=reserved[1])
+        for (namespace, policy, window, start), (cu, ct, ru, rt) in sorted(deltas.items()):
+            stmt = insert(totals).values(namespace=namespace, policy=policy, window=window, window_start=start,
+                                         committed_usd=cu, committed_tokens=int(ct), reserved_usd=ru,
+                                         reserved_tokens=int(rt))
             conn.execute(stmt.on_conflict_do_update(
                 index_elements=[totals.c.namespace, totals.c.policy, totals.c.window, totals.c.window_start],
                 set_={name: totals.c[name] + stmt.excluded[name]

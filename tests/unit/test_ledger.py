@@ -3,6 +3,7 @@ operator reading what the gateway wrote (DESIGN.md §5)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 import threading
@@ -25,7 +26,16 @@ from pilothouse.operator.api.ledger import totals as totals_table
 from pilothouse.operator.api.ledger import window_bounds
 from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.operator.budget import SqlSpendReader, evaluate
-from pilothouse.serving.ledger import USD_EPSILON, Denied, Ledger, Reservation, Usage, reservation_id
+from pilothouse.serving.ledger import (
+    USD_EPSILON,
+    Denied,
+    Ledger,
+    Reservation,
+    ReserveOp,
+    SettleOp,
+    Usage,
+    reservation_id,
+)
 from tests.pg import throwaway_postgres_database
 
 AT = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
@@ -373,6 +383,34 @@ def test_200_concurrent_reservations_admit_exactly_what_the_cap_allows(ledger: L
     assert ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
     print(f"200 reservations over 32 threads: {reserved_s * 1000:.0f} ms; "
           f"reserve+commit: {(time.perf_counter() - started) * 1000:.0f} ms")
+
+
+async def test_concurrent_async_requests_are_group_committed_and_admit_exactly_the_cap(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 12.5})  # room for exactly 50 worst cases of 0.25
+    results = await asyncio.gather(*(ledger.areserve("team", "p", day, 0.25, 1000, f"req-{i}", AT)
+                                     for i in range(200)))
+    wins = [r for r in results if isinstance(r, Reservation)]
+    assert len(wins) == 50
+    assert all(isinstance(r, Denied) and r.window == "day" for r in results if not isinstance(r, Reservation))
+    assert await asyncio.gather(*(ledger.acommit(r.id, 0.125, 500) for r in wins)) == [True] * 50
+    assert ledger.spend("team", "p", DAY) == Usage(6.25, 25_000)
+    assert ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
+    assert 0 < ledger.batches < 250, "250 async ops should share transactions"
+
+
+def test_a_batch_settles_first_and_then_admits_in_order(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 1.0})
+    first = granted(ledger.reserve("team", "p", day, 1.0, 10, "r1", AT))
+    second = ReserveOp("team", "p", day, 0.5, 5, "r2", AT)
+    results = ledger.apply([second, SettleOp(first.id, (0.25, 2)), second,
+                            ReserveOp("team", "p", day, 0.5, 5, "r3", AT), SettleOp("nobody/p", None)])
+    assert isinstance(results[0], Reservation) and not results[0].replayed  # room the commit freed: 0.75
+    assert results[1] is True
+    assert isinstance(results[2], Reservation) and results[2].replayed and results[2].id == results[0].id
+    assert denied(results[3]).spent == 0.25 and denied(results[3]).in_flight == 0.5  # type: ignore[arg-type]
+    assert results[4] is False
+    assert ledger.spend("team", "p", DAY) == Usage(0.25, 2)
+    assert ledger.in_flight("team", "p", DAY) == Usage(0.5, 5)
 
 
 # -- the operator reads what the gateway writes ------------------------------------------------------
