@@ -14,6 +14,7 @@ from datetime import datetime
 from . import conditions
 from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, RoutingTable, VectorIndex
 from .api.routing import Backend, BackendPricing, BudgetLimit, BudgetRule, Retrieval, Route
+from .api.workflow import RERANK_MAX_TOKENS
 from .render_model import endpoint
 
 
@@ -151,6 +152,21 @@ def _budget_rule(wf: AutonomousWorkflow, deps: Dependencies) -> BudgetRule | Non
     )
 
 
+def _rerank_routes(wf: AutonomousWorkflow, deps: Dependencies, follow: bool, active: list[str]) -> list[Route]:
+    """A route per retrieve step re-ranked by a ModelDeployment, so its yes/no calls get fallbacks, budgets and
+    the audit like any request. No budget downgrade: a cheaper tier would score candidates on another scale."""
+    routes = []
+    for step in wf.spec.steps:
+        rerank = step.retrieve.rerank if step.retrieve else None
+        if rerank is None or rerank.model_deployment_ref is None:
+            continue
+        primary = deps.models[rerank.model_deployment_ref]
+        routes.append(Route(step=step.name, tier=primary.spec.tier,
+                            backends=_order(_chain([primary], deps, follow), step.name, active),
+                            max_tokens=RERANK_MAX_TOKENS))
+    return routes
+
+
 def compile_table(wf: AutonomousWorkflow, deps: Dependencies, previous: RoutingTable | None,
                   at: datetime) -> RoutingTable:
     """Compile; assumes ``check_refs`` found nothing fatal."""
@@ -176,6 +192,7 @@ def compile_table(wf: AutonomousWorkflow, deps: Dependencies, previous: RoutingT
                 b for b in backends if b.model_deployment not in names]
             active.append(f"{step.name}: budget {budget.policy} exhausted -> tier {budget.downgrade_tier}")
         routes.append(Route(step=step.name, tier=tier, backends=backends, max_tokens=gen.max_tokens))
+    routes += _rerank_routes(wf, deps, follow, active)
     retrieval: list[Retrieval] = []
     for step in wf.spec.steps:
         ret = step.retrieve

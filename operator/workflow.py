@@ -47,7 +47,8 @@ async def reconcile(wf: AutonomousWorkflow, env: Env, *, gateway_image: str | No
             status["slo"] = figures.model_dump(mode="json", by_alias=True, exclude_none=True)
     summary = "; ".join(table.active_fallbacks) or "all dependencies healthy"
     message = f"revision {table.revision}: {summary}"
-    if not all(r.backends and r.backends[0].healthy for r in table.routes):
+    generate = {s.name for s in wf.spec.steps if s.generate}  # a re-rank without a model degrades, not fails
+    if not all(r.backends and r.backends[0].healthy for r in table.routes if r.step in generate):
         ready, reason = False, "NoHealthyBackend"
     elif table.budget and table.budget.action == "reject":
         ready, reason = False, "BudgetExhausted"

@@ -180,6 +180,11 @@ async def local_stack(bundle: manifests.Bundle, state_dir: Path, *, port: int | 
     Always ``serve.shutdown()`` then ``ray.shutdown()`` on the way out: a driver that leaves without
     them leaves Ray's processes and vLLM workers behind (DESIGN.md §9).
     """
+    from pilothouse.serving.rerank import local_path_problems
+
+    problems = [p for o in bundle.objects if isinstance(o, AutonomousWorkflow) for p in local_path_problems(o)]
+    if problems:  # before Ray and minutes of engine start-up: the runtime would refuse these workflows anyway
+        raise fail("; ".join(problems), "paths are relative to the folder `pilothouse run` is started from")
     quiet()  # before the imports: vLLM reads its log level when it is first imported
     import ray
     from ray import serve

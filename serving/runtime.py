@@ -13,7 +13,9 @@ Models are called through the gateway's OpenAI API (``GatewayClient``), as any c
 routing, fallbacks, budgets and the request audit apply; the run id travels in ``x-pilothouse-run-id``
 and the gateway reports each request's cost in ``x-pilothouse-cost-usd``. Structured output is asked
 for with ``response_format`` (guided decoding where the engine has it) and always checked against the
-step's schema here, since not every engine honours it.
+step's schema here, since not every engine honours it. A retrieve step's optional ``rerank`` keeps the
+``topN`` candidates a cross-encoder or a ModelDeployment prefers (``serving.rerank``); one that fails
+keeps the fused order and says so in the step record, never failing the run.
 
 When an action fails after it may have had effects (a timeout, a 5xx), or any step fails after an
 action succeeded, the declared compensations run, newest first, each at most once (``serving.actions``),
@@ -44,6 +46,7 @@ from .actions import UNDO_SUFFIX, ActionFailed, Actions
 from .audit import ActionTaken, AuditLog, AuditRecord, HumanDecision, RetrievalHit, redact
 from .confidence import score
 from .metrics import Metrics
+from .rerank import local_path_problems, rerank, reranker_for
 from .retrieval import Retriever
 from .runs import DONE, STEP_COMPENSATED, STEP_FAILED, NotWaiting, Run, RunError, RunStore, StepRecord
 
@@ -68,6 +71,10 @@ class Completion:
     tokens: list[tuple[str, float]] | None
     cost_usd: float
     request_id: str | None
+    alternatives: list[list[tuple[str, float]]] | None = None
+    """Per generated token, the (token, logprob) candidates the engine listed, when ``top_logprobs`` was asked."""
+    model: str | None = None
+    """The backend model that answered (a fallback answers under its own name)."""
 
 
 class ModelCallFailed(Exception):
@@ -78,7 +85,8 @@ class ModelClient(Protocol):
     """One chat completion for a workflow step (the gateway, in production and in tests)."""
 
     async def chat(self, *, model: str, messages: list[dict[str, Any]], schema: dict[str, Any] | None,
-                   schema_name: str, max_tokens: int, temperature: float, run_id: str) -> Completion: ...
+                   schema_name: str, max_tokens: int, temperature: float, run_id: str,
+                   top_logprobs: int | None = None) -> Completion: ...
 
 
 class GatewayClient:
@@ -96,9 +104,12 @@ class GatewayClient:
             await self._client.aclose()
 
     async def chat(self, *, model: str, messages: list[dict[str, Any]], schema: dict[str, Any] | None,
-                   schema_name: str, max_tokens: int, temperature: float, run_id: str) -> Completion:
+                   schema_name: str, max_tokens: int, temperature: float, run_id: str,
+                   top_logprobs: int | None = None) -> Completion:
         body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": temperature, "logprobs": True}
+        if top_logprobs:
+            body["top_logprobs"] = top_logprobs
         if schema is not None:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": schema_name, "schema": schema, "strict": True}}
@@ -120,11 +131,14 @@ class GatewayClient:
         content = (choice.get("message") or {}).get("content") or ""
         items = ((choice.get("logprobs") or {}).get("content")) or None
         tokens = [(str(t.get("token", "")), float(t.get("logprob", 0.0))) for t in items] if items else None
+        alternatives = [[(str(a.get("token", "")), float(a.get("logprob", 0.0))) for a in t.get("top_logprobs") or []]
+                        for t in items] if items and top_logprobs else None
         try:
             cost = float(response.headers.get(COST_HEADER, "0") or 0)
         except ValueError:
             cost = 0.0
-        return Completion(content, tokens, cost, response.headers.get("x-pilothouse-request-id"))
+        return Completion(content, tokens, cost, response.headers.get("x-pilothouse-request-id"), alternatives,
+                          data.get("model"))
 
 
 # -- results -----------------------------------------------------------------------------------------
@@ -244,6 +258,8 @@ class WorkflowRuntime:
         self.tenant = tenant
         self.lease = timedelta(seconds=lease_s)
         self.owner = owner or f"runtime-{uuid.uuid4().hex[:12]}"
+        if workflow is not None and (problems := local_path_problems(workflow)):
+            raise RunError("; ".join(problems))
         if metrics is not None and workflow is not None:
             metrics.allow_run_workflows([workflow.name])
 
@@ -434,22 +450,31 @@ class WorkflowRuntime:
         if retriever is None:
             raise StepFailed(f"step {step.name}: this runtime has no retriever for VectorIndex "
                              f"{spec.vector_index_ref}")
+        query = ctx.run.input[:QUERY_CHARS]
         try:
-            result = await asyncio.to_thread(retriever.search, ctx.run.input[:QUERY_CHARS], top_k=spec.top_k,
-                                             mode=spec.mode, filter=spec.filter)
+            result = await asyncio.to_thread(retriever.search, query, top_k=spec.top_k, mode=spec.mode,
+                                             filter=spec.filter)
         except Exception as exc:
             raise StepFailed(f"step {step.name}: retrieval failed: {type(exc).__name__}: {exc}") from None
         if result.degraded and ctx.wf.spec.degraded_mode.retrieval == "fail":
             raise StepFailed(f"step {step.name}: retrieval degraded ({result.reason}) and "
                              "degradedMode.retrieval is fail")
-        top = max((h.score for h in result.hits), default=None)
-        similarity = top if result.mode == "dense" and top is not None and 0 <= top <= 1 else None
-        ctx.hits = [{"id": h.id, "text": h.text, "score": h.score} for h in result.hits]
-        ctx.similarity = similarity
-        output = {"mode": result.mode, "degraded": result.degraded, "reason": result.reason, "hits": ctx.hits,
-                  "similarity": similarity}
-        audit = {"retrieval": [RetrievalHit(id=h.id, score=h.score, mode=result.mode) for h in result.hits]}
-        return output, f"{len(result.hits)} hits ({result.mode})", audit
+        hits, scores, decision = result.hits, None, f"{len(result.hits)} hits ({result.mode})"
+        output: dict[str, Any] = {"mode": result.mode, "degraded": result.degraded, "reason": result.reason}
+        if spec.rerank is not None:
+            reranked = await rerank(reranker_for(spec.rerank, route=f"{ctx.wf.name}/{step.name}", model=self.model),
+                                    query, hits, top_n=spec.rerank.top_n, run_id=ctx.run.id)
+            hits, scores, output["rerank"] = reranked.hits, reranked.scores, reranked.record()
+            decision += (f"; re-rank degraded, fused order kept: {reranked.reason}" if reranked.degraded else
+                         f"; re-ranked by {reranked.reranker}, kept {len(hits)}")
+            await self._charge(ctx, reranked.cost_usd)
+        ctx.hits = [{"id": h.id, "text": h.text, "score": h.score} | ({"rerank_score": scores[i]} if scores else {})
+                    for i, h in enumerate(hits)]
+        top = max((h.score for h in hits), default=None)  # the similarity of what goes into the prompt
+        ctx.similarity = top if result.mode == "dense" and top is not None and 0 <= top <= 1 else None
+        output |= {"hits": ctx.hits, "similarity": ctx.similarity}
+        audit = {"retrieval": [RetrievalHit(id=h.id, score=h.score, mode=result.mode) for h in hits]}
+        return output, decision, audit
 
     async def _generate(self, ctx: _Ctx, step: Step, _: Any) -> tuple[Any, str, dict[str, Any]]:
         gen = step.generate
@@ -477,12 +502,16 @@ class WorkflowRuntime:
         ctx.generated = {"content": completion.content, "fields": fields, "schema_errors": errors,
                          "tokens": completion.tokens, "request_id": completion.request_id,
                          "cost_usd": completion.cost_usd}
-        await asyncio.to_thread(self.store.update, ctx.run.id, self.owner, fields=fields,
-                                add_cost=completion.cost_usd)
-        if self.metrics is not None:
-            self.metrics.run_cost(ctx.wf.name, completion.cost_usd)
+        await self._charge(ctx, completion.cost_usd, fields=fields)
         decision = "output conforms to the schema" if not errors else f"schema violated: {'; '.join(errors)}"
         return ctx.generated, decision, {}
+
+    async def _charge(self, ctx: _Ctx, cost_usd: float, **values: Any) -> None:
+        """A step's model spend onto its run (and the workflow's cost metric), with other run ``values``."""
+        if cost_usd or values:
+            await asyncio.to_thread(self.store.update, ctx.run.id, self.owner, add_cost=cost_usd, **values)
+        if self.metrics is not None:
+            self.metrics.run_cost(ctx.wf.name, cost_usd)
 
     async def _validate(self, ctx: _Ctx, step: Step, _: Any) -> tuple[Any, str, dict[str, Any]]:
         rules = step.validate_

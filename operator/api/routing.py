@@ -34,7 +34,8 @@ class Backend(ApiModel):
 
 
 class Route(ApiModel):
-    step: str = Field(description="Generate step the route serves; clients call model '<workflow>/<step>'.")
+    step: str = Field(description="Generate step the route serves, or retrieve step whose re-rank model it serves; "
+                      "clients call model '<workflow>/<step>'.")
     tier: str
     backends: list[Backend] = Field(description="Try in order; healthy first.")
     max_tokens: int

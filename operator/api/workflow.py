@@ -18,10 +18,35 @@ class StepType(StrEnum):
     REVIEW = "review"
 
 
+RERANK_MAX_TOKENS = 1
+"""A ModelDeployment re-ranks by answering "yes" or "no": one token, which is also its route's cap."""
+
+
 class Rerank(ApiModel):
-    model_deployment_ref: str | None = Field(default=None, description="ModelDeployment that scores candidates.")
-    local_path: str | None = Field(default=None, description="Local cross-encoder model directory.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.modelDeploymentRef) != has(self.localPath)",
+                 "message": "set exactly one of modelDeploymentRef or localPath"},
+            ]
+        }
+    )
+
+    model_deployment_ref: str | None = Field(
+        default=None, pattern=DNS_LABEL,
+        description="Chat ModelDeployment that scores candidates by P(yes) for 'is this passage relevant?'.",
+    )
+    local_path: str | None = Field(
+        default=None, min_length=1,
+        description="Local sentence-transformers cross-encoder directory, on the machine running the workflow.",
+    )
     top_n: int = Field(default=5, ge=1, le=100, description="Candidates kept after re-ranking.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        if (self.model_deployment_ref is None) == (self.local_path is None):
+            raise ValueError("retrieve.rerank needs exactly one of modelDeploymentRef or localPath")
+        return self
 
 
 class RetrieveStep(ApiModel):

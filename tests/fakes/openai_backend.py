@@ -36,6 +36,7 @@ from typing import Any
 from aiohttp import web
 
 JSON = dict[str, Any]
+Answer = Callable[[str], tuple[str, dict[str, float]] | None]
 STALL_FOREVER_S = 3600.0
 _TOKEN = re.compile(r"\w+|\s+|[^\w\s]")
 
@@ -186,6 +187,7 @@ class FakeBackend:
         self._content: str | None = None
         self._logprob = 0.0
         self._logprobs_for: dict[str, float] = {}
+        self._answer: Answer | None = None
 
     def reply_with(self, content: str | None, *, logprob: float = -0.001,
                    logprobs_for: dict[str, float] | None = None) -> None:
@@ -194,16 +196,27 @@ class FakeBackend:
         substring of ``logprobs_for`` they overlap: a model unsure of one field's value."""
         self._content, self._logprob, self._logprobs_for = content, logprob, dict(logprobs_for or {})
 
-    def _logprobs(self, content: str) -> JSON:
+    def reply_by(self, answer: Answer | None) -> None:
+        """Answer each chat from its prompt text (None: stop): ``answer(prompt)`` gives the content and the
+        candidates for its first token, ``{token: logprob}`` with the content's first token among them, listed
+        most likely first when the request asks for ``top_logprobs``: a model choosing between a few answers.
+        Where it returns None, the chat is answered as ``reply_with`` says."""
+        self._answer = answer
+
+    def _logprobs(self, content: str, first: dict[str, float] | None = None, top: int = 0) -> JSON:
         tokens: list[JSON] = []
-        for match in _TOKEN.finditer(content):
+        for i, match in enumerate(_TOKEN.finditer(content)):
             logprob = self._logprob
             for part, value in self._logprobs_for.items():
                 at = content.find(part)
                 if at >= 0 and match.start() < at + len(part) and match.end() > at:
                     logprob = min(logprob, value)
+            candidates = sorted((first or {}).items(), key=lambda c: -c[1])[:top] if i == 0 else []
+            if i == 0 and first:
+                logprob = first.get(match.group(), logprob)
             tokens.append({"token": match.group(), "logprob": logprob, "bytes": list(match.group().encode()),
-                           "top_logprobs": []})
+                           "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                                            for t, lp in candidates]})
         return {"content": tokens}
 
     def fail_with(self, status: int | None, body: JSON | str | None = None, *, times: int | None = None) -> None:
@@ -338,10 +351,13 @@ class FakeBackend:
                 "model": self.model}
         if not body.get("stream"):
             content = " ".join(words) if self._content is None or not chat else self._content
+            first: dict[str, float] | None = None
+            if chat and self._answer is not None and (answered := self._answer(text)) is not None:
+                content, first = answered
             choice: JSON = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
                             if chat else {"index": 0, "text": content, "finish_reason": finish})
-            if chat and self._content is not None and body.get("logprobs"):
-                choice["logprobs"] = self._logprobs(content)
+            if chat and (self._content is not None or first is not None) and body.get("logprobs"):
+                choice["logprobs"] = self._logprobs(content, first, int(body.get("top_logprobs") or 0))
             return web.json_response({**head, "choices": [choice], "usage": usage})
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         events = self._events(head, words, finish, chat)

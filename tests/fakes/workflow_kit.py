@@ -42,13 +42,15 @@ def answer(**changes: Any) -> str:
 
 
 def workflow(receiver_url: str, *, act_timeout_s: float = 5.0, risk: str = "low", when: str = "lowConfidence",
-             act: dict[str, Any] | None = None) -> AutonomousWorkflow:
+             act: dict[str, Any] | None = None, retrieve: dict[str, Any] | None = None) -> AutonomousWorkflow:
+    """The invoice workflow; ``retrieve`` changes fields of its retrieve step (e.g. ``topK``, ``rerank``)."""
     act = act or {"webhook": {"url": f"{receiver_url}/erp/invoices", "timeoutSeconds": act_timeout_s},
                   "compensation": {"webhook": {"url": f"{receiver_url}/erp/invoices/cancel"}}}
     return AutonomousWorkflow.model_validate({
         "metadata": {"name": "invoices", "namespace": "finance"},
         "spec": {"mission": "extract five fields", "steps": [
-            {"name": "context", "type": "retrieve", "retrieve": {"vectorIndexRef": "vendors", "topK": 2}},
+            {"name": "context", "type": "retrieve", "retrieve": {"vectorIndexRef": "vendors", "topK": 2,
+                                                                    **(retrieve or {})}},
             {"name": "extract", "type": "generate", "generate": {
                 "tier": "small", "maxTokens": 256, "outputSchema": SCHEMA,
                 "promptTemplate": "Extract the fields as JSON.\nVendors:\n{context}\nInvoice:\n{input}"}},
