@@ -1,0 +1,131 @@
+"""One PNG chart per benchmark, drawn from its JSON in ``bench/results/`` (``make bench`` runs it last).
+
+The JSON stays the record; the chart is for reading a run at a glance. A benchmark with a chart of
+its own gets it from :data:`CHARTS`; any other result that has a flat ``summary`` of numbers gets a
+bar chart of them, one panel per unit (the name's ``_ms``, ``_s``, ``_rps`` ... suffix).
+
+Run: ``.venv/bin/python bench/charts.py`` → ``bench/results/<benchmark>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI machines
+import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _bars(ax: Axes, labels: list[str], values: list[float], title: str, unit: str, *, log: bool = False) -> None:
+    bars = ax.barh(labels, values, color="#4C72B0")
+    ax.bar_label(bars, labels=[f"{v:,.1f}" for v in values], padding=3, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(unit)
+    if log and min(values, default=0) > 0:
+        ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.margins(x=0.25)
+
+
+def gateway_overhead(doc: dict[str, Any]) -> Figure:
+    results = doc["results"]
+    targets = [t for t in results if t != "direct" and "c32" in results[t]]
+    fig, (lat, rps) = plt.subplots(1, 2, figsize=(12, 0.6 * len(targets) + 2))
+    p50 = [max(results[t]["c32"].get("added_p50_ms") or 0.0, 0.01) for t in targets]
+    _bars(lat, targets, p50, "added p50 latency at concurrency 32 (vs backend direct)", "ms (log)", log=True)
+    best = doc.get("max_rps_without_errors", {})
+    names = ["direct", *targets]
+    _bars(rps, names, [float(best.get(t) or 0.0) for t in names], "max RPS without errors", "requests/s")
+    return fig
+
+
+def failover(doc: dict[str, Any]) -> Figure:
+    phases = doc["latency_ms"]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    labels = list(phases)
+    _bars(ax, [f"{p} p99" for p in labels] + [f"{p} p50" for p in labels],
+          [phases[p]["p99"] for p in labels] + [phases[p]["p50"] for p in labels],
+          f"client latency by phase — {doc['client_errors']} client errors, reroute {doc['reroute_ms']} ms, "
+          f"return {doc['return_ms']} ms", "ms")
+    return fig
+
+
+def reconcile_scale(doc: dict[str, Any]) -> Figure:
+    r = doc["reconcile"]
+    fig, (times, memory) = plt.subplots(1, 2, figsize=(12, 3.5))
+    steps = {k: r[k] for k in ("apply_s", "models_all_ready_s", "all_ready_s", "recompile_all_s")
+             if r.get(k) is not None}
+    _bars(times, list(steps), list(steps.values()),
+          f"{r['models']} ModelDeployments + {r['workflows']} AutonomousWorkflows", "s")
+    rss = {k: r[k] for k in ("operator_idle_rss_mb", "operator_peak_rss_mb", "operator_steady_rss_mb")
+           if r.get(k) is not None}
+    _bars(memory, list(rss), list(rss.values()), "operator memory", "MB")
+    return fig
+
+
+def summary_bars(doc: dict[str, Any], name: str) -> Figure | None:
+    """Fallback: the ``summary`` numbers, one panel per unit suffix."""
+    summary = doc.get("summary")
+    if not isinstance(summary, dict):
+        return None
+    panels: dict[str, dict[str, float]] = {}
+    for key, value in summary.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            unit = key.rsplit("_", 1)[-1] if "_" in key else "value"
+            panels.setdefault(unit, {})[key] = float(value)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.45 * max(map(len, panels.values())) + 2),
+                             squeeze=False)
+    for ax, (unit, values) in zip(axes[0], sorted(panels.items()), strict=True):
+        _bars(ax, list(values), list(values.values()), f"{name}: {unit}", unit)
+    return fig
+
+
+CHARTS: dict[str, Callable[[dict[str, Any]], Figure]] = {
+    "gateway_overhead": gateway_overhead,
+    "failover": failover,
+    "reconcile_scale": reconcile_scale,
+}
+
+
+def draw(path: Path) -> Path | None:
+    """The chart of one result file, written beside it; None when it holds nothing to draw."""
+    doc = json.loads(path.read_text())
+    fig = CHARTS[path.stem](doc) if path.stem in CHARTS else summary_bars(doc, path.stem)
+    if fig is None:
+        return None
+    machine = doc.get("machine", {})
+    fig.suptitle(f"{path.stem} — {machine.get('cpus') or machine.get('nproc', '?')} CPUs, "
+                 f"{doc.get('when', '')}", fontsize=9, x=0.01, ha="left")
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> int:
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.stem == "summary":
+            continue
+        try:
+            out = draw(path)
+        except (KeyError, TypeError, ValueError) as exc:  # a result from an older layout: say so, draw the rest
+            print(f"{path.name}: no chart ({type(exc).__name__}: {exc})", file=sys.stderr)
+            continue
+        print(f"{path.name} -> {out.name}" if out else f"{path.name}: nothing to chart")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
