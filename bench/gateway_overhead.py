@@ -4,9 +4,10 @@ Every piece runs in its own process, all on loopback:
 
 - ``backend``: the test suite's FakeBackend (aiohttp) with a fixed 20 ms latency and fixed token counts;
 - ``ray``: one Ray + Serve holding two applications behind the same HTTP proxy: a bare pass-through
-  (FastAPI ingress forwarding the body to the backend with one pooled httpx client: the floor of our
-  stack) at ``/pt`` and the Pilothouse gateway (``serve.app_builder``) at ``/`` with API keys, a
-  BudgetPolicy rule with a high cap (the ledger reserves and commits), audit and metrics on. Requests use
+  (FastAPI ingress forwarding the body to the backend with one pooled aiohttp session, the client the
+  gateway's external engine uses: the floor of our stack) at ``/pt`` and the Pilothouse gateway
+  (``serve.app_builder``) at ``/`` with API keys, a BudgetPolicy rule with a high cap (the ledger
+  reserves and commits), audit and metrics on. Requests use
   ``temperature 0.7``, so the response cache never applies;
 - ``litellm``: ``litellm --config`` with one model pointing at the backend, master key on, no database
   (so no budgets, no spend logs), no callbacks, when the ``litellm`` CLI is installed;
@@ -167,19 +168,21 @@ def role_ray(config_path: str) -> None:
     @serve.ingress()
     class PassThrough:
         def __serve_build_asgi_app__(self) -> FastAPI:
-            import httpx
+            import aiohttp
 
-            client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
-                                       timeout=30)
+            # The same client library as the gateway's external engine, so the floor is a fair one.
+            session: list[aiohttp.ClientSession] = []  # created in the replica's event loop, on first use
             app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
             async def whoami(_: Request) -> Response:
                 return Response(b'{"target": "passthrough"}', media_type="application/json")
 
             async def chat(request: Request) -> Response:
-                r = await client.post(f"{backend}/chat/completions", content=await request.body(),
-                                      headers={"content-type": "application/json"})
-                return Response(r.content, status_code=r.status_code, media_type="application/json")
+                if not session:
+                    session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)))
+                async with session[0].post(f"{backend}/chat/completions", data=await request.body(),
+                                           headers={"content-type": "application/json"}) as r:
+                    return Response(await r.read(), status_code=r.status, media_type="application/json")
 
             # Plain Starlette routes: no signature inspection (this class is pickled by value from __main__,
             # where FastAPI could not resolve the postponed annotations).
