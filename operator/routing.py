@@ -13,7 +13,7 @@ from datetime import datetime
 
 from . import conditions
 from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, RoutingTable, VectorIndex
-from .api.routing import Backend, BackendPricing, BudgetLimit, BudgetRule, Retrieval, Route
+from .api.routing import Backend, BackendPricing, BudgetLimit, BudgetRule, Retrieval, Route, SemanticCacheRule
 from .api.workflow import RERANK_MAX_TOKENS
 from .render_model import endpoint
 
@@ -167,6 +167,22 @@ def _rerank_routes(wf: AutonomousWorkflow, deps: Dependencies, follow: bool, act
     return routes
 
 
+def _semantic_cache(wf: AutonomousWorkflow, deps: Dependencies) -> SemanticCacheRule | None:
+    spec = wf.spec.cache.semantic
+    if not spec.enabled:
+        return None
+    embedding = spec.embedding
+    ref = embedding.model_deployment_ref if embedding else None
+    backend = _backend(deps.models[ref], "primary", "embeds prompts for the semantic cache") if ref else None
+    return SemanticCacheRule(
+        threshold=spec.threshold, ttl_seconds=spec.ttl_seconds, max_entries_per_tenant=spec.max_entries_per_tenant,
+        milvus_uri=spec.milvus.uri or deps.default_milvus_uri, milvus_token_secret_ref=spec.milvus.token_secret_ref,
+        milvus_database=spec.milvus.database, embedding_local_path=embedding.local_path if embedding else None,
+        embedding_backend=backend,
+        dimension=spec.dimension,
+    )
+
+
 def compile_table(wf: AutonomousWorkflow, deps: Dependencies, previous: RoutingTable | None,
                   at: datetime) -> RoutingTable:
     """Compile; assumes ``check_refs`` found nothing fatal."""
@@ -216,6 +232,7 @@ def compile_table(wf: AutonomousWorkflow, deps: Dependencies, previous: RoutingT
         workflow=wf.name, namespace=wf.namespace, revision=1, generated_at=at,
         degraded=bool(active), active_fallbacks=active, routes=routes, retrieval=retrieval, budget=budget,
         audit_store_prompts=wf.spec.audit.store_prompts, audit_store_outputs=wf.spec.audit.store_outputs,
+        semantic_cache=_semantic_cache(wf, deps),
     )
     if previous is None:
         return table

@@ -41,6 +41,13 @@ TOKEN_KINDS = frozenset({"prompt", "completion"})
 RUN_OUTCOMES = frozenset({"automated", "approved", "rejected", "failed", "compensated"})
 """How a workflow run ended: completed without a human, completed after approval, or not completed."""
 RUN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+SEMANTIC_LOOKUPS = frozenset({"hit", "miss", "error"})
+"""A semantic cache lookup: served, nothing alike enough, or Milvus / the embedder failed (also a miss)."""
+SEMANTIC_STORES = frozenset({"stored", "rejected", "error"})
+"""An answer offered to the semantic cache: stored, refused (not a 200 JSON answer, too large), or failed."""
+EVICTION_REASONS = frozenset({"expired", "bound"})
+SIMILARITY_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0)
+"""Fine near the top, where a semantic cache's threshold lives."""
 
 
 class CircuitState(IntEnum):
@@ -73,6 +80,22 @@ class Metrics:
                                       ["policy", "window"], registry=r)
         self.cache_hits = Counter("pilothouse_cache_hits", "Responses served from the cache.", ["route"], registry=r)
         self.cache_misses = Counter("pilothouse_cache_misses", "Cache lookups that missed.", ["route"], registry=r)
+        self.semantic_lookups = Counter("pilothouse_semantic_cache_lookups",
+                                        "Semantic cache lookups by route and result (hit|miss|error).",
+                                        ["route", "result"], registry=r)
+        self.semantic_lookup_duration = Histogram("pilothouse_semantic_cache_lookup_duration_seconds",
+                                                  "Time a semantic cache lookup took (embedding + search).",
+                                                  buckets=OVERHEAD_BUCKETS, registry=r)
+        self.semantic_similarity = Histogram("pilothouse_semantic_cache_similarity",
+                                             "Similarity of the nearest unexpired cached prompt of the same tenant, "
+                                             "route and parameters; tune the threshold against it.",
+                                             buckets=SIMILARITY_BUCKETS, registry=r)
+        self.semantic_stores = Counter("pilothouse_semantic_cache_stores",
+                                       "Answers offered to the semantic cache by route and result "
+                                       "(stored|rejected|error).", ["route", "result"], registry=r)
+        self.semantic_evictions = Counter("pilothouse_semantic_cache_evictions",
+                                          "Semantic cache rows deleted, by reason (expired|bound).", ["reason"],
+                                          registry=r)
         self.tokens = Counter("pilothouse_tokens", "Tokens by backend and kind (prompt|completion).",
                               ["backend", "kind"], registry=r)
         self.table_revision = Gauge("pilothouse_table_revision", "RoutingTable revision in use.", ["workflow"],
@@ -173,6 +196,22 @@ class Metrics:
 
     def cache(self, route: str | None, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).labels(self.route(route)).inc()
+
+    def semantic_lookup(self, route: str | None, result: str, duration_s: float | None = None,
+                        similarity: float | None = None) -> None:
+        """One lookup; ``similarity`` is the nearest candidate's, hit or not (None when there was none)."""
+        self.semantic_lookups.labels(self.route(route), _bounded(result, SEMANTIC_LOOKUPS)).inc()
+        if duration_s is not None:
+            self.semantic_lookup_duration.observe(duration_s)
+        if similarity is not None:
+            self.semantic_similarity.observe(similarity)
+
+    def semantic_store(self, route: str | None, result: str) -> None:
+        self.semantic_stores.labels(self.route(route), _bounded(result, SEMANTIC_STORES)).inc()
+
+    def semantic_evicted(self, reason: str, count: int) -> None:
+        if count:
+            self.semantic_evictions.labels(_bounded(reason, EVICTION_REASONS)).inc(count)
 
     def used_tokens(self, backend: str, prompt: int, completion: int) -> None:
         name = self.backend(backend)

@@ -70,6 +70,22 @@ class BudgetRule(ApiModel):
     limits: list[BudgetLimit] = Field(default_factory=list, description="Window caps the ledger enforces.")
 
 
+class SemanticCacheRule(ApiModel):
+    """The workflow's ``spec.cache.semantic``, resolved to what the gateway needs to open the cache."""
+
+    threshold: float = Field(gt=0, le=1)
+    ttl_seconds: int = Field(ge=1)
+    max_entries_per_tenant: int = Field(ge=1)
+    milvus_uri: str | None = Field(description="None: a Milvus Lite file in the gateway's state directory.")
+    milvus_token_secret_ref: SecretKeyRef | None = None
+    milvus_database: str = "default"
+    embedding_local_path: str | None = Field(
+        default=None, description="sentence-transformers directory; None (and no backend): all-MiniLM-L6-v2."
+    )
+    embedding_backend: Backend | None = Field(default=None, description="ModelDeployment serving /v1/embeddings.")
+    dimension: int | None = Field(default=None, description="Vector size of embeddingBackend's model.")
+
+
 class RoutingTable(ApiModel):
     api_version: Literal["pilothouse.io/v1alpha1"] = "pilothouse.io/v1alpha1"
     kind: Literal["RoutingTable"] = "RoutingTable"
@@ -84,6 +100,7 @@ class RoutingTable(ApiModel):
     budget: BudgetRule | None = None
     audit_store_prompts: bool = False
     audit_store_outputs: bool = False
+    semantic_cache: SemanticCacheRule | None = Field(default=None, description="None: no semantic cache.")
 
     def content_key(self) -> str:
         """Everything that matters for routing; the revision bumps only when this changes."""

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from .common import DNS_LABEL, ApiModel, Resource, SecretKeyRef, Status
+from .vector_index import Embedding, MilvusConnection
 
 
 class StepType(StrEnum):
@@ -226,6 +227,60 @@ class Gateway(ApiModel):
     replicas: int = Field(default=1, ge=1, le=100, description="Gateway replicas.")
 
 
+class SemanticCache(ApiModel):
+    """Answer a request with the stored answer to a paraphrase of it: same tenant, route and sampling
+    parameters (exact), last user message alike by embedding. Only deterministic requests (temperature 0
+    or a seed), only successful answers."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!has(self.embedding) || !has(self.embedding.modelDeploymentRef) || has(self.dimension)",
+                 "message": "dimension is required with embedding.modelDeploymentRef"},
+                {"rule": "!has(self.embedding) || "
+                         "has(self.embedding.modelDeploymentRef) != has(self.embedding.localPath)",
+                 "message": "embedding needs exactly one of modelDeploymentRef or localPath"},
+            ]
+        }
+    )
+
+    enabled: bool = Field(default=False, description="Look requests the exact-match cache missed up by meaning.")
+    threshold: float = Field(
+        default=0.95, gt=0, le=1,
+        description="Cosine similarity from which a cached answer is served. With all-MiniLM-L6-v2 paraphrases "
+        "score 0.94-0.99, but 'What is 2+2?' vs 'What is 2+3?' 0.89: lower it with care.",
+    )
+    ttl_seconds: int = Field(
+        default=3600, ge=1, le=2_592_000, description="How long an answer is served (at most 30 days)."
+    )
+    max_entries_per_tenant: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="Oldest entries of a tenant beyond this are evicted."
+    )
+    milvus: MilvusConnection = Field(
+        default_factory=MilvusConnection,
+        description="Where the cache collection lives. Empty uri: the operator's default Milvus, else a Milvus "
+        "Lite file in the gateway's state directory (one replica only).",
+    )
+    embedding: Embedding | None = Field(
+        default=None, description="Model that embeds prompts. Default: the offline all-MiniLM-L6-v2 (384-d)."
+    )
+    dimension: int | None = Field(
+        default=None, ge=2, le=32_768,
+        description="Vector size of the embedding model; required with embedding.modelDeploymentRef.",
+    )
+
+    @model_validator(mode="after")
+    def _dimension_known(self) -> Self:
+        if self.embedding and self.embedding.model_deployment_ref and self.dimension is None:
+            raise ValueError("dimension is required with embedding.modelDeploymentRef: set it to the vector size "
+                             "that model returns")
+        return self
+
+
+class Cache(ApiModel):
+    semantic: SemanticCache = Field(default_factory=SemanticCache, description="Semantic cache on Milvus.")
+
+
 class AutonomousWorkflowSpec(ApiModel):
     mission: str = Field(min_length=1, max_length=4096, description="What the workflow is for, in one sentence.")
     slo: Slo = Field(default_factory=Slo, description="Targets the status reports against.")
@@ -235,6 +290,10 @@ class AutonomousWorkflowSpec(ApiModel):
     degraded_mode: DegradedMode = Field(default_factory=DegradedMode, description="Behaviour per failed dependency.")
     audit: Audit = Field(default_factory=Audit, description="Audit retention and content policy.")
     gateway: Gateway = Field(default_factory=Gateway, description="How the gateway serving it runs.")
+    cache: Cache = Field(
+        default_factory=Cache,
+        description="Response caching beyond the gateway's exact-match cache (always on for deterministic requests).",
+    )
 
     @model_validator(mode="after")
     def _steps(self) -> Self:
@@ -294,6 +353,9 @@ class AutonomousWorkflow(Resource):
                 refs.append(
                     (f"spec.steps[{i}].retrieve.rerank.modelDeploymentRef", step.retrieve.rerank.model_deployment_ref)
                 )
+        embedding = self.spec.cache.semantic.embedding
+        if embedding and embedding.model_deployment_ref:
+            refs.append(("spec.cache.semantic.embedding.modelDeploymentRef", embedding.model_deployment_ref))
         return refs
 
     def index_refs(self) -> list[tuple[str, str]]:

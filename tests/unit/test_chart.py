@@ -14,7 +14,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pilothouse.operator import crdgen
-from serving.metrics import Metrics
+from pilothouse.serving.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 CHART = ROOT / "charts" / "pilothouse"
@@ -221,6 +221,9 @@ def exported() -> dict[str, set[str]]:
     m.budget_left("p", "day", 9.99)
     m.cache("wf/step", hit=True)
     m.cache("wf/step", hit=False)
+    m.semantic_lookup("wf/step", "hit", 0.004, similarity=0.97)
+    m.semantic_store("wf/step", "stored")
+    m.semantic_evicted("bound", 1)
     m.used_tokens("a", 10, 5)
     m.revision("wf", 3)
     m.run_finished("wf", "compensated", 1.5)
