@@ -148,11 +148,9 @@ class Receiver:
                         receiver.undone[body["compensates"]] += 1
                     else:
                         receiver.effects[key] += 1
+                status, stall_s = receiver.outcome(body)
                 receiver.got_request.set()
-                if receiver.stall_times > 0:
-                    receiver.stall_times -= 1
-                    time.sleep(receiver.stall_s)
-                status = 200 if body.get("compensates") else receiver.fail_status or 200  # undo always works
+                time.sleep(stall_s)
                 payload = json.dumps({"ok": status == 200, "key": key}).encode()
                 with contextlib.suppress(OSError):  # the caller may have gone (timeout, killed)
                     self.send_response(status)
@@ -170,6 +168,15 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+    def outcome(self, body: dict[str, Any]) -> tuple[int, float]:
+        """(HTTP status, seconds to stall before answering) for a request already counted; a subclass may
+        script its own. Here: ``fail_status`` for every action (an undo always works), ``stall`` as told."""
+        stall_s = 0.0
+        if self.stall_times > 0:
+            self.stall_times -= 1
+            stall_s = self.stall_s
+        return (200 if body.get("compensates") else self.fail_status or 200), stall_s
 
     def stall(self, seconds: float, times: int = 1) -> None:
         self.stall_s, self.stall_times = seconds, times

