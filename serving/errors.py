@@ -1,11 +1,11 @@
 """Classify a backend failure once, so fallback, circuit breaking and the audit record agree on it.
 
-Every failed call to a model backend ends up here, as an exception (httpx, asyncio, an in-process
-engine) or as an HTTP status with its body. The class decides two things the gateway must never get
-wrong (DESIGN.md §6): whether another backend may be tried, and whether the failure is evidence
-that *this backend* is broken (and so counts towards opening its circuit breaker). A 429 or a
-prompt that is too long says nothing bad about the backend's health; a user's malformed request
-says nothing about any backend and must not be retried on another one.
+Every failed call to a model backend ends up here, as an exception (aiohttp, httpx, asyncio, an
+in-process engine) or as an HTTP status with its body. The class decides two things the gateway
+must never get wrong (DESIGN.md §6): whether another backend may be tried, and whether the failure
+is evidence that *this backend* is broken (and so counts towards opening its circuit breaker). A
+429 or a prompt that is too long says nothing bad about the backend's health; a user's malformed
+request says nothing about any backend and must not be retried on another one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+import aiohttp
 import httpx
 
 
@@ -78,6 +79,12 @@ _CONTEXT_PATTERNS = re.compile(
 )
 _CONTEXT_STATUSES = frozenset({400, 413, 422})
 _REFUSED_TEXT = ("connection refused", "connect call failed", "actively refused")
+# aiohttp failures that mean "no usable HTTP exchange with this backend": ClientConnectionError
+# (refused, DNS, reset, ServerDisconnectedError, ClientOSError), ClientPayloadError (the peer closed
+# mid-body), ClientResponseError (a status line or headers it could not parse, or a proxy's refusal:
+# the engine never calls raise_for_status), and a bad endpoint URL (this backend's misconfiguration).
+_AIOHTTP_CONNECTION = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError,
+                       aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)
 
 
 def error_message(body: bytes | str | dict[str, object] | None) -> str:
@@ -124,7 +131,8 @@ def classify_status(status_code: int, body: bytes | str | dict[str, object] | No
 
 
 def _is_refused(exc: BaseException) -> bool:
-    """Walk the cause chain: httpx wraps httpcore, which wraps the OSError with the errno."""
+    """Walk the cause chain: httpx wraps httpcore, which wraps the OSError with the errno (aiohttp's
+    ``ClientConnectorError`` is itself an OSError carrying it)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -140,7 +148,7 @@ def _is_refused(exc: BaseException) -> bool:
 
 
 def classify_exception(exc: BaseException) -> Failure:
-    """Classify an exception raised while calling a backend (httpx, asyncio or an in-process engine).
+    """Classify an exception raised while calling a backend (aiohttp, httpx, asyncio or an in-process engine).
 
     Unknown exceptions count as ``server``: a backend that fails in ways we cannot name is treated
     as unhealthy rather than letting the same request fail forever on it.
@@ -156,7 +164,10 @@ def classify_exception(exc: BaseException) -> Failure:
             body = None
         return classify_status(response.status_code, body)
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        # aiohttp's ServerTimeoutError, ConnectionTimeoutError and SocketTimeoutError are TimeoutErrors
         return Failure(ErrorClass.TIMEOUT, message)
+    if isinstance(exc, _AIOHTTP_CONNECTION):
+        return Failure(ErrorClass.CONNECTION, message, refused=_is_refused(exc))
     if isinstance(exc, httpx.LocalProtocolError):
         return Failure(ErrorClass.CLIENT, message)  # we built an invalid request; no backend would take it
     if isinstance(exc, httpx.TransportError | ConnectionError):

@@ -1,7 +1,7 @@
 """The external engine against a real local HTTP backend: answers, usage, every failure class, streams.
 
 The fake backend (tests/fakes/openai_backend.py) is told to fail, stall or die at runtime, so each
-failure is the one the gateway will meet in production, classified from real httpx exceptions.
+failure is the one the gateway will meet in production, classified from real aiohttp exceptions.
 """
 
 from __future__ import annotations
@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -43,19 +47,24 @@ async def fb() -> AsyncIterator[FakeBackend]:
 
 
 @pytest_asyncio.fixture()
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with create_client(trust_env=False) as c:
         yield c
 
 
 @pytest.fixture
-def engine(fb: FakeBackend, client: httpx.AsyncClient) -> ExternalEngine:
+def engine(fb: FakeBackend, client: aiohttp.ClientSession) -> ExternalEngine:
     return ExternalEngine(client, fb.url, None, fb.model, timeout_s=5.0)
 
 
-def pool_size(client: httpx.AsyncClient) -> int:
-    """Connections the client's pool holds (idle or in use). httpx exposes no public accessor."""
-    return len(client._transport._pool.connections)  # type: ignore[attr-defined]
+def pool_size(client: aiohttp.ClientSession) -> int:
+    """Connections the client's pool holds (idle or in use). aiohttp exposes no public accessor."""
+    return in_use(client) + sum(len(idle) for idle in client.connector._conns.values())  # type: ignore[union-attr]
+
+
+def in_use(client: aiohttp.ClientSession) -> int:
+    """Connections handed to a request and not yet released (or closed)."""
+    return len(client.connector._acquired)  # type: ignore[union-attr]
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
@@ -100,7 +109,7 @@ async def test_completions_and_embeddings(engine: ExternalEngine, fb: FakeBacken
     assert fb.served == {"/v1/completions": 1, "/v1/embeddings": 2}
 
 
-async def test_api_key_is_sent_and_a_wrong_one_is_a_client_error(client: httpx.AsyncClient) -> None:
+async def test_api_key_is_sent_and_a_wrong_one_is_a_client_error(client: aiohttp.ClientSession) -> None:
     async with FakeBackend(api_key="sk-right") as fb:
         ok = ExternalEngine(client, fb.url, "sk-right", fb.model)
         assert (await ok.complete(CHAT, {"messages": MESSAGES})).usage.completion_tokens == 8
@@ -110,7 +119,7 @@ async def test_api_key_is_sent_and_a_wrong_one_is_a_client_error(client: httpx.A
 
 
 async def test_connections_are_pooled_and_reused(engine: ExternalEngine, fb: FakeBackend,
-                                                 client: httpx.AsyncClient) -> None:
+                                                 client: aiohttp.ClientSession) -> None:
     for _ in range(5):
         await engine.complete(CHAT, {"messages": MESSAGES})
     assert len(fb.peers) == 1  # one TCP connection, kept alive
@@ -165,30 +174,30 @@ async def test_malformed_200_body_is_a_server_failure(engine: ExternalEngine, fb
     assert error.error_class is ErrorClass.SERVER
 
 
-async def test_unknown_model_at_the_backend_is_a_client_error(client: httpx.AsyncClient, fb: FakeBackend) -> None:
+async def test_unknown_model_at_the_backend_is_a_client_error(client: aiohttp.ClientSession, fb: FakeBackend) -> None:
     engine = ExternalEngine(client, fb.url, None, "no-such-model")
     error = await failure_of(engine.complete(CHAT, {"messages": MESSAGES}))
     assert error.error_class is ErrorClass.CLIENT and error.failure.status_code == 404
 
 
-def test_engine_for_a_routing_table_backend(client: httpx.AsyncClient) -> None:
+def test_engine_for_a_routing_table_backend(client: aiohttp.ClientSession) -> None:
     pricing = BackendPricing(input_per_million_usd=1.0, output_per_million_usd=2.0)
     b = Backend(model_deployment="big", engine="external", endpoint="http://big.example/v1/", model="org/big",
                 tier="large", pricing=pricing, healthy=True, role="primary", reason="primary")
     engine = ExternalEngine.for_backend(b, client)
     assert engine.model == "org/big"
-    assert engine._request(CHAT, {}, None, None).url == "http://big.example/v1/chat/completions"
+    assert engine._url(CHAT) == "http://big.example/v1/chat/completions"
     with pytest.raises(ValueError, match="no endpoint"):
         ExternalEngine.for_backend(b.model_copy(update={"endpoint": None}), client)
     with pytest.raises(ValueError, match="unsupported path"):
-        engine._request("/v1/chat/completions", {}, None, None)
+        engine._url("/v1/chat/completions")
 
 
 async def test_shared_client_is_one_per_process() -> None:
     client = shared_client()
     assert shared_client() is client
     await close_shared_client()
-    assert client.is_closed and shared_client() is not client
+    assert client.closed and shared_client() is not client
     await close_shared_client()
 
 
@@ -261,7 +270,7 @@ async def test_stream_usage_falls_back_to_counting_content_deltas(engine: Extern
     assert stream.usage == Usage(0, 5, estimated=True)
 
 
-async def test_completions_stream_and_engine_without_stream_usage(client: httpx.AsyncClient,
+async def test_completions_stream_and_engine_without_stream_usage(client: aiohttp.ClientSession,
                                                                   fb: FakeBackend) -> None:
     engine = ExternalEngine(client, fb.url, None, fb.model, stream_usage=False)
     async with await engine.stream("/completions", {"prompt": "a b c"}) as stream:
@@ -279,13 +288,13 @@ async def test_completions_stream_and_engine_without_stream_usage(client: httpx.
     (lambda fb: fb.stall(), ErrorClass.TIMEOUT),
 ])
 async def test_stream_failures_before_the_first_token_raise_at_start(
-        engine: ExternalEngine, fb: FakeBackend, client: httpx.AsyncClient,
+        engine: ExternalEngine, fb: FakeBackend, client: aiohttp.ClientSession,
         setup: Callable[[FakeBackend], None], error_class: ErrorClass) -> None:
     setup(fb)
     error = await failure_of(engine.stream(CHAT, {"messages": MESSAGES}, timeout_s=0.2))
     assert error.error_class is error_class
     assert not error.first_token_sent  # the gateway may still fall back
-    assert all(c.is_idle() for c in client._transport._pool.connections)  # type: ignore[attr-defined]
+    assert in_use(client) == 0
 
 
 async def test_stream_refused_raises_at_start(engine: ExternalEngine, fb: FakeBackend) -> None:
@@ -308,7 +317,7 @@ async def read_until_failure(stream: ExternalStream, chunks: list[bytes],
 
 
 async def test_backend_dying_mid_stream_is_never_retried(engine: ExternalEngine, fb: FakeBackend,
-                                                         client: httpx.AsyncClient) -> None:
+                                                         client: aiohttp.ClientSession) -> None:
     fb.token_interval(0.05)
     stream = await engine.stream(CHAT, {"messages": MESSAGES})
     chunks: list[bytes] = []
@@ -359,7 +368,7 @@ async def test_truncated_or_in_band_error_stream_is_a_server_failure(engine: Ext
 
 
 async def test_cancelling_the_consumer_closes_the_upstream(engine: ExternalEngine, fb: FakeBackend,
-                                                           client: httpx.AsyncClient) -> None:
+                                                           client: aiohttp.ClientSession) -> None:
     fb.token_interval(0.1)
     stream = await engine.stream(CHAT, {"messages": MESSAGES})
     got_one = asyncio.Event()
@@ -381,7 +390,7 @@ async def test_cancelling_the_consumer_closes_the_upstream(engine: ExternalEngin
 
 
 async def test_closing_the_stream_early_closes_the_upstream(engine: ExternalEngine, fb: FakeBackend,
-                                                            client: httpx.AsyncClient) -> None:
+                                                            client: aiohttp.ClientSession) -> None:
     fb.token_interval(0.1)
     async with await engine.stream(CHAT, {"messages": MESSAGES}) as stream:
         async for _ in stream:
@@ -391,7 +400,7 @@ async def test_closing_the_stream_early_closes_the_upstream(engine: ExternalEngi
 
 
 async def test_a_dropped_stream_never_iterated_does_not_leak(engine: ExternalEngine, fb: FakeBackend,
-                                                             client: httpx.AsyncClient) -> None:
+                                                             client: aiohttp.ClientSession) -> None:
     fb.token_interval(0.1)
     stream = await engine.stream(CHAT, {"messages": MESSAGES})
     assert pool_size(client) == 1
@@ -401,8 +410,33 @@ async def test_a_dropped_stream_never_iterated_does_not_leak(engine: ExternalEng
     assert pool_size(client) == 0
 
 
+async def test_a_stream_dropped_in_another_thread_closes_its_connection_on_its_loop(
+        engine: ExternalEngine, fb: FakeBackend, client: aiohttp.ClientSession) -> None:
+    fb.token_interval(0.1)
+    held = [await engine.stream(CHAT, {"messages": MESSAGES})]
+    dropper = threading.Thread(target=lambda: (held.clear(), gc.collect()))  # the collector's thread runs __del__
+    dropper.start()
+    dropper.join()
+    await eventually(lambda: fb.open_connections == 0)
+    assert pool_size(client) == 0
+
+
+def test_a_stream_dropped_after_its_loop_closed_is_harmless(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def leave_a_stream_open() -> ExternalStream:
+        async with FakeBackend() as fb, create_client(trust_env=False) as client:
+            fb.token_interval(0.1)
+            return await ExternalEngine(client, fb.url, None, fb.model).stream(CHAT, {"messages": MESSAGES})
+
+    stream = asyncio.run(leave_a_stream_open())
+    raised: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", raised.append)
+    del stream
+    gc.collect()
+    assert raised == []
+
+
 async def test_a_finished_stream_returns_its_connection_to_the_pool(engine: ExternalEngine, fb: FakeBackend,
-                                                                    client: httpx.AsyncClient) -> None:
+                                                                    client: aiohttp.ClientSession) -> None:
     for _ in range(3):
         async with await engine.stream(CHAT, {"messages": MESSAGES}) as stream:
             [chunk async for chunk in stream]
@@ -416,14 +450,18 @@ async def test_usage_is_known_when_the_chunk_carrying_done_is_handed_on() -> Non
             b"data: [DONE]\n\n")
     first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
-    async def chunks() -> AsyncIterator[bytes]:
-        yield first
-        yield tail
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first)
+        await asyncio.sleep(0.05)
+        await response.write(tail)  # one write: usage and [DONE] arrive together
+        return response
 
-    transport = httpx.MockTransport(lambda _: httpx.Response(200, headers={"content-type": "text/event-stream"},
-                                                             content=chunks()))
-    async with httpx.AsyncClient(transport=transport) as client:
-        engine = ExternalEngine(client, "http://backend/v1", None, "m")
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with TestServer(app) as server, create_client(trust_env=False) as client:
+        engine = ExternalEngine(client, str(server.make_url("/v1")), None, "m")
         seen: list[Usage] = []
         async with await engine.stream(CHAT, {"messages": MESSAGES}) as stream:
             async for chunk in stream:

@@ -6,7 +6,10 @@ import asyncio
 import errno
 import json
 import socket
+import struct
+from collections.abc import Awaitable, Callable
 
+import aiohttp
 import httpx
 import pytest
 
@@ -46,6 +49,87 @@ async def test_real_refused_connection_is_connection_and_refused() -> None:
     assert failure.refused
 
 
+async def test_real_refused_aiohttp_connection_is_connection_and_refused() -> None:
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.ClientConnectorError) as caught:
+            await client.post(f"http://127.0.0.1:{unused_port()}/v1/chat/completions")
+    failure = classify(caught.value)
+    assert failure.error_class is ErrorClass.CONNECTION
+    assert failure.refused
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _answer(raw: bytes) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return handle
+
+
+async def _reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # linger 0: an RST, not a FIN
+
+
+async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # holds the connection until the client gives up
+
+
+async def _aiohttp_failure(handler: Handler, timeout: aiohttp.ClientTimeout | None = None) -> BaseException:
+    """What a real aiohttp call raises against a raw TCP server doing ``handler``."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await handler(reader, writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession(timeout=timeout or aiohttp.ClientTimeout(total=5)) as client:
+            with pytest.raises(aiohttp.ClientError) as caught:
+                async with client.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}") as response:
+                    await response.read()
+    finally:
+        server.close()
+        for writer in accepted:
+            writer.close()
+    return caught.value
+
+
+@pytest.mark.parametrize("handler", [
+    _answer(b""), _reset, _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"id\":"),
+    _answer(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"),
+], ids=["closed-before-answering", "reset", "closed-mid-body", "not-http"])
+async def test_real_broken_aiohttp_exchanges_are_connection_but_not_refused(handler: Handler) -> None:
+    exc = await _aiohttp_failure(handler)
+    failure = classify(exc)
+    assert failure.error_class is ErrorClass.CONNECTION, exc
+    assert not failure.refused
+
+
+async def test_real_aiohttp_read_timeout_is_a_timeout() -> None:
+    exc = await _aiohttp_failure(_never_answer, aiohttp.ClientTimeout(total=None, sock_read=0.1))
+    assert isinstance(exc, aiohttp.SocketTimeoutError)
+    assert classify(exc).error_class is ErrorClass.TIMEOUT
+
+
+@pytest.mark.parametrize("url", ["big.example/v1/chat/completions", "ftp://big.example/v1/chat/completions",
+                                 "http://[not-an-address/v1"])
+async def test_a_bad_endpoint_url_under_aiohttp_is_connection(url: str) -> None:
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.ClientError) as caught:
+            await client.post(url)
+    failure = classify(caught.value)
+    assert failure.error_class is ErrorClass.CONNECTION and not failure.refused
+
+
 def test_refused_is_found_through_the_cause_chain() -> None:
     exc = httpx.ConnectError("All connection attempts failed")
     exc.__cause__ = ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed")
@@ -72,6 +156,15 @@ def test_timeouts(exc: BaseException) -> None:
     assert classify(exc).error_class is ErrorClass.TIMEOUT
 
 
+@pytest.mark.parametrize("exc", [
+    aiohttp.ConnectionTimeoutError("Connection timeout to host http://b/v1"),
+    aiohttp.SocketTimeoutError("Timeout on reading data from socket"),
+    aiohttp.ServerTimeoutError("timeout"),
+], ids=["aiohttp-connect", "aiohttp-read", "aiohttp-server"])
+def test_aiohttp_timeouts(exc: BaseException) -> None:
+    assert classify(exc).error_class is ErrorClass.TIMEOUT
+
+
 def test_http_408_is_a_timeout() -> None:
     assert classify_status(408).error_class is ErrorClass.TIMEOUT
 
@@ -88,6 +181,7 @@ def test_5xx_is_server(status: int) -> None:
 def test_engine_dead_and_unknown_exceptions_are_server() -> None:
     assert classify(EngineDeadError("Background loop has errored already.")).error_class is ErrorClass.SERVER
     assert classify(httpx.DecodingError("bad gzip")).error_class is ErrorClass.SERVER
+    assert classify(aiohttp.ClientError("something aiohttp has no class for")).error_class is ErrorClass.SERVER
 
 
 def test_429_is_rate_limited_with_the_message_kept() -> None:
