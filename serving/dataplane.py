@@ -44,6 +44,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace as otel
+from starlette.background import BackgroundTask
 
 from pilothouse.operator.api.routing import Backend, BudgetRule, Route, RoutingTable
 
@@ -60,7 +61,7 @@ from .audit import (
 )
 from .auth import tenant_of
 from .breaker import Breaker
-from .cache import ResponseCache
+from .cache import CachedResponse, ResponseCache
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS, BackendError, Engine, EngineResult, EngineStream, Usage
 from .engines.external import ExternalEngine, shared_client
 from .engines.handle import HandleEngine, is_local
@@ -77,6 +78,8 @@ from .openai_schema import (
     validate_embedding,
 )
 from .router import Plan, Rejection, next_after_failure, plan, worst_case_cost
+from .semantic_cache import HIT_HEADER_VALUE as SEMANTIC_HIT
+from .semantic_cache import Probe, SemanticCache, open_semantic_cache
 from .table_source import TableSource
 
 log = logging.getLogger(__name__)
@@ -224,6 +227,9 @@ class DataPlane:
         self.metrics = metrics or Metrics()
         self.cache = cache or ResponseCache()
         self.breakers: dict[str, Breaker] = {}
+        self.semantic: SemanticCache | None = None
+        """The table's semantic cache once open (it loads an embedding model: opened in the background)."""
+        self._semantic_for: tuple[str, str, Any] | None = None
         self._stores: Stores | None = None
         self._lock = asyncio.Lock()
         self._tables_seen = -1
@@ -246,6 +252,9 @@ class DataPlane:
         stores, self._stores = self._stores, None
         if stores is not None:
             await asyncio.to_thread(stores.close)
+        semantic, self.semantic, self._semantic_for = self.semantic, None, None
+        if semantic is not None:
+            await semantic.aclose()
 
     async def maintain(self, interval_s: float = 60.0, stale_after: timedelta = STALE_RESERVATION) -> None:
         """Until cancelled: release reservations a crashed replica left behind, and old idempotency keys."""
@@ -266,6 +275,34 @@ class DataPlane:
             self._tables_seen = self.source.loads
             self.metrics.allow_tables([table])
             self.metrics.revision(table.workflow, table.revision)
+            self._sync_semantic(table)
+
+    def _sync_semantic(self, table: RoutingTable) -> None:
+        """(Re)open the semantic cache when the table asks for a different one; requests never wait for it."""
+        wanted = (table.namespace, table.workflow, table.semantic_cache)
+        if wanted == self._semantic_for:
+            return
+        self._semantic_for = wanted
+        old, self.semantic = self.semantic, None
+        task = asyncio.ensure_future(self._open_semantic(old, table, wanted))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _open_semantic(self, old: SemanticCache | None, table: RoutingTable,
+                             wanted: tuple[str, str, Any]) -> None:
+        if old is not None:
+            await old.aclose()
+        if table.semantic_cache is None:
+            return
+        try:
+            cache = await open_semantic_cache(table, metrics=self.metrics)
+        except Exception as exc:  # no embedding model: serve without the semantic cache, and say why
+            log.warning("semantic cache of %s/%s is off: %s", table.namespace, table.workflow, exc)
+            return
+        if cache is not None and self._semantic_for == wanted:
+            self.semantic = cache
+        elif cache is not None:  # the table changed again while the model loaded
+            await cache.aclose()
 
     def render_metrics(self) -> Response:
         self.sync_tables()
@@ -451,12 +488,14 @@ class DataPlane:
             hit = self.cache.get(cache_key)
             self.metrics.cache(ctx.route_id, hit is not None)
             if hit is not None:
-                ctx.cache_hit, ctx.usage, ctx.reason = True, hit.usage, "cache hit"
-                ctx.output = _output(ctx.path, hit.body)
-                await self._audit(ctx, stores, 200)
-                self._observe(ctx, "cache_hit")
-                return Response(hit.body, media_type="application/json",
-                                headers={**ctx.headers, CACHE_HEADER: "hit", COST_HEADER: "0"})
+                return await self._cached(ctx, stores, hit, "hit", "cache hit")
+        semantic = self.semantic
+        probe: Probe | None = None
+        if semantic is not None and not stream:
+            probe = await semantic.lookup(ctx.tenant, ctx.route_id or "", ctx.body, endpoint=ctx.path)
+            if probe.hit is not None:
+                return await self._cached(ctx, stores, probe.hit.response, SEMANTIC_HIT,
+                                          f"semantic cache hit (similarity {probe.hit.similarity:.3f})")
 
         p = plan(route, self.breakers, prompt_tokens=ctx.prompt_tokens, max_tokens=max_tokens, budget=table.budget,
                  now=time.monotonic())
@@ -474,9 +513,21 @@ class DataPlane:
         except BaseException:
             await self._settle(ctx, stores, None)
             raise
-        if cache_key is not None and response.status_code == 200 and ctx.usage is not None:
-            self.cache.put(cache_key, bytes(response.body), ctx.usage)
+        if response.status_code == 200 and ctx.usage is not None:
+            if cache_key is not None:
+                self.cache.put(cache_key, bytes(response.body), ctx.usage)
+            if semantic is not None and probe is not None and probe.key is not None:  # after the client has it
+                response.background = BackgroundTask(semantic.store, probe, bytes(response.body), ctx.usage)
         return response
+
+    async def _cached(self, ctx: _Ctx, stores: Stores, hit: CachedResponse, header: str, reason: str) -> Response:
+        """Answer from a cache: free, audited like any answer, marked in ``x-pilothouse-cache``."""
+        ctx.cache_hit, ctx.usage, ctx.reason = True, hit.usage, reason
+        ctx.output = _output(ctx.path, hit.body)
+        await self._audit(ctx, stores, 200)
+        self._observe(ctx, "cache_hit")
+        return Response(hit.body, media_type="application/json",
+                        headers={**ctx.headers, CACHE_HEADER: header, COST_HEADER: "0"})
 
     # -- budget ------------------------------------------------------------------------------------
     async def _reserve(self, ctx: _Ctx, stores: Stores, rule: BudgetRule, p: Plan) -> Plan | Response:
