@@ -349,10 +349,11 @@ def replica_ports(count: int) -> dict[str, int]:
 # ---- profile ----------------------------------------------------------------------------------------
 CATEGORIES = [  # first match wins, checked on the whole stack (outermost first)
     ("ledger (budget, SQLite)", ("serving/ledger.py",)), ("audit (SQLite)", ("serving/audit.py",)),
+    ("group commit thread (ledger, audit)", ("serving/group_commit.py",)),
     ("idempotency/cache", ("serving/idempotency.py", "serving/cache.py")),
     ("metrics (prometheus_client)", ("serving/metrics.py", "prometheus_client")),
     ("sqlalchemy/sqlite (other)", ("sqlalchemy", "sqlite3")),
-    ("backend call (engine, httpx)", ("serving/engines/", "httpx", "httpcore")),
+    ("backend call (engine, aiohttp)", ("serving/engines/", "aiohttp/", "httpx", "httpcore")),
     ("validation/JSON (ours)", ("serving/openai_schema.py",)), ("router/breaker (ours)", ("serving/router.py",
                                                                                           "serving/breaker.py")),
     ("dataplane other (ours)", ("serving/dataplane.py",)),
