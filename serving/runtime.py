@@ -337,11 +337,17 @@ class WorkflowRuntime:
             if not fields:
                 raise RunError("an edit needs the fields to change (e.g. total=120.50)")
             edited = {**(run.fields or {}), **fields}
-            wf = AutonomousWorkflow.model_validate(run.spec)
-            gen = _generate_step(wf).generate
-            problems = schema_errors(gen.output_schema if gen else None, edited)
-            if problems:
+        if decision != "reject":
+            # Approve acts on the stored fields as they are, so they must pass the schema as an edit's do:
+            # a model's truncated output would otherwise reach the webhook or the table as nulls.
+            gen = _generate_step(AutonomousWorkflow.model_validate(run.spec)).generate
+            acting_on = edited if edited is not None else run.fields or {}
+            problems = schema_errors(gen.output_schema if gen else None, acting_on)
+            if problems and edited is not None:
                 raise RunError("the edited fields violate the output schema: " + "; ".join(problems))
+            if problems:
+                raise RunError("cannot approve: the run's fields violate the output schema (" + "; ".join(problems)
+                               + "); correct them with `pilothouse review edit RUN field=value ...`, or reject")
         await asyncio.to_thread(self.store.decide, run_id, reviewer=reviewer, decision=decision, reason=reason,
                                 fields=edited)
         if decision == "reject":

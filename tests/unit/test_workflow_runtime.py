@@ -22,7 +22,7 @@ from pilothouse.operator.api import AutonomousWorkflow
 from pilothouse.serving.audit import AuditLog
 from pilothouse.serving.metrics import Metrics
 from pilothouse.serving.runs import NotWaiting, RunStore
-from pilothouse.serving.runtime import WorkflowRuntime
+from pilothouse.serving.runtime import RunError, WorkflowRuntime
 from tests.fakes.openai_backend import FakeBackend
 from tests.fakes.workflow_kit import API_KEY, FIELDS, INVOICE, VENDORS, Receiver, answer, gateway, receiver, table
 from tests.fakes.workflow_kit import workflow as make_workflow
@@ -177,6 +177,11 @@ async def test_output_violating_the_schema_is_parked_for_review_not_lost(tmp_pat
         k.backend.reply_with("this is not JSON at all")
         prose = await k.runtime.start(INVOICE + " Page 2.", run_id="run-prose")  # another prompt: no cache hit
         assert prose.state == "review" and "not JSON" in (prose.review_reason or "")
+        with pytest.raises(RunError, match=r"cannot approve: .*total.*review edit"):  # nulls must not be acted on
+            await k.runtime.decide("run-bad", "approve", reviewer="dana")
+        with pytest.raises(RunError, match="cannot approve"):
+            await k.runtime.decide("run-prose", "approve", reviewer="dana")
+        assert k.receiver.calls == {} and (await k.runtime.result("run-bad")).state == "review"
         fixed = await k.runtime.decide("run-prose", "edit", reviewer="dana", fields=FIELDS)
         assert fixed.state == "completed" and k.receiver.effects == {"run-prose-post": 1}
 
