@@ -151,7 +151,7 @@ class Actions:
                 engine, _ = stores.open_engine(url, purpose="act step sql", busy_timeout_s=30.0, synchronous="FULL")
             except (ValueError, sa.exc.ArgumentError) as exc:
                 raise ActionFailed(f"sql.url {url!r}: {exc}", kind="sql", maybe_applied=False) from None
-            _keys_metadata.create_all(engine)
+            _keys_metadata.create_all(stores.writer(engine))  # IMMEDIATE: see stores.writer
             self._engines[url] = engine
         done = (url, tuple(write.setup))
         if write.setup and done not in self._setup_done:

@@ -207,7 +207,7 @@ class AuditLog:
         self.transactions = 0
         """Write transactions committed by this instance (the group-commit measure)."""
         if create:
-            metadata.create_all(self.engine)
+            metadata.create_all(self._writer)  # IMMEDIATE: see stores.writer
 
     def close(self) -> None:
         self.engine.dispose()

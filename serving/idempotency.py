@@ -75,7 +75,7 @@ class IdempotencyStore:
     def __init__(self, url: str, *, busy_timeout_s: float = 30.0) -> None:
         self.engine, self.backend = stores.open_engine(url, purpose="idempotency store",
                                                        busy_timeout_s=busy_timeout_s, synchronous="FULL")
-        metadata.create_all(self.engine)
+        metadata.create_all(stores.writer(self.engine))  # IMMEDIATE: see stores.writer
 
     def close(self) -> None:
         self.engine.dispose()

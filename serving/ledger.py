@@ -278,7 +278,7 @@ class Ledger:
         # Writers open their transaction with BEGIN IMMEDIATE on SQLite; readers keep a deferred BEGIN
         # so reporting spend never waits for (or blocks) a reservation.
         self._writer = stores.writer(self.engine)
-        metadata.create_all(self.engine)
+        metadata.create_all(self._writer)  # IMMEDIATE: see stores.writer
         self.rebuild_totals()
         self._committer: GroupCommitter[LedgerOp, Reservation | Denied | bool] | None = None
         self._group_lock = threading.Lock()

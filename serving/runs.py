@@ -151,7 +151,7 @@ class RunStore:
                                                        synchronous="FULL", create_dir=create)
         self._writer = stores.writer(self.engine)
         if create:
-            metadata.create_all(self.engine)
+            metadata.create_all(self._writer)  # IMMEDIATE: see stores.writer
 
     def close(self) -> None:
         self.engine.dispose()

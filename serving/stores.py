@@ -53,7 +53,13 @@ def open_engine(url: str, *, purpose: str, busy_timeout_s: float, synchronous: L
 
 
 def writer(engine: sa.Engine) -> sa.Engine:
-    """The same engine, whose SQLite transactions begin IMMEDIATE (take the write lock at BEGIN)."""
+    """The same engine, whose SQLite transactions begin IMMEDIATE (take the write lock at BEGIN).
+
+    Also for creating tables: ``create_all`` reads the schema and then writes, and a deferred
+    transaction that must upgrade to a write lock after another connection wrote gets SQLITE_BUSY at
+    once, without the busy handler's wait (seen as a gateway 500 on its first request while a
+    workflow runtime wrote to the same file).
+    """
     return engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
 
 
