@@ -149,8 +149,7 @@ async def test_milvus_killed_and_restarted_under_load_keeps_answering(tmp_path: 
                     observed.append(Observed(run_id, began, phase, result.state, result.error,
                                              steps["context"].output or {}))
 
-            # The gateway opens its stores on its first request; on SQLite that DDL can meet the runtime's
-            # writes to the same file and fail as "database is locked". A cold gateway is not this drill.
+            # One run before the load: the baseline answer is hybrid with Milvus up.
             warm = await runtime.start(INVOICE, run_id="warm-up")
             assert (warm.state, warm.retrieval_mode) == ("completed", "hybrid"), warm
             users = [asyncio.create_task(user(n)) for n in range(USERS)]
