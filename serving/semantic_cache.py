@@ -12,7 +12,7 @@ Why each rule:
   text (images, tool calls in the last turn) and multi-prompt completions are never cached.
 * **Tenant-partitioned.** ``tenant`` is the collection's partition key (Milvus hashes it into a
   fixed number of partitions, so tenants are unbounded, unlike one partition each) *and* an ``==``
-  filter on every search and delete: tenant B's search never even reads tenant A's rows.
+  filter on every search and delete: tenant B's search can only ever match tenant B's rows.
   Tenants, routes and parameters are stored as hex digests, so a filter expression is only ever
   built from hex strings and integers: nothing a caller sends is interpolated into it.
 * **Deterministic requests only, unless forced** (the exact cache's :func:`cacheable`): a replayed
@@ -27,6 +27,8 @@ Why each rule:
   flushes. So a tenant holds at most ``max_entries_per_tenant + maintain_every`` rows per replica
   writing to it. Flushing matters for speed as well: Milvus Lite searches unflushed rows about
   0.02 ms each by brute force (measured: 96 ms p50 with 3,000 unflushed rows, 2 ms flushed).
+  A lookup at 3,000 rows in one tenant and scope: p50 17 ms, of which the MiniLM embedding is
+  11 ms and the search 5 ms (``bench/semantic_cache.py``, 2 cores).
 * **Never fails a request.** Milvus or the embedder failing, or a lookup slower than
   ``lookup_timeout_s``, is a miss and an ``error`` in the metrics; a breaker stops a dead Milvus
   from costing every request a connection attempt (one probe after a cooldown). Blocking work
@@ -275,7 +277,6 @@ class SemanticCache:
         if not self._breaker.allow():
             self.metrics.semantic_lookup(route, "error")
             return probe
-        vector: list[float] | None = None
         try:
             vector, hit = await asyncio.wait_for(self._run(self._lookup_sync, key), self.lookup_timeout_s)
         except Exception as exc:  # any failure of Milvus or the embedder is a miss, never the request's error
