@@ -20,8 +20,8 @@ Why each rule:
 The cache stores the complete JSON answer. A streamed request (same key: ``stream`` is not in it)
 is answered from a hit by the gateway re-framing the stored answer as SSE.
 
-Pure in-memory, per gateway replica. The semantic cache on Milvus (similarity threshold) is a later
-step. Like the breaker, an instance belongs to one event loop; no method awaits, so no lock.
+Pure in-memory, per gateway replica; the gateway asks the semantic cache on Milvus
+(``semantic_cache``) only after this one missed. Like the breaker, an instance belongs to one event loop; no method awaits, so no lock.
 """
 
 from __future__ import annotations
