@@ -203,7 +203,7 @@ def test_chart_crds_are_the_generated_ones(chart: helm.Chart) -> None:
 # -- Grafana dashboard -----------------------------------------------------------------------------
 
 DASHBOARD_PANELS = {"Spend vs budget", "Fallbacks by backend and reason", "Circuit state per backend",
-                    "Request latency p50/p95/p99", "Gateway overhead p50/p99", "Cache hit rate",
+                    "Request latency p50/p95/p99", "Gateway overhead p50/p99", "Cache hit rate (exact and semantic)",
                     "Requests by outcome", "RoutingTable revision"}
 METRIC = re.compile(r"\bpilothouse_[A-Za-z0-9_]*")
 SELECTOR = re.compile(r"\b(pilothouse_[A-Za-z0-9_]*)\{([^}]*)\}")
