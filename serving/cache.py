@@ -21,7 +21,8 @@ The cache stores the complete JSON answer. A streamed request (same key: ``strea
 is answered from a hit by the gateway re-framing the stored answer as SSE.
 
 Pure in-memory, per gateway replica; the gateway asks the semantic cache on Milvus
-(``semantic_cache``) only after this one missed. Like the breaker, an instance belongs to one event loop; no method awaits, so no lock.
+(``semantic_cache``) only after this one missed. Like the breaker, an instance belongs to one event
+loop; no method awaits, so no lock.
 """
 
 from __future__ import annotations
