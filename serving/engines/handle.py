@@ -102,24 +102,35 @@ def classify_handle_error(exc: BaseException) -> Failure:
     return classify(exc)
 
 
-_handles: dict[str, Any] = {}
+_handles: dict[tuple[str, asyncio.AbstractEventLoop], Any] = {}
 
 
 def _handle(endpoint: str) -> Any:
-    """One handle per endpoint and process: creating one asks the Serve controller."""
-    handle = _handles.get(endpoint)
+    """One handle per endpoint and event loop: creating one asks the Serve controller.
+
+    The handle routes on the caller's own event loop (``_run_router_in_separate_loop=False``) instead of
+    Serve's router thread: every call and every streamed item then skips two cross-thread hand-offs,
+    which on a 2-core machine compete with the engine itself for the CPU (``bench/engine_path.py``).
+    Such a handle belongs to the loop that made it, hence one per loop.
+    """
+    loop = asyncio.get_running_loop()
+    handle = _handles.get((endpoint, loop))
     if handle is None:
         from ray import serve
 
         app, deployment = parse(endpoint)
         handle = serve.get_app_handle(app) if deployment is None else serve.get_deployment_handle(deployment, app)
-        _handles[endpoint] = handle
+        handle._init(_run_router_in_separate_loop=False)
+        for key in [k for k in _handles if k[1].is_closed()]:
+            del _handles[key]
+        _handles[(endpoint, loop)] = handle
     return handle
 
 
 def forget(endpoint: str) -> None:
-    """Drop a cached handle (its application was deleted or redeployed)."""
-    _handles.pop(endpoint, None)
+    """Drop the cached handles of an endpoint (its application was deleted or redeployed)."""
+    for key in [k for k in _handles if k[0] == endpoint]:
+        del _handles[key]
 
 
 class HandleStream(SseStream):

@@ -4,6 +4,7 @@ engine config, the tiny model, and local mode's RoutingTable endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -139,7 +140,7 @@ class FakeHandle:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
     def install(handle: FakeHandle) -> h.HandleEngine:
-        monkeypatch.setitem(h._handles, "serve://engine-small", handle)
+        monkeypatch.setitem(h._handles, ("serve://engine-small", asyncio.get_running_loop()), handle)
         return h.HandleEngine("serve://engine-small", "small")
     return install
 
@@ -209,6 +210,29 @@ async def test_a_stream_cut_before_done_is_a_server_failure(fake: Any) -> None:
     stream = await fake(FakeHandle(stream=[200, b'data: {"choices": []}\n\n'])).stream(CHAT, {"messages": []})
     with pytest.raises(BackendError, match=r"before data: \[DONE\]"):
         await _drain(stream)
+
+
+def test_each_event_loop_gets_its_own_handle_routing_on_that_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handle that routes on its caller's loop is useless on another loop: one per loop, dead loops dropped."""
+    made: list[dict[str, Any]] = []
+
+    class Made:
+        def _init(self, **options: Any) -> None:
+            made.append(options)
+
+    monkeypatch.setattr("ray.serve.get_app_handle", lambda app: Made())
+    monkeypatch.setattr(h, "_handles", {})
+
+    async def get() -> Any:
+        return h._handle("serve://engine-small"), h._handle("serve://engine-small")
+
+    first, again = asyncio.run(get())
+    second, _ = asyncio.run(get())
+    assert first is again and second is not first
+    assert made == [{"_run_router_in_separate_loop": False}] * 2
+    assert len(h._handles) == 1  # the first loop closed: its handle went when the second was made
+    h.forget("serve://engine-small")
+    assert h._handles == {}
 
 
 # -- the replica's side: vLLM objects in, bytes out ---------------------------------------------------

