@@ -26,9 +26,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -36,6 +36,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from . import stores
 from .group_commit import GroupCommitter
+
+if TYPE_CHECKING:
+    from .ledger import Ledger, SettleOp
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -224,20 +229,25 @@ class AuditLog:
         """Write one record in its own transaction; False when its id was already there."""
         return self.insert_rows([_row(record)]) == 1
 
-    @stores.retry_when_locked
     def insert_rows(self, rows: Sequence[dict[str, Any]]) -> int:
         """Insert prepared rows in one transaction; returns how many were new (duplicates are skipped),
         or -1 where the driver does not count an executemany."""
-        if not rows:
-            return 0
+        return self.insert_rows_with(rows)[0] if rows else 0
+
+    @stores.retry_when_locked
+    def insert_rows_with(self, rows: Sequence[dict[str, Any]],
+                         also: Callable[[sa.Connection], T] | None = None) -> tuple[int, T | None]:
+        """Insert rows and first run ``also`` in the same write transaction: the gateway settles the budget of
+        the requests these records describe there, so a request's record and its ledger commit are one write."""
         written_at = datetime.now(UTC)
         params = [{**row, "written_at": written_at} for row in rows]
         with self._writer.begin() as conn:
+            done = also(conn) if also is not None else None
             inserted = conn.execute(self._insert_stmt, params[0] if len(params) == 1 else params,
-                                    execution_options={"preserve_rowcount": True}).rowcount
+                                    execution_options={"preserve_rowcount": True}).rowcount if params else 0
         with self._count_lock:
             self.transactions += 1
-        return inserted
+        return inserted, done
 
     @stores.retry_when_locked
     def purge(self, older_than_days: float, workflow: str | None = None, now: datetime | None = None) -> int:
@@ -320,11 +330,16 @@ class AuditWriter:
     ``await write(record)`` returns once the transaction holding the record committed, and raises
     if it failed: the gateway must not acknowledge a request whose record is not on disk.
     Cancelling the awaiting task does not withdraw the record; it is still written.
+
+    ``write(record, settle)`` also commits or releases the request's budget reservation in that same
+    transaction (``ledger`` must be the same database's): one durable write per answered request
+    instead of two, and never a commit without its record or a record without its commit.
     """
 
-    def __init__(self, log: AuditLog, *, max_batch: int = 2000) -> None:
+    def __init__(self, log: AuditLog, *, ledger: Ledger | None = None, max_batch: int = 2000) -> None:
         self.log = log
-        self._committer: GroupCommitter[dict[str, Any], None] = GroupCommitter(
+        self.ledger = ledger
+        self._committer: GroupCommitter[tuple[dict[str, Any], SettleOp | None], bool | None] = GroupCommitter(
             self._insert, name="pilothouse-audit-writer", max_batch=max_batch)
 
     @property
@@ -336,8 +351,11 @@ class AuditWriter:
     def records(self) -> int:
         return self._committer.items
 
-    async def write(self, record: AuditRecord) -> None:
-        await self._committer.submit(_row(record))  # serialized here: a bad record fails its caller only
+    async def write(self, record: AuditRecord, settle: SettleOp | None = None) -> bool | None:
+        """None, or with ``settle`` whether it moved the reservation (see ``Ledger.commit``)."""
+        if settle is not None and self.ledger is None:
+            raise ValueError("this audit writer has no ledger to settle budgets in")
+        return await self._committer.submit((_row(record), settle))  # serialized here: a bad record fails its caller
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Stop taking records, commit everything queued, stop the thread. Idempotent."""
@@ -346,6 +364,15 @@ class AuditWriter:
     async def aclose(self, timeout_s: float | None = 30.0) -> None:
         await self._committer.aclose(timeout_s)
 
-    def _insert(self, rows: Sequence[dict[str, Any]]) -> list[None]:
-        self.log.insert_rows(list(rows))
-        return [None] * len(rows)
+    def _insert(self, items: Sequence[tuple[dict[str, Any], SettleOp | None]]) -> list[bool | None]:
+        settles = [(i, op) for i, (_, op) in enumerate(items) if op is not None]
+        ledger = self.ledger
+
+        def settle(conn: sa.Connection) -> list[bool]:
+            return ledger.settle_in(conn, [op for _, op in settles]) if ledger is not None and settles else []
+
+        _, settled = self.log.insert_rows_with([row for row, _ in items], settle)
+        results: list[bool | None] = [None] * len(items)
+        for (i, _), moved in zip(settles, settled or [], strict=True):
+            results[i] = moved
+        return results

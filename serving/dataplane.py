@@ -67,7 +67,7 @@ from .engines.external import ExternalEngine, shared_client
 from .engines.handle import HandleEngine, is_local
 from .errors import ErrorClass, Failure
 from .idempotency import Conflict, IdempotencyStore, Stored
-from .ledger import Denied, Ledger, Reservation
+from .ledger import Denied, Ledger, Reservation, SettleOp
 from .metrics import Metrics
 from .openai_schema import (
     ChatRequest,
@@ -244,7 +244,8 @@ class DataPlane:
 
     def _open(self) -> Stores:
         audit = AuditLog(self.store_url)  # first: it creates a SQLite file's directory
-        return Stores(audit, AuditWriter(audit), Ledger(self.store_url), IdempotencyStore(self.store_url))
+        ledger = Ledger(self.store_url)
+        return Stores(audit, AuditWriter(audit, ledger=ledger), ledger, IdempotencyStore(self.store_url))
 
     async def aclose(self) -> None:
         if _background:  # cancelled streams still settling
@@ -567,20 +568,31 @@ class DataPlane:
         message = denied.message + (f" (waited {timeout:g} s in the queue)" if action == "queue" else "")
         return openai_error(429, message, "rate_limit_exceeded", None, "budget_exhausted", headers=ctx.headers)
 
-    async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:
-        """Commit ``usage`` at the answering backend's price, or release; exactly once per request."""
+    def _settlement(self, ctx: _Ctx, usage: Usage | None) -> SettleOp | None:
+        """The op settling this request's reservation: commit ``usage`` at the answering backend's price, or
+        release. Takes the reservation off ``ctx``, so a request is settled exactly once; the budget trail of
+        the audit record says what the op will do."""
         reservation, ctx.reservation = ctx.reservation, None
         if reservation is None or ctx.budget is None:
-            return
+            return None
         if usage is not None and ctx.backend is not None and (usage.prompt_tokens or usage.completion_tokens
                                                               or not usage.estimated):
             cost, tokens = cost_usd(ctx.backend, usage, ctx.prompt_tokens)
-            await asyncio.shield(stores.ledger.acommit(reservation.id, cost, tokens))
             ctx.budget.committed_usd = cost
-            self.metrics.spent(reservation.policy, ctx.backend.model_deployment, cost)
-        else:
-            await asyncio.shield(stores.ledger.arelease(reservation.id))
-            ctx.budget.released = True
+            return SettleOp(reservation.id, (cost, tokens))
+        ctx.budget.released = True
+        return SettleOp(reservation.id, None)
+
+    async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:
+        """Settle without an audit record (the request is failing with an exception); see ``_settlement``."""
+        op = self._settlement(ctx, usage)
+        if op is not None:
+            await asyncio.shield(stores.ledger.asettle(op))
+            self._spent(ctx, op)
+
+    def _spent(self, ctx: _Ctx, op: SettleOp) -> None:
+        if op.actual is not None and ctx.budget is not None and ctx.backend is not None:
+            self.metrics.spent(ctx.budget.policy, ctx.backend.model_deployment, op.actual[0])
 
     async def _reject(self, ctx: _Ctx, stores: Stores, p: Plan) -> Response:
         assert ctx.table is not None
@@ -681,9 +693,8 @@ class DataPlane:
                 usage = Usage(ctx.prompt_tokens, usage.completion_tokens, estimated=True)
             ctx.usage = usage
             ctx.output = _output(ctx.path, result.body)
-            await self._settle(ctx, stores, usage)
             self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
-            await self._audit(ctx, stores, 200)
+            await self._audit(ctx, stores, 200, self._settlement(ctx, usage))
             self._observe(ctx, "ok")
             cost, _ = cost_usd(backend, usage, ctx.prompt_tokens)
             return Response(result.body, media_type=result.content_type,
@@ -691,7 +702,6 @@ class DataPlane:
         return await self._fail(ctx, stores, last)
 
     async def _fail(self, ctx: _Ctx, stores: Stores, last: Failure | None) -> Response:
-        await self._settle(ctx, stores, None)
         if last is None:
             status, code, message, outcome = 503, "no_backend", "No backend could be tried.", "no_backend"
         elif last.error_class is ErrorClass.CLIENT:
@@ -704,7 +714,7 @@ class DataPlane:
             code, outcome = f"backend_{last.error_class.value}", last.error_class.value
             message = f"Every backend failed; the last with {last.error_class.value}: {last.message}"
         ctx.reason = message
-        await self._audit(ctx, stores, status)
+        await self._audit(ctx, stores, status, self._settlement(ctx, None))
         self._observe(ctx, outcome)
         return openai_error(status, message, None, None, code, headers=ctx.headers)
 
@@ -758,9 +768,8 @@ class DataPlane:
             else:
                 self._stream_failed(ctx, backend, error, latency)
             ctx.output = b"".join(kept).decode(errors="replace") if store_output else None
-            await self._settle(ctx, stores, usage)
             self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
-            await self._audit(ctx, stores, status)
+            await self._audit(ctx, stores, status, self._settlement(ctx, usage))
             self._observe(ctx, "ok" if error is None else error.error_class.value)
             if ctx.idempotency_row is not None:
                 if error is None:  # the whole answer, [DONE] included: a replay is a complete stream
@@ -831,7 +840,12 @@ class DataPlane:
         ctx.backend_latency_s += latency_s
 
     # -- record ------------------------------------------------------------------------------------
-    async def _audit(self, ctx: _Ctx, stores: Stores, status: int) -> None:
+    async def _audit(self, ctx: _Ctx, stores: Stores, status: int, settle: SettleOp | None = None) -> None:
+        """Write the request's record durably, with its budget settlement in the same transaction.
+
+        If that write fails, the reservation stays ``reserved`` (its worst case held) until the ledger's
+        expiry releases it: the request is answered 503 and was never acknowledged.
+        """
         ctx.status_code = status
         table = ctx.table
         store_prompts = bool(table and table.audit_store_prompts)
@@ -853,10 +867,12 @@ class DataPlane:
             output=output, output_hash=output_hash, status_code=status,
             latency_ms=(time.perf_counter() - ctx.started) * 1000)
         try:
-            await asyncio.shield(stores.writer.write(record))
+            await asyncio.shield(stores.writer.write(record, settle))
         except Exception as exc:
             log.exception("audit record %s could not be written", ctx.request_id)
             raise AuditUnavailable(str(exc)) from exc
+        if settle is not None:
+            self._spent(ctx, settle)
 
     def _observe(self, ctx: _Ctx, outcome: str) -> None:
         ctx.outcome = outcome

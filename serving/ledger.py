@@ -366,14 +366,10 @@ class Ledger:
         (returns False) and that spend is lost to the ledger.
         """
         cutoff = _utc(now or datetime.now(UTC)) - older_than
-        deltas: dict[TotalsKey, list[float]] = {}
         with self._write() as conn:
             stale = conn.execute(sa.select(ledger.c.id).where(ledger.c.state == RESERVED, ledger.c.created_at < cutoff)
                                  .order_by(ledger.c.id)).scalars().all()
-            results: list[Reservation | Denied | bool | None] = [None] * len(stale)
-            self._settle(conn, [(i, SettleOp(rid, None)) for i, rid in enumerate(stale)], results, deltas)
-            self._apply_totals(conn, deltas)
-        released = sum(r is True for r in results)
+            released = sum(self.settle_in(conn, [SettleOp(rid, None) for rid in stale]))
         if released:
             log.warning("released %d stale reservations created before %s", released, _rfc3339(cutoff))
         return released
@@ -428,10 +424,22 @@ class Ledger:
         return result
 
     async def acommit(self, reservation_id: str, actual_cost_usd: float, actual_tokens: int) -> bool:
-        return bool(await self._group().submit(SettleOp(reservation_id, (actual_cost_usd, actual_tokens))))
+        return await self.asettle(SettleOp(reservation_id, (actual_cost_usd, actual_tokens)))
 
     async def arelease(self, reservation_id: str) -> bool:
-        return bool(await self._group().submit(SettleOp(reservation_id, None)))
+        return await self.asettle(SettleOp(reservation_id, None))
+
+    async def asettle(self, op: SettleOp) -> bool:
+        return bool(await self._group().submit(op))
+
+    def settle_in(self, conn: sa.Connection, ops: Sequence[SettleOp]) -> list[bool]:
+        """Settle in a write transaction the caller holds on this ledger's database (the audit writer's, so a
+        request's record and its commit are one write). Same rules as ``commit`` and ``release``."""
+        results: list[Reservation | Denied | bool | None] = [None] * len(ops)
+        deltas: dict[TotalsKey, list[float]] = {}
+        self._settle(conn, list(enumerate(ops)), results, deltas)
+        self._apply_totals(conn, deltas)
+        return [r is True for r in results]
 
     async def aexpire(self, older_than: timedelta, now: datetime | None = None) -> int:
         return await asyncio.to_thread(self.expire, older_than, now)

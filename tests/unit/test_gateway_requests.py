@@ -391,15 +391,21 @@ async def test_idempotent_stream_replays_the_whole_stream(tmp_path: Path, fakes:
 
 async def test_an_audit_store_failure_is_a_503_not_an_ack(tmp_path: Path, fakes: Any) -> None:
     primary, fallback = fakes
-    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
         stores = await gw.app.state.dataplane.stores()
 
-        def broken(rows: Any) -> int:
+        def broken(rows: Any, also: Any = None) -> tuple[int, None]:
             raise RuntimeError("disk full")
 
-        stores.audit.insert_rows = broken
+        stores.audit.insert_rows_with = broken
         r = await gw.post(chat())
         assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
+        ledger = Ledger(gw.store_url)
+        try:  # the commit shares the record's transaction: neither happened
+            assert ledger.spend("default", "team", AT) == (0.0, 0)
+            assert ledger.in_flight("default", "team", AT).cost_usd > 0  # held until the ledger's expiry
+        finally:
+            ledger.close()
 
 
 async def test_a_client_that_leaves_mid_stream_leaves_no_reservation(tmp_path: Path, fakes: Any) -> None:
