@@ -48,9 +48,13 @@ e2e: setup  ## against a real cluster: KUBECONFIG, or a throwaway kind cluster w
 
 bench: setup .venv-litellm/.installed  ## side-by-side benchmarks; tables on stdout, JSON in bench/results/
 	$(PY) bench/reconcile_scale.py
-	$(PY) bench/gateway_overhead.py
+	$(PY) bench/gateway_overhead.py --throughput-optimized both --ablation
 	$(PY) bench/failover.py
+	$(PY) bench/retrieval.py
+	$(PY) bench/engine_path.py
+	$(PY) bench/semantic_cache.py
 	$(PY) bench/summary.py
+	$(PY) bench/charts.py
 
 .venv-litellm/.installed:  ## the LiteLLM peer, in its own venv: its pins conflict with ours
 	$(PYTHON) -m venv .venv-litellm
