@@ -30,6 +30,7 @@ from pymilvus import MilvusClient, MilvusException
 from pilothouse.operator.api.vector_index import MetadataField
 
 from .embeddings import Embedder, EmbeddingError
+from .hot_index import bump_generation
 from .keyword_store import KeywordStore, StoredChunk
 
 SUFFIXES = frozenset({".txt", ".md", ".markdown", ".jsonl", ".pdf"})
@@ -387,6 +388,8 @@ class Ingestor:
             if stale:  # only after the new rows are in: an interruption leaves extra chunks, never missing ones
                 self.client.delete(self.collection, ids=stale)
                 self.store.delete(stale)
+            if chunks or stale:  # retrievers' hot index copies stop answering until rebuilt
+                bump_generation(self.client, self.collection)
         except MilvusException as exc:
             raise IngestError(f"Milvus write to {self.collection} failed: {exc.message}") from exc
         for p in pending:

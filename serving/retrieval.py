@@ -4,10 +4,15 @@ What a caller (the workflow runtime) relies on is only :class:`Retriever` and :c
 the result always says which mode actually answered and whether that was a degraded choice, so
 the run's audit record and the response can flag it (DESIGN.md §6: vector store down → keyword-only,
 never a 5xx).
+
+A VectorIndex with ``spec.hotIndex.enabled`` ranks dense search (and the dense half of hybrid) with
+an in-process copy of its vectors (:mod:`.hot_index`) while that copy matches the collection;
+Milvus still answers everything else and supplies every hit's text and metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -20,8 +25,11 @@ from pymilvus import AnnSearchRequest, MilvusClient, MilvusException, RRFRanker
 
 from .breaker import Breaker, BreakerConfig
 from .errors import ErrorClass
+from .hot_index import HotIndex
 
 if TYPE_CHECKING:
+    from pilothouse.operator.api.vector_index import HotIndex as HotIndexSpec
+
     from .embeddings import Embedder
     from .keyword_store import KeywordStore
 
@@ -40,11 +48,14 @@ class Hit:
 
 @dataclass(frozen=True, slots=True)
 class RetrievalResult:
+    """``hot``: the dense ranking came from the in-process hot index (Milvus supplied the hits' content)."""
+
     hits: list[Hit]
     mode: Mode
     degraded: bool = False
     reason: str = ""
     latency_ms: float = 0.0
+    hot: bool = False
 
 
 class Retriever(Protocol):
@@ -59,12 +70,15 @@ RRF_K = 60
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 DEGRADED_REASONS = ("milvus_unreachable", "milvus_error", "routing_keyword_only", "embedding_failed")
 """Fixed vocabulary of the degraded counter's ``reason`` label; the free-text reason goes to the result."""
+HOT_OUTCOMES = ("served", "rebuilding", "stale", "over_limit", "filter", "missing_row")
+"""Why a dense/hybrid query of a hot-index VectorIndex was (not) ranked in-process (see hot_index.Outcome)."""
 
 
 @dataclass(frozen=True)
 class RetrievalMetrics:
     duration: Histogram
     degraded: Counter
+    hot: Counter
 
 
 @cache
@@ -76,7 +90,23 @@ def retrieval_metrics(registry: CollectorRegistry = REGISTRY) -> RetrievalMetric
                            ["index", "mode", "state"], buckets=DURATION_BUCKETS, registry=registry),
         degraded=Counter("pilothouse_retrieval_degraded", "Retrievals answered in a degraded mode, and why.",
                          ["index", "reason"], registry=registry),
+        hot=Counter("pilothouse_retrieval_hot_index", "Dense/hybrid queries of hot-index VectorIndexes: ranked "
+                    "in-process (served) or by Milvus, and why.", ["index", "outcome"], registry=registry),
     )
+
+
+def rrf(rankings: Sequence[Sequence[str]], limit: int, k: int = RRF_K) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion as Milvus computes it: score Σ 1/(k + rank), ranks from 1, ties in first-seen order."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, key in enumerate(ranking, 1):
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda item: item[1], reverse=True)[:limit]
+
+
+def _hit(key: object, entity: dict[str, Any], score: float) -> Hit:
+    return Hit(id=str(key), text=entity.get("text", ""), score=score,
+               metadata={k: v for k, v in entity.items() if k not in ("id", "text") and v is not None})
 
 
 class MilvusRetriever:
@@ -90,13 +120,16 @@ class MilvusRetriever:
     process gets "Open local milvus failed"). Where several processes share a Lite database, one of
     them runs ``python -m milvus_lite server --data-dir FILE.db --port P`` and the others pass
     ``http://127.0.0.1:P`` as ``milvus_uri``.
+
+    ``hot_index`` is the VectorIndex's ``spec.hotIndex``; when enabled, :meth:`prewarm` builds the
+    in-process copy and unfiltered dense/hybrid queries are ranked by it while it is current.
     """
 
     def __init__(self, *, index: str, collection: str, milvus_uri: str, embedder: Embedder,
                  keyword_store: KeywordStore | None, token: str | None = None,
                  metric: Literal["COSINE", "IP", "L2"] = "COSINE", output_fields: Sequence[str] = (),
                  registry: CollectorRegistry = REGISTRY, timeout_s: float = 10.0,
-                 breaker: BreakerConfig | None = None) -> None:
+                 breaker: BreakerConfig | None = None, hot_index: HotIndexSpec | None = None) -> None:
         self.index = index
         self.collection = collection
         self.milvus_uri = milvus_uri
@@ -111,6 +144,10 @@ class MilvusRetriever:
         self._lock = threading.Lock()
         self._breaker = Breaker(f"milvus:{index}", breaker or BreakerConfig(cooldown_s=5.0, max_cooldown_s=30.0))
         self._warm = False
+        self.hot = (HotIndex(collection, metric=metric, max_rows=hot_index.max_rows, client=self._milvus)
+                    if hot_index is not None and hot_index.enabled else None)
+        for outcome in HOT_OUTCOMES if self.hot is not None else ():
+            self._metrics.hot.labels(index, outcome)  # every series from 0, so rate() sees the first one
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -124,7 +161,11 @@ class MilvusRetriever:
             return self._client
 
     def prewarm(self) -> RetrievalResult:
-        """Connect, load the collection and run one query, recorded as the cold one, so users meet a warm index."""
+        """Connect, load the collection, build the hot index if enabled, and run one query, recorded as
+        the cold one, so users meet a warm index."""
+        if self.hot is not None:
+            with contextlib.suppress(MilvusException):  # the query below reports Milvus' state
+                self.hot.rebuild()
         return self.search("warm up", top_k=1, mode="dense")
 
     def close(self) -> None:
@@ -160,13 +201,17 @@ class MilvusRetriever:
                 self._breaker.record_failure(ErrorClass.CANCELLED)
             return self._degraded(query, top_k, filter, "embedding_failed", f"query embedding failed: {exc}")
         try:
-            hits = self._milvus_search(query, vector, top_k, mode, filter)
+            client = self._milvus()
+            hits = self._hot_search(client, query, vector, top_k, mode, filter)
+            hot = hits is not None
+            if hits is None:
+                hits = self._milvus_search(client, query, vector, top_k, mode, filter)
         except MilvusException as exc:
             reason = self._failed(exc)
             return self._degraded(query, top_k, filter, reason, f"Milvus at {self.milvus_uri}: {exc.message}")
         with self._lock:
             self._breaker.record_success()
-        return RetrievalResult(hits=hits, mode=mode)
+        return RetrievalResult(hits=hits, mode=mode, hot=hot)
 
     def _failed(self, exc: MilvusException) -> str:
         """Connection-level failures (code 1: Lite cannot open, 2: unreachable) trip the breaker at once."""
@@ -179,9 +224,35 @@ class MilvusRetriever:
                 self._client = None  # reconnect on the probe: a restarted server has a new channel
         return "milvus_unreachable" if unreachable else "milvus_error"
 
-    def _milvus_search(self, query: str, vector: list[float] | None, top_k: int, mode: Mode,
+    def _hot_search(self, client: MilvusClient, query: str, vector: list[float] | None, top_k: int, mode: Mode,
+                    filter: str | None) -> list[Hit] | None:
+        """Hits ranked by the hot index (fused with Milvus BM25 for hybrid); None when Milvus must rank."""
+        if self.hot is None or mode not in ("dense", "hybrid") or vector is None:
+            return None
+        snapshot, outcome = (None, "filter") if filter else self.hot.current(client)
+        if snapshot is None:
+            self._metrics.hot.labels(self.index, outcome).inc()
+            return None
+        ranked = snapshot.search(vector, top_k)
+        entities: dict[str, dict[str, Any]] = {}
+        if mode == "hybrid":
+            sparse = client.search(self.collection, [query], anns_field="sparse", limit=top_k,
+                                   search_params={"metric_type": "BM25"}, output_fields=self.output_fields)[0]
+            entities = {str(h["id"]): h["entity"] for h in sparse}
+            ranked = rrf([[key for key, _ in ranked], [str(h["id"]) for h in sparse]], top_k)
+        missing = [key for key, _ in ranked if key not in entities]
+        if missing:
+            entities.update((str(row["id"]), row) for row in
+                            client.get(self.collection, ids=missing, output_fields=self.output_fields))
+        if any(key not in entities for key, _ in ranked):  # deleted without a generation bump
+            self.hot.invalidate(snapshot)
+            self._metrics.hot.labels(self.index, "missing_row").inc()
+            return None
+        self._metrics.hot.labels(self.index, "served").inc()
+        return [_hit(key, entities[key], score) for key, score in ranked]
+
+    def _milvus_search(self, client: MilvusClient, query: str, vector: list[float] | None, top_k: int, mode: Mode,
                        filter: str | None) -> list[Hit]:
-        client = self._milvus()
         expr = filter or ""
         dense_params = {"metric_type": self.metric}
         sparse_params = {"metric_type": "BM25"}
@@ -199,8 +270,7 @@ class MilvusRetriever:
             found = client.search(self.collection, [query], anns_field="sparse", limit=top_k, filter=expr,
                                   search_params=sparse_params, output_fields=self.output_fields)
             sign = -1.0  # Milvus (Lite) reports BM25 as a negative distance, best first
-        return [Hit(id=str(h["id"]), text=h["entity"].get("text", ""), score=sign * float(h["distance"]),
-                    metadata={k: v for k, v in h["entity"].items() if k != "text" and v is not None}) for h in found[0]]
+        return [_hit(h["id"], h["entity"], sign * float(h["distance"])) for h in found[0]]
 
     def _degraded(self, query: str, top_k: int, filter: str | None, code: str, reason: str) -> RetrievalResult:
         from .keyword_store import UnsupportedFilter  # keyword_store imports Hit from here

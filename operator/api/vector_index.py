@@ -131,6 +131,28 @@ class Embedding(ApiModel):
         return self
 
 
+class HotIndex(ApiModel):
+    """An in-process copy of the vectors that answers dense search where the retriever runs.
+
+    Milvus stays the source of truth: the copy is built from the collection at prewarm, is only
+    used while it matches the collection (alias target and write generation), and is rebuilt in
+    the background after a change, with Milvus answering meanwhile. Filtered queries always go to
+    Milvus. Changing this block never rebuilds the Milvus collection.
+    """
+
+    enabled: bool = Field(
+        default=False,
+        description="Serve dense search (and the dense half of hybrid) from an in-process index in the "
+        "retriever; worth it for hot collections that fit in the retriever's memory.",
+    )
+    max_rows: int = Field(
+        default=500_000, ge=1, le=20_000_000,
+        description="Largest collection copied in-process; above it queries go to Milvus. Memory is about "
+        "rows x dimension x 4 bytes (150 MB for 100k 384-d rows), plus ~130 bytes per row of HNSW graph "
+        "once the copy is too large for an exact scan (above 8M floats: ~20k 384-d rows).",
+    )
+
+
 class VectorIndexSpec(ApiModel):
     milvus: MilvusConnection = Field(default_factory=MilvusConnection, description="Where Milvus is.")
     collection: str | None = Field(
@@ -144,6 +166,7 @@ class VectorIndexSpec(ApiModel):
     keyword: Keyword = Field(default_factory=Keyword, description="BM25 keyword search.")
     embedding: Embedding | None = Field(default=None, description="Embedding model.")
     prewarm: bool = Field(default=True, description="Load the collection into memory before Ready.")
+    hot_index: HotIndex = Field(default_factory=HotIndex, description="In-process dense index for a hot collection.")
     reclaim_policy: Literal["Retain", "Delete"] = Field(
         default="Retain",
         description="On delete: Retain keeps the Milvus collections, Delete drops them.",
