@@ -267,7 +267,8 @@ def retrievers(stack: Stack, wf: AutonomousWorkflow) -> dict[str, MilvusRetrieve
                                     keyword_store=KeywordStore(keyword_store_path(stack.state_dir, vi.namespace,
                                                                                   vi.alias)),
                                     metric=vi.spec.fields.metric.value,
-                                    output_fields=[m.name for m in vi.spec.fields.metadata])
+                                    output_fields=[m.name for m in vi.spec.fields.metadata],
+                                    hot_index=vi.spec.hot_index)
         cold = retriever.prewarm()
         warm = retriever.search("warm up", top_k=1, mode="hybrid")  # the same query, now against a loaded index
         out.print(f"retrieval {vi.name}: prewarm {cold.latency_ms:.1f} ms (cold, {cold.mode}), "
