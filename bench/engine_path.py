@@ -54,7 +54,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway_overhead import KEY, PY, ROOT, Proc, _run, _version, cpu_seconds, free_port, proc_tree
+from gateway_overhead import (
+    KEY,
+    PY,
+    ROOT,
+    Proc,
+    _run,
+    _version,
+    cpu_seconds,
+    free_port,
+    proc_tree,
+    wait_http,
+    write_fixtures,
+)
 
 RESULTS = ROOT / "bench" / "results" / "engine.json"
 ENGINE = "small"
@@ -131,7 +143,8 @@ def role_ray(config_path: str) -> None:
         t0 = time.perf_counter()
         endpoints = vllm.deploy_local_engines([model_deployment(cfg["model_dir"])], server_cls=NativeHttpLLMServer)
         engine_s = time.perf_counter() - t0
-        files = write_fixtures(Path(cfg["folder"]), endpoints[ENGINE])
+        files = write_fixtures(Path(cfg["folder"]), endpoints[ENGINE], modelDeployment=ENGINE, model=ENGINE,
+                               engine="vllm", contextWindow=MAX_MODEL_LEN, maxTokens=512)
         args = gateway.GatewayArgs(routing=files["routing"], api_keys=files["keys"], store_url=files["store_url"])
         serve.run(gateway.app_builder(args.model_dump()), name=gateway.APP_NAME, route_prefix="/", blocking=False)
         if cfg["ablation"]:  # the same gateway without its BudgetPolicy rule (no ledger), and no gateway at all
@@ -219,48 +232,6 @@ def role_load(url: str, model: str, concurrency: int, stream: bool, seconds: flo
 
 
 # ---- orchestration -----------------------------------------------------------------------------------------
-def write_fixtures(folder: Path, endpoint: str) -> dict[str, str]:
-    """The gateway's files: a RoutingTable with the engine's ``serve://`` endpoint (with and without budget), keys."""
-    from pilothouse.operator.api import RoutingTable
-
-    table = RoutingTable.model_validate({
-        "workflow": "wf", "namespace": "bench", "revision": 1, "generatedAt": datetime.now(UTC).isoformat(),
-        "degraded": False,
-        "routes": [{"step": "extract", "tier": "small", "maxTokens": 512, "backends": [{
-            "modelDeployment": ENGINE, "model": ENGINE, "endpoint": endpoint,
-            "engine": "vllm", "tier": "small", "contextWindow": MAX_MODEL_LEN, "healthy": True, "role": "primary",
-            "reason": "bench", "pricing": {"inputPerMillionUSD": 1.0, "outputPerMillionUSD": 2.0}}]}],
-        "budget": {"policy": "bench", "state": "Ok", "action": "none",
-                   "limits": [{"window": "day", "maxCostUSD": 1e9}]},
-    })
-    routing = folder / "routing.json"
-    routing.write_text(table.model_dump_json(by_alias=True, indent=2))
-    nobudget = folder / "routing-nobudget.json"
-    nobudget.write_text(table.model_copy(update={"budget": None}).model_dump_json(by_alias=True, indent=2))
-    keys = folder / "keys.yaml"
-    keys.write_text(f"{KEY}: team-bench\n")
-    return {"routing": str(routing), "routing_nobudget": str(nobudget), "keys": str(keys),
-            "store_url": f"sqlite:///{folder}/store.db"}
-
-
-def wait_ok(url: str, body: bytes, key: str | None, timeout: float) -> None:
-    import httpx
-
-    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.post(url, content=body, headers=headers, timeout=30)
-            if r.status_code == 200:
-                return
-            last = f"{r.status_code} {r.text[:200]}"
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready in {timeout} s: {last}")
-
-
 def label(title: str) -> str:
     for key, name in (("ServeReplica:gateway", "gateway replica"), ("ServeReplica:nobudget", "no-budget replica"),
                       ("ServeReplica:handle-passthrough", "passthrough replica"),
@@ -339,7 +310,7 @@ def bench(args: argparse.Namespace) -> None:
             targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
             targets["gateway, no budget"] = (f"{base}/nb/v1/chat/completions", KEY, ROUTE_MODEL)
         for url, key, model in targets.values():
-            wait_ok(url, request_body(model, 4, False), key, 60)
+            wait_http(url, 60, method="POST", body=request_body(model, 4, False), key=key)
         notes["stack_start_s"] = round(time.perf_counter() - t0, 1)
         notes["engine_start_s"] = ready.get("engine_start_s")
         pids = {pid: label(title) for pid, title in proc_tree(ray_proc.p.pid).items()}

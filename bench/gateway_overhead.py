@@ -249,15 +249,17 @@ class Proc:
             self.p.wait(5)
 
 
-def wait_http(url: str, timeout: float, *, method: str = "GET", body: bytes | None = None) -> None:
+def wait_http(url: str, timeout: float, *, method: str = "GET", body: bytes | None = None,
+              key: str | None = KEY) -> None:
+    """Until ``url`` answers 200 (the first answer of a cold engine may take seconds)."""
     import httpx
 
     deadline = time.monotonic() + timeout
-    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
     last = ""
     while time.monotonic() < deadline:
         try:
-            r = httpx.request(method, url, content=body, headers=headers, timeout=5)
+            r = httpx.request(method, url, content=body, headers=headers, timeout=30)
             if r.status_code == 200:
                 return
             last = f"{r.status_code} {r.text[:200]}"
@@ -408,16 +410,19 @@ def summarise_profile(path: Path) -> dict[str, Any]:
 
 
 # ---- main -------------------------------------------------------------------------------------------
-def write_fixtures(folder: Path, backend_url: str) -> dict[str, Any]:
+def write_fixtures(folder: Path, backend_url: str, **backend: Any) -> dict[str, Any]:
+    """The gateway's files: one route whose only backend is at ``backend_url`` (with and without a budget
+    rule whose cap never binds, so the ledger reserves and commits every request), and the API key.
+    ``backend`` overrides the backend's fields (camelCase), e.g. an in-cluster ``engine: vllm``."""
     from pilothouse.operator.api import RoutingTable
 
     table = RoutingTable.model_validate({
         "workflow": "wf", "namespace": "bench", "revision": 1, "generatedAt": datetime.now(UTC).isoformat(),
         "degraded": False,
-        "routes": [{"step": "extract", "tier": "small", "maxTokens": 256, "backends": [{
+        "routes": [{"step": "extract", "tier": "small", "maxTokens": backend.pop("maxTokens", 256), "backends": [{
             "modelDeployment": "small", "model": BACKEND_MODEL, "endpoint": backend_url, "engine": "external",
             "tier": "small", "contextWindow": 8192, "healthy": True, "role": "primary", "reason": "bench",
-            "pricing": {"inputPerMillionUSD": 1.0, "outputPerMillionUSD": 2.0}}]}],
+            "pricing": {"inputPerMillionUSD": 1.0, "outputPerMillionUSD": 2.0}, **backend}]}],
         "budget": {"policy": "bench", "state": "Ok", "action": "none",
                    "limits": [{"window": "day", "maxCostUSD": 1e9}]},
     })
@@ -427,7 +432,8 @@ def write_fixtures(folder: Path, backend_url: str) -> dict[str, Any]:
     nobudget.write_text(table.model_copy(update={"budget": None}).model_dump_json(by_alias=True, indent=2))
     keys = folder / "keys.yaml"
     keys.write_text(f"{KEY}: team-bench\n")
-    return {"routing": str(routing), "routing_nobudget": str(nobudget), "keys": str(keys), "store_url": f"sqlite:///{folder}/store.db"}
+    return {"routing": str(routing), "routing_nobudget": str(nobudget), "keys": str(keys),
+            "store_url": f"sqlite:///{folder}/store.db"}
 
 
 def start_ray(folder: Path, fixtures: dict[str, Any], backend_url: str, tp: bool,
