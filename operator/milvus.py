@@ -12,6 +12,7 @@ The pymilvus client is synchronous; callers run these functions in a worker thre
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -21,6 +22,8 @@ from pymilvus import DataType, Function, FunctionType, MilvusClient, MilvusExcep
 
 from .api import VectorIndex
 from .api.vector_index import IndexType
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT = "pilothouse.fingerprint"
 ALLOWED: dict[str, frozenset[IndexType]] = {
@@ -128,6 +131,34 @@ def _create(client: MilvusClient, vi: VectorIndex, name: str, fingerprint: str) 
     client.create_collection(name, schema=schema, index_params=index, properties={FINGERPRINT: fingerprint})
 
 
+_INTERRUPTED_CREATE = "File exists"
+"""Milvus Lite's answer to creating a collection whose files a killed process left half-made: the name
+is taken on disk but Milvus does not list it, so no later version number can come from the listing."""
+
+
+def _create_next(client: MilvusClient, vi: VectorIndex, alias: str, version: int, fingerprint: str,
+                 attempts: int = 5) -> tuple[int, str]:
+    """Create ``<alias>_v<version>``, or the next free version after leftovers of interrupted creates.
+
+    An operator killed inside ``create_collection`` (the chaos drill does it) leaves such leftovers on
+    Milvus Lite; treating them as an invalid spec would fail the VectorIndex for good. The alias makes
+    the version number invisible to readers, so skipping one costs nothing but its orphaned files.
+    """
+    for _ in range(attempts):
+        name = f"{alias}_v{version}"
+        try:
+            _create(client, vi, name, fingerprint)
+            return version, name
+        except MilvusException as exc:
+            if _INTERRUPTED_CREATE not in str(exc.message):
+                raise
+            log.warning("collection %s was left half-created by an interrupted reconcile; using the next version",
+                        name)
+            version += 1
+    raise MilvusException(message=f"{attempts} half-created collections after {alias}_v{version - attempts}; "
+                          "remove them from the Milvus Lite directory")
+
+
 def _copy(client: MilvusClient, source: str, target: str, vi: VectorIndex) -> int:
     """Copy rows version to version; vectors are reused when the dimension is unchanged."""
     source_dim = next(f["params"].get("dim") for f in client.describe_collection(source)["fields"]
@@ -169,9 +200,7 @@ def reconcile(vi: VectorIndex, uri: str, token: str | None = None) -> IndexRepor
                     client.load_collection(current)
                 return _report(client, backend, current, _version_of(current, alias) or 0, fingerprint)
         versions = _versions(client, alias)
-        version = max(versions, default=0) + 1
-        name = f"{alias}_v{version}"
-        _create(client, vi, name, fingerprint)
+        version, name = _create_next(client, vi, alias, max(versions, default=0) + 1, fingerprint)
         copied = _copy(client, current, name, vi) if current else 0
         client.flush(name)
         if vi.spec.prewarm or current is not None:
