@@ -364,7 +364,10 @@ class SemanticCache:
             if self._client is None:
                 if "://" not in self.uri:  # a Milvus Lite file: its folder must exist
                     Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
-                client = MilvusClient(uri=self.uri, token=self._token, db_name=self._db_name, timeout=self.timeout_s)
+                # dedicated: pymilvus shares connections by address, and a closed Milvus Lite file's local port
+                # can be handed to the next file opened; the shared entry then "recovers" onto a dead channel.
+                client = MilvusClient(uri=self.uri, token=self._token, db_name=self._db_name, timeout=self.timeout_s,
+                                      dedicated=True)
                 self._ensure_collection(client)
                 self._client = client
             return self._client

@@ -293,6 +293,10 @@ async def test_index_spec_change_reindexes_behind_the_alias(emulator, kube, oper
     assert client.list_collections() == ["docs_v2"]
     assert client.describe_alias("docs")["collection_name"] == "docs_v2"
     assert len(client.query("docs", filter="id != ''", output_fields=["id"], limit=100)) == 20
-    messages = [emulator.objects[e].raw.get("message", "") for e in emulator.objects
-                if e[0] == kmock.resource("v1/events") and emulator.objects[e].raw.get("reason") == "Reindexed"]
-    assert any("built docs_v2 from docs_v1 (20 rows copied)" in m for m in messages), messages
+
+    def reindexed() -> bool:  # kopf posts the event after the status patch: wait for it, do not race it
+        return any("built docs_v2 from docs_v1 (20 rows copied)" in emulator.objects[e].raw.get("message", "")
+                   for e in emulator.objects
+                   if e[0] == kmock.resource("v1/events") and emulator.objects[e].raw.get("reason") == "Reindexed")
+
+    await eventually(reindexed)
