@@ -568,7 +568,7 @@ class DataPlane:
         message = denied.message + (f" (waited {timeout:g} s in the queue)" if action == "queue" else "")
         return openai_error(429, message, "rate_limit_exceeded", None, "budget_exhausted", headers=ctx.headers)
 
-    def _settlement(self, ctx: _Ctx, usage: Usage | None) -> SettleOp | None:
+    def _settlement(self, ctx: _Ctx, usage: Usage | None, charge: tuple[float, int] | None = None) -> SettleOp | None:
         """The op settling this request's reservation: commit ``usage`` at the answering backend's price, or
         release. Takes the reservation off ``ctx``, so a request is settled exactly once; the budget trail of
         the audit record says what the op will do."""
@@ -577,7 +577,7 @@ class DataPlane:
             return None
         if usage is not None and ctx.backend is not None and (usage.prompt_tokens or usage.completion_tokens
                                                               or not usage.estimated):
-            cost, tokens = cost_usd(ctx.backend, usage, ctx.prompt_tokens)
+            cost, tokens = charge or cost_usd(ctx.backend, usage, ctx.prompt_tokens)
             ctx.budget.committed_usd = cost
             return SettleOp(reservation.id, (cost, tokens))
         ctx.budget.released = True
@@ -694,11 +694,11 @@ class DataPlane:
             ctx.usage = usage
             ctx.output = _output(ctx.path, result.body)
             self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
-            await self._audit(ctx, stores, 200, self._settlement(ctx, usage))
+            charge = cost_usd(backend, usage, ctx.prompt_tokens)  # once: for the ledger and the header
+            await self._audit(ctx, stores, 200, self._settlement(ctx, usage, charge))
             self._observe(ctx, "ok")
-            cost, _ = cost_usd(backend, usage, ctx.prompt_tokens)
             return Response(result.body, media_type=result.content_type,
-                            headers={**ctx.headers, COST_HEADER: f"{cost:.9f}"})
+                            headers={**ctx.headers, COST_HEADER: f"{charge[0]:.9f}"})
         return await self._fail(ctx, stores, last)
 
     async def _fail(self, ctx: _Ctx, stores: Stores, last: Failure | None) -> Response:

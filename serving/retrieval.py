@@ -64,6 +64,17 @@ class Retriever(Protocol):
     def search(self, query: str, *, top_k: int, mode: Mode, filter: str | None = None) -> RetrievalResult: ...
 
 
+def open_milvus(uri: str, token: str = "", timeout_s: float = 10.0, db_name: str = "") -> MilvusClient:
+    """A Milvus client of the data plane's own, on a connection of its own.
+
+    Dedicated: pymilvus shares connections by address, and a closed Milvus Lite file's local port can be
+    handed to the next file opened in the process; a shared entry then "recovers" onto a dead channel
+    (seen as connection refused in the semantic cache's tests). Closing a dedicated client also really
+    closes its channel, which is what a retriever reconnecting after a Milvus restart wants.
+    """
+    return MilvusClient(uri=uri, token=token, db_name=db_name, timeout=timeout_s, dedicated=True)
+
+
 # -- Milvus implementation --------------------------------------------------------------------------
 
 RRF_K = 60
@@ -155,7 +166,7 @@ class MilvusRetriever:
         """The client, (re)connected with the collection loaded: a restarted Milvus Lite comes back released."""
         with self._lock:
             if self._client is None:
-                client = MilvusClient(uri=self.milvus_uri, token=self._token, timeout=self._timeout_s)
+                client = open_milvus(self.milvus_uri, self._token, self._timeout_s)
                 client.load_collection(self.collection)  # a no-op when it is loaded already
                 self._client = client
             return self._client

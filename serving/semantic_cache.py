@@ -71,6 +71,7 @@ from .embeddings import Embedder, EmbeddingError, LocalEmbedder, OpenAIEmbedder
 from .engines import CHAT, COMPLETIONS, Usage
 from .errors import ErrorClass
 from .metrics import Metrics
+from .retrieval import open_milvus
 
 log = logging.getLogger(__name__)
 
@@ -364,10 +365,7 @@ class SemanticCache:
             if self._client is None:
                 if "://" not in self.uri:  # a Milvus Lite file: its folder must exist
                     Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
-                # dedicated: pymilvus shares connections by address, and a closed Milvus Lite file's local port
-                # can be handed to the next file opened; the shared entry then "recovers" onto a dead channel.
-                client = MilvusClient(uri=self.uri, token=self._token, db_name=self._db_name, timeout=self.timeout_s,
-                                      dedicated=True)
+                client = open_milvus(self.uri, self._token, self.timeout_s, self._db_name)
                 self._ensure_collection(client)
                 self._client = client
             return self._client
