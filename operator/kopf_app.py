@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import httpx2
 import kopf
 import lightkube
 from lightkube.core.exceptions import ApiError
@@ -133,6 +134,11 @@ async def sync(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runti
                 raise
             raise kopf.TemporaryError(f"the API server answered {code} ({exc.status.message}); retrying",
                                       delay=API_RETRY_S) from exc
+        except httpx2.TransportError as exc:
+            # lightkube's client (httpx2): a keep-alive connection the API server closed, a reset under load,
+            # a server restarting. As transient as a 5xx, and as quick to retry.
+            raise kopf.TemporaryError(f"the API server connection failed ({exc!r}); retrying",
+                                      delay=API_RETRY_S) from exc
         for reason, message in outcome.events:
             kopf.info(body, reason=reason, message=message)
     if outcome.retry_after is not None:
@@ -190,7 +196,7 @@ async def refresh_workflows(namespace: str, rt: Runtime) -> bool:
         except kopf.PermanentError:
             pass  # InvalidSpec: its own handlers report it
         except kopf.TemporaryError as exc:  # a wait (retry_after) is its own handlers' to retry; an API error is ours
-            complete = complete and not isinstance(exc.__cause__, ApiError)
+            complete = complete and not isinstance(exc.__cause__, ApiError | httpx2.TransportError)
     return complete
 
 
@@ -255,7 +261,9 @@ def _register_kind(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Reso
 
     interval = rt.config.resync_interval if kind is AutonomousWorkflow else rt.config.health_interval
 
-    @kopf.on.timer(*args, registry=registry, id="health", interval=interval, initial_delay=interval)
+    # backoff: after an unexpected error the next tick is the retry, not kopf's default of 60 s.
+    @kopf.on.timer(*args, registry=registry, id="health", interval=interval, initial_delay=interval,
+                   backoff=interval)
     async def health(body: kopf.Body, **_: Any) -> None:
         if rt.env is None:
             return

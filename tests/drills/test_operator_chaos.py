@@ -3,8 +3,9 @@
 ``pilothouse operator`` runs as a real process against the emulator. ``ChaosEmulator`` answers a
 seeded fraction of the writes with 500 InternalError, or with 409 Conflict where a real server can
 (create, put; never a merge patch), before touching anything, as an overloaded or racing API server
-would, and ends every watch stream after a seeded 0.3 to 1.5 seconds, as load balancers and
-API-server restarts do. The example manifests
+would, drops the connection of a seeded fraction of single-object reads without an answer (a
+keep-alive connection the server closed, a reset under load), and ends every watch stream after a
+seeded 0.3 to 1.5 seconds, as load balancers and API-server restarts do. The example manifests
 are applied (by a client that retries like kubectl), the operator is killed with SIGKILL as soon as
 its first child exists and started again, and then everything must converge under the same chaos:
 each object Ready, each expected child present exactly once with one owner reference to its live
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.drill
 ROOT = Path(__file__).parents[2]
 SEEDS = [20260315, 7, 1234]
 FAILURE_RATE = 0.3
+DROP_RATE = 0.2
 WATCH_LIFETIME_S = (0.3, 1.5)
 OWNERS = [("modeldeployments", "invoice-small"), ("modeldeployments", "invoice-large"),
           ("vectorindexes", "invoice-docs"), ("budgetpolicies", "invoice-budget"),
@@ -54,6 +56,7 @@ class ChaosEmulator(Emulator):
         self.rng = random.Random(seed)
         self.chaos = True
         self.injected: dict[int, int] = {409: 0, 500: 0}
+        self.dropped_reads = 0
         self.dropped_watches = 0
 
     async def _handle(self, request: kmock.Request) -> Any:
@@ -66,6 +69,12 @@ class ChaosEmulator(Emulator):
             self.injected[status] += 1
             raise kmock.KubernetesError(status=status, reason="Conflict" if status == 409 else "InternalError",
                                         message=f"injected {status} (chaos drill)")
+        if (self.chaos and request.resource is not None and request.action == kmock.action.FETCH
+                and request._raw_request is not None and self.rng.random() < DROP_RATE):
+            transport = request._raw_request.transport
+            if transport is not None:
+                self.dropped_reads += 1
+                transport.close()  # the client reads EOF where it expected a status line
         return await super()._handle(request)
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
@@ -117,6 +126,12 @@ class OperatorProcess:
         if self.process is not None and self.process.returncode is None:
             os.killpg(self.process.pid, sig)
             await asyncio.wait_for(self.process.wait(), 30)
+
+
+def operator_log(folder: Path, keep: Callable[[str], bool]) -> list[str]:
+    """The operator processes' log lines (every start's, in order) that ``keep`` selects."""
+    return [line for log in sorted(folder.glob("operator-*.log")) for line in log.read_text().splitlines()
+            if keep(line)]
 
 
 def owned(emulator: Emulator) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -176,7 +191,8 @@ async def test_operator_converges_through_api_errors_dropped_watches_and_a_kill(
                                                                                        "invoice-large"]
             children = owned(emulator)
             print(f"operator chaos (seed {seed}): injected {emulator.injected}, dropped {emulator.dropped_watches} "
-                  f"watches, {operator.starts} operator starts; children {sorted(children)}")
+                  f"watches and {emulator.dropped_reads} reads, {operator.starts} operator starts; "
+                  f"children {sorted(children)}")
             assert {("RayService", "invoice-small"), ("Service", "invoice-small"),
                     ("ConfigMap", "invoice-triage-routing"), ("Deployment", "invoice-triage-gateway")} <= set(children)
             uids = {(o["kind"], o["metadata"]["name"]): o["metadata"]["uid"]
@@ -185,6 +201,7 @@ async def test_operator_converges_through_api_errors_dropped_watches_and_a_kill(
                 assert len(refs) == 1, (child, refs)  # applied again and again, owned once
                 assert uids.get((refs[0]["kind"], refs[0]["name"])) == refs[0]["uid"], (child, refs)
             assert emulator.injected[409] and emulator.injected[500] and emulator.dropped_watches
+            assert emulator.dropped_reads
 
             # Deletes under the same chaos: finalizers come off, nothing is left hanging.
             await retrying(lambda: kube.delete(GENERIC["AutonomousWorkflow"], "invoice-triage", namespace="default"))
@@ -195,11 +212,17 @@ async def test_operator_converges_through_api_errors_dropped_watches_and_a_kill(
             assert not [key for key in list(emulator.objects) if not emulator.objects[key].deleted
                         and emulator.objects[key].raw.get("metadata", {}).get("deletionTimestamp")]
             assert operator.process is not None and operator.process.returncode is None
+            # Every injected fault was classified as transient and retried in seconds: none reached kopf's
+            # unexpected-error path, whose 60 s backoff stalls a handler (and its health timer) for a minute.
+            unexpected = operator_log(tmp_path, lambda line: "failed with an exception" in line)
+            assert not unexpected, unexpected
         except AssertionError:
             for plural, name in OWNERS:
                 found = obj(emulator, f"pilothouse.io/v1alpha1/{plural}", name) or {}
                 print("state at failure:", plural, name, found.get("metadata"), found.get("status"))
             print("state at failure: routing table", table(emulator, "invoice-triage"))
+            errors = operator_log(tmp_path, lambda line: " ERROR " in line)  # what it retried, and how long
+            print("state at failure: operator errors", *errors[-20:], sep="\n  ")
             raise
         finally:
             emulator.chaos = False
