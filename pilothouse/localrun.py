@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -118,10 +119,28 @@ def store_url(state_dir: Path) -> str:
     return f"sqlite:///{(state_dir / 'pilothouse.db').resolve()}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+RAY_WORKER_PORTS_END = 19_999  # Ray's workers bind 10002-19999 by default
+
+
+def serve_port() -> int:
+    """A free port for Serve's HTTP proxy that nothing else takes before the proxy binds it.
+
+    Port 0 would hand out one from the kernel's ephemeral range, released again until Serve starts;
+    Ray's start-up in between opens dozens of servers and connections from that same range, and
+    one CI run lost the port to one of them ("Failed to bind to address"). Ports between Ray's
+    worker range and the ephemeral range are only ever taken by someone asking for them by number.
+    """
+    try:
+        ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_start = 32_768  # Linux's default; other systems start higher
+    low, high = RAY_WORKER_PORTS_END + 1, max(ephemeral_start, RAY_WORKER_PORTS_END + 2)
+    start = random.randrange(low, high)  # two runs started together rarely scan from the same place
+    for candidate in (*range(start, high), *range(low, start)):
+        with socket.socket() as s, suppress(OSError):
+            s.bind(("127.0.0.1", candidate))
+            return candidate
+    raise fail(f"no free TCP port between {low} and {high - 1} for the gateway", "pass --port")
 
 
 def quiet() -> None:
@@ -198,7 +217,7 @@ async def local_stack(bundle: manifests.Bundle, state_dir: Path, *, port: int | 
             with out.status(f"generating tiny demo model at {path}"):
                 await asyncio.to_thread(make_tiny_llama, Path(path))
     models = [o for o in bundle.objects if isinstance(o, ModelDeployment)]
-    port = port or free_port()
+    port = port or serve_port()
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR, configure_logging=False)

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +28,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from pilothouse.localrun import serve_port
 from pilothouse.operator.api.ledger import ledger, totals
 from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.serving.audit import AuditLog
@@ -47,11 +47,6 @@ SERVE = ("import sys, uvicorn; from pilothouse.serving.gateway import build_app;
          "uvicorn.run(build_app(sys.argv[1], api_keys=sys.argv[2], store_url=sys.argv[3]), host='127.0.0.1', "
          "port=int(sys.argv[4]), log_level='warning')")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def start_gateway(folder: Path, store_url: str, port: int, log: Any) -> asyncio.subprocess.Process:
@@ -91,7 +86,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_request_and_charges_none_
     rule = BudgetRule.model_validate({"policy": "drill", "state": "Ok", "action": "none",
                                       "limits": [{"window": "month", "maxCostUSD": 1000}]})
     store_url = f"sqlite:///{tmp_path}/store.db"
-    port = free_port()
+    port = serve_port()
     log = (tmp_path / "gateway.log").open("w")
     acknowledged: list[httpx.Response] = []
     unanswered = 0

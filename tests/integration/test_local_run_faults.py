@@ -51,7 +51,7 @@ import psutil
 import pytest
 import yaml
 
-from pilothouse.localrun import free_port
+from pilothouse.localrun import serve_port
 from pilothouse.serving.runs import Decision, Run, RunStore, StepRecord
 from tests.fakes.workflow_kit import Receiver
 from tests.integration.test_local_run import EXAMPLE, pilothouse
@@ -97,7 +97,7 @@ class ScriptedReceiver(Receiver):
 @contextlib.contextmanager
 def vllm_server(model: Path, log: Path) -> Iterator[str]:
     """vLLM's OpenAI server on the tiny model (CPU, 1 GiB KV cache, compact JSON); yields its /v1 URL."""
-    port = free_port()
+    port = serve_port()
     config = json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "ERROR",
            "TOKENIZERS_PARALLELISM": "false"}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from lightkube import codecs
+
+from pilothouse.localrun import serve_port
 
 from .conftest import FakeOpenAI, eventually
 from .emulator import write_kubeconfig
@@ -20,16 +21,11 @@ from .test_operator import ready
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 async def test_operator_process_reconciles_survives_bad_input_and_stops_cleanly(
         emulator, kube, tmp_path: Path, openai_endpoint: FakeOpenAI) -> None:
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(emulator.url).rstrip("/"))
-    port = free_port()
+    port = serve_port()
     log = (tmp_path / "operator.log").open("w")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pilothouse", "operator", "--liveness", f"http://127.0.0.1:{port}/healthz",

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import statistics
 import threading
 import time
@@ -26,6 +25,7 @@ import pytest
 import ray
 from ray import serve
 
+from pilothouse.localrun import serve_port
 from pilothouse.operator.api import RoutingTable
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving import serve as gateway
@@ -76,11 +76,6 @@ def write(path: Path, t: RoutingTable) -> None:
     os.replace(tmp, path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @dataclass(frozen=True)
 class Served:
@@ -113,7 +108,7 @@ def served_gateway(folder: Path, routing: Path) -> Iterator[tuple[str, str]]:
     keys = folder / "keys.yaml"
     keys.write_text(f"{KEY}: team-a\n")
     store_url = f"sqlite:///{folder.resolve()}/store.db"
-    port = free_port()
+    port = serve_port()
     os.environ.update(gateway.ray_env())
     # Children that predate Ray (the session's PostgreSQL server) are not ours to kill afterwards.
     before = {p.pid for p in psutil.Process().children(recursive=True)}
