@@ -77,6 +77,7 @@ from .openai_schema import (
     validate_completion,
     validate_embedding,
 )
+from .refusals import CTX_STATE
 from .router import Plan, Rejection, next_after_failure, plan, worst_case_cost
 from .semantic_cache import HIT_HEADER_VALUE as SEMANTIC_HIT
 from .semantic_cache import Probe, SemanticCache, open_semantic_cache
@@ -205,8 +206,10 @@ class _Ctx:
     idempotency_row: str | None = None
     span: Any = None  # the request's recording span; None when tracing is off or not sampled
     outcome: str = ""
-    status_code: int = 0
+    status_code: int = 0  # set when the request's audit record is written
     run_id: str | None = None
+    streamed: bool = False  # a stream's record is written when it ends, however it ends
+    replay_of: str | None = None  # answered from the idempotency store: the first request's id
 
     @property
     def route_id(self) -> str | None:
@@ -305,6 +308,11 @@ class DataPlane:
         elif cache is not None:  # the table changed again while the model loaded
             await cache.aclose()
 
+    async def record(self, record: AuditRecord) -> None:
+        """Write a record the request path did not (``refusals``): durable, with no budget settlement."""
+        stores = await self.stores()
+        await stores.writer.write(record)
+
     def render_metrics(self) -> Response:
         self.sync_tables()
         for name, breaker in self.breakers.items():
@@ -329,6 +337,7 @@ class DataPlane:
         ctx = _Ctx(request_id=new_id(), trace_id="", tenant=tenant_of(request), path=path,
                    started=started, ts=datetime.now(UTC), model=parsed.model,
                    run_id=request.headers.get(RUN_ID_HEADER, "")[:128] or None)
+        request.scope.setdefault("state", {})[CTX_STATE] = ctx  # for the refusal audit of answers given before routing
         if tracing.enabled():
             self._start_span(ctx, request)
         if not ctx.trace_id:
@@ -381,6 +390,7 @@ class DataPlane:
         if key:
             claim = await stores.idempotency.aclaim(ctx.tenant, key, raw, ctx.request_id)
             if isinstance(claim, Stored):
+                ctx.replay_of = claim.request_id or "?"
                 headers = {REPLAY_HEADER: "true", REQUEST_ID_HEADER: claim.request_id or ctx.request_id}
                 return Response(claim.body, status_code=claim.status_code, media_type=claim.content_type,
                                 headers=headers)
@@ -739,7 +749,7 @@ class DataPlane:
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, error, time.perf_counter() - started))
                 continue
             self._attempt_end(span)  # the first chunk came: no fallback from here on
-            ctx.backend, ctx.reason = backend, attempt.reason
+            ctx.backend, ctx.reason, ctx.streamed = backend, attempt.reason, True
             return _ClosingStream(self._relay(ctx, stores, stream, first, attempt.reason, started),
                                      media_type="text/event-stream",
                                      headers={**ctx.headers, "cache-control": "no-cache"})

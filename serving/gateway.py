@@ -9,7 +9,8 @@ are registered by the request path, with the router, budgets and engines.
 
 Guards run as ASGI middleware in this order, cheapest refusal first: API key (``auth.Authenticate``,
 before any body byte is read), then ``BodyLimit`` (413 on ``Content-Length`` alone, or as soon as
-a chunked body passes the limit; 400 on invalid UTF-8), then routing. Every error, including
+a chunked body passes the limit; 400 on invalid UTF-8), then routing. Around them all,
+``refusals.AuditRefusals`` writes the audit record of every OpenAI request answered without one. Every error, including
 404/405 and unexpected exceptions, is an OpenAI-style error object, so OpenAI SDKs raise their
 typed exceptions instead of failing to parse an HTML or ``{"detail": ...}`` body.
 """
@@ -34,10 +35,11 @@ from pilothouse.operator.api.routing import RoutingTable
 
 from . import reviews, tracing
 from .auth import ApiKeys, Authenticate
-from .dataplane import DataPlane
+from .dataplane import DataPlane, new_id, trace_id
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS
 from .engines.external import close_shared_client
 from .openai_schema import openai_error, validate_chat, validate_completion, validate_embedding
+from .refusals import AuditRefusals
 from .table_source import TableSource
 
 __all__ = [
@@ -266,5 +268,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
 
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(Authenticate, keys=keys)  # added last = runs first
+    app.add_middleware(Authenticate, keys=keys)
+    # added last = runs first: it sees the refusals of the two guards above, too
+    app.add_middleware(AuditRefusals, write=dataplane.record, new_id=new_id, trace_id=trace_id)
     return app

@@ -464,3 +464,47 @@ async def test_a_backend_without_an_endpoint_yet_is_skipped_like_an_unreachable_
         streamed = await gw.post(chat(stream=True))
         assert streamed.status_code == 200 and "[DONE]" in streamed.text
         assert primary.requests == 0
+
+
+async def test_requests_answered_before_routing_have_an_audit_record_too(tmp_path: Path, fakes: Any) -> None:
+    """Refusals (and idempotent replays) are requests: one record each, found by the request id header."""
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        post = gw.client.post
+        answers = {
+            "no key": await post("/v1/chat/completions", json=chat()),
+            "wrong key": await post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer sk-no"}),
+            "too large": await post("/v1/chat/completions", content=b"{" + b" " * (2 << 20) + b"}", headers=A),
+            "not utf-8": await post("/v1/chat/completions", content=b'{"model": "\xff"}', headers=A),
+            "not json": await post("/v1/completions", content=b"{nope", headers=A),
+            "unknown model": await gw.post({**chat(), "model": "wf/nope"}),
+            "max_tokens": await gw.post(chat(max_tokens=100_000)),
+        }
+        first = await gw.post(chat(), headers={"Idempotency-Key": "k"})
+        answers["replay"] = await gw.post(chat(), headers={"Idempotency-Key": "k"})
+        answers["conflict"] = await gw.post(chat(max_tokens=4), headers={"Idempotency-Key": "k"})
+        statuses = {name: r.status_code for name, r in answers.items()}
+        assert statuses == {"no key": 401, "wrong key": 401, "too large": 413, "not utf-8": 400, "not json": 400,
+                            "unknown model": 404, "max_tokens": 400, "replay": 200, "conflict": 409}
+        assert primary.requests == 1
+
+        records = {name: gw.audit(r) for name, r in answers.items() if name != "replay"}
+        for name, record in records.items():
+            assert record is not None, name
+            assert record.status_code == answers[name].status_code and record.routing.backend is None, name
+            assert record.usage is None and record.budget == [] and record.inputs is None, name
+        assert records["no key"].tenant == records["wrong key"].tenant == "-"
+        assert "invalid_api_key" in records["wrong key"].routing.reason
+        assert records["too large"].tenant == "team-a" and "request_too_large" in records["too large"].routing.reason
+        assert "invalid_encoding" in records["not utf-8"].routing.reason
+        assert records["unknown model"].model == "wf/nope" and "model_not_found" in records["unknown model"].routing.reason
+        assert records["max_tokens"].route == "extract" and records["max_tokens"].inputs_hash.startswith("sha256:")
+        assert "idempotency_key_conflict" in records["conflict"].routing.reason
+
+        # The replay's header names the first request (its answer is that one's); its own record says so.
+        with AuditLog(gw.store_url, create=False) as log:
+            everything = log.tail(100)
+        replays = [r for r in everything if "idempotent replay" in r.routing.reason]
+        assert len(replays) == 1 and first.headers["x-pilothouse-request-id"] in replays[0].routing.reason
+        # One record per request, none twice: 9 answers above plus the first idempotent request.
+        assert len(everything) == len({r.id for r in everything}) == len(answers) + 1
