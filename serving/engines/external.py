@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import aiohttp
+import yarl
 
 from pilothouse.operator.api.routing import Backend
 from pilothouse.serving.errors import ErrorClass, Failure, classify, error_message
@@ -53,17 +56,32 @@ def _timeout(read_s: float) -> aiohttp.ClientTimeout:
                                  sock_connect=CONNECT_TIMEOUT_S, sock_read=read_s)
 
 
-def create_client(*, max_connections: int = 512, keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
-                  trust_env: bool = True) -> aiohttp.ClientSession:
+def create_client(*, max_connections: int = 512, keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S
+                  ) -> aiohttp.ClientSession:
     """The process's pooled client; the gateway creates it at startup and closes it at shutdown.
 
     Must be called in the running event loop it will serve. One limit for all hosts and none per
     host; every idle connection stays pooled until its keep-alive expires: at concurrency 128 a
-    smaller pool would close and reopen connections on every burst. ``trust_env`` takes proxies
-    from ``HTTP(S)_PROXY``/``NO_PROXY``, as managed-inference egress often needs.
+    smaller pool would close and reopen connections on every burst. Proxies are the engines' business
+    (:func:`env_proxy`), not the session's: ``trust_env`` would decide them per request.
     """
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=keepalive_expiry_s)
-    return aiohttp.ClientSession(connector=connector, timeout=_timeout(DEFAULT_TIMEOUT_S), trust_env=trust_env)
+    return aiohttp.ClientSession(connector=connector, timeout=_timeout(DEFAULT_TIMEOUT_S))
+
+
+@functools.lru_cache(maxsize=1024)
+def env_proxy(base_url: str) -> str | None:
+    """The proxy ``HTTP(S)_PROXY`` / ``NO_PROXY`` choose for a backend, decided once per base URL.
+
+    Managed-inference egress often needs a proxy. aiohttp's ``trust_env`` decides it on every
+    request instead, reading the environment and parsing ``~/.netrc`` in a worker thread, twice per
+    call: measured, that was a third of the gateway's event-loop time and two thread hand-offs per
+    request. A proxy's credentials go in its URL (``http://user:pass@proxy:3128``).
+    """
+    url = yarl.URL(base_url)
+    if url.host is None or urllib.request.proxy_bypass(url.host):
+        return None
+    return urllib.request.getproxies().get(url.scheme)
 
 
 _shared: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
@@ -328,13 +346,14 @@ class ExternalStream(SseStream):
 class ExternalEngine:
     """Calls one OpenAI-compatible backend. Cheap to create: it holds no connection of its own."""
 
-    __slots__ = ("_base_url", "_client", "_headers", "_timeout", "model", "stream_usage")
+    __slots__ = ("_base_url", "_client", "_headers", "_proxy", "_timeout", "model", "stream_usage")
 
     def __init__(self, client: aiohttp.ClientSession, base_url: str, api_key: str | None, model: str, *,
                  timeout_s: float = DEFAULT_TIMEOUT_S, stream_usage: bool = True) -> None:
         """``stream_usage=False`` for backends that reject ``stream_options`` (usage is then estimated)."""
         self._client = client
         self._base_url = base_url.rstrip("/")
+        self._proxy = env_proxy(self._base_url)
         self.model = model
         self.stream_usage = stream_usage
         self._headers = {"content-type": "application/json"}
@@ -361,7 +380,7 @@ class ExternalEngine:
         return self._client.post(self._url(path), data=json.dumps(payload).encode(),
                                  headers={**self._headers, **headers} if headers else self._headers,
                                  timeout=self._timeout if timeout_s is None else _timeout(timeout_s),
-                                 allow_redirects=False)
+                                 proxy=self._proxy, allow_redirects=False)
 
     async def complete(self, path: str, body: Mapping[str, Any], *, timeout_s: float | None = None,
                        headers: Mapping[str, str] | None = None) -> EngineResult:

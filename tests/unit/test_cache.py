@@ -207,7 +207,7 @@ def test_bad_configuration_is_refused() -> None:
 
 @pytest_asyncio.fixture()
 async def engine() -> AsyncIterator[tuple[ExternalEngine, FakeBackend]]:
-    async with FakeBackend() as fb, create_client(trust_env=False) as client:
+    async with FakeBackend() as fb, create_client() as client:
         yield ExternalEngine(client, fb.url, None, fb.model), fb
 
 

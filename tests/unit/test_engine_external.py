@@ -30,6 +30,7 @@ from pilothouse.serving.engines.external import (
     ExternalStream,
     close_shared_client,
     create_client,
+    env_proxy,
     shared_client,
     usage_from_body,
 )
@@ -48,7 +49,7 @@ async def fb() -> AsyncIterator[FakeBackend]:
 
 @pytest_asyncio.fixture()
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with create_client(trust_env=False) as c:
+    async with create_client() as c:
         yield c
 
 
@@ -423,7 +424,7 @@ async def test_a_stream_dropped_in_another_thread_closes_its_connection_on_its_l
 
 def test_a_stream_dropped_after_its_loop_closed_is_harmless(monkeypatch: pytest.MonkeyPatch) -> None:
     async def leave_a_stream_open() -> ExternalStream:
-        async with FakeBackend() as fb, create_client(trust_env=False) as client:
+        async with FakeBackend() as fb, create_client() as client:
             fb.token_interval(0.1)
             return await ExternalEngine(client, fb.url, None, fb.model).stream(CHAT, {"messages": MESSAGES})
 
@@ -460,7 +461,7 @@ async def test_usage_is_known_when_the_chunk_carrying_done_is_handed_on() -> Non
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", answer)
-    async with TestServer(app) as server, create_client(trust_env=False) as client:
+    async with TestServer(app) as server, create_client() as client:
         engine = ExternalEngine(client, str(server.make_url("/v1")), None, "m")
         seen: list[Usage] = []
         async with await engine.stream(CHAT, {"messages": MESSAGES}) as stream:
@@ -468,3 +469,24 @@ async def test_usage_is_known_when_the_chunk_carrying_done_is_handed_on() -> Non
                 if chunk.endswith(b"data: [DONE]\n\n"):
                     seen.append(stream.usage)
     assert seen == [Usage(7, 3)]
+
+
+async def test_http_proxy_from_the_environment_and_no_proxy(fb: FakeBackend, client: aiohttp.ClientSession,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Egress through HTTP_PROXY (here the fake backend plays the proxy: aiohttp sends it the absolute URL);
+    NO_PROXY hosts go direct. Decided once per base URL, not per request."""
+    upstream = "http://inference.example.invalid:9/v1"
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", fb.url.removesuffix("/v1"))
+    env_proxy.cache_clear()
+    try:
+        result = await ExternalEngine(client, upstream, None, fb.model).complete(CHAT, {"messages": MESSAGES})
+        assert json.loads(result.body)["choices"] and fb.requests == 1
+        monkeypatch.setenv("NO_PROXY", "inference.example.invalid")
+        env_proxy.cache_clear()
+        with pytest.raises(BackendError) as direct:  # no proxy: the made-up host does not resolve
+            await ExternalEngine(client, upstream, None, fb.model).complete(CHAT, {"messages": MESSAGES})
+        assert direct.value.error_class is ErrorClass.CONNECTION and fb.requests == 1
+    finally:
+        env_proxy.cache_clear()

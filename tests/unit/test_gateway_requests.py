@@ -497,7 +497,8 @@ async def test_requests_answered_before_routing_have_an_audit_record_too(tmp_pat
         assert "invalid_api_key" in records["wrong key"].routing.reason
         assert records["too large"].tenant == "team-a" and "request_too_large" in records["too large"].routing.reason
         assert "invalid_encoding" in records["not utf-8"].routing.reason
-        assert records["unknown model"].model == "wf/nope" and "model_not_found" in records["unknown model"].routing.reason
+        unknown = records["unknown model"]
+        assert unknown.model == "wf/nope" and "model_not_found" in unknown.routing.reason
         assert records["max_tokens"].route == "extract" and records["max_tokens"].inputs_hash.startswith("sha256:")
         assert "idempotency_key_conflict" in records["conflict"].routing.reason
 
