@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -55,6 +56,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Make the garbage collector's pauses rare and short in a gateway process; once, at start-up.
+
+    With CPython's default thresholds (700, 10, 10) a gen-0 collection ran about every request and
+    caught in-flight requests' objects, which it promoted; a full collection then followed every
+    ~1.3 s at c=32, each stopping the event loop for ~95 ms over the whole heap (measured under
+    uvicorn: p99 133 ms against the backend's own 26 ms). With a gen-0 threshold of 20,000, request
+    objects die by reference counting before a collection sees them, and ``gc.freeze`` takes the
+    start-up heap (Ray, pydantic, SQLAlchemy, aiohttp) out of every later collection: p99 44 ms,
+    and 15% less CPU per request. Cyclic garbage is still collected, just in larger batches.
+    """
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+    gc.collect()  # what is garbage now is freed, not frozen
+    gc.freeze()
 
 
 class BodyLimit:
@@ -205,6 +223,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tune_gc()
         task = asyncio.create_task(_refresh(source, keys, refresh_interval), name="pilothouse-refresh")
         upkeep = asyncio.create_task(dataplane.maintain(), name="pilothouse-store-upkeep")
         try:
