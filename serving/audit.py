@@ -241,7 +241,7 @@ class AuditLog:
         the requests these records describe there, so a request's record and its ledger commit are one write."""
         written_at = datetime.now(UTC)
         params = [{**row, "written_at": written_at} for row in rows]
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             done = also(conn) if also is not None else None
             inserted = conn.execute(self._insert_stmt, params[0] if len(params) == 1 else params,
                                     execution_options={"preserve_rowcount": True}).rowcount if params else 0
@@ -256,7 +256,7 @@ class AuditLog:
         query = audit_records.delete().where(audit_records.c.ts < cutoff)
         if workflow is not None:
             query = query.where(audit_records.c.workflow == workflow)
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             return conn.execute(query).rowcount
 
     # -- reads -------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -57,10 +58,11 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GC_GEN0_THRESHOLD = 20_000
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
-def tune_gc() -> None:
-    """Make the garbage collector's pauses rare and short in a gateway process; once, at start-up.
+def tune_interpreter() -> None:
+    """Make the garbage collector's pauses rare and short, and thread hand-offs quick; once, at start-up.
 
     With CPython's default thresholds (700, 10, 10) a gen-0 collection ran about every request and
     caught in-flight requests' objects, which it promoted; a full collection then followed every
@@ -69,10 +71,15 @@ def tune_gc() -> None:
     objects die by reference counting before a collection sees them, and ``gc.freeze`` takes the
     start-up heap (Ray, pydantic, SQLAlchemy, aiohttp) out of every later collection: p99 44 ms,
     and 15% less CPU per request. Cyclic garbage is still collected, just in larger batches.
+
+    Every request also crosses threads twice (the ledger's and the audit writer's group commits),
+    and a thread waiting for the GIL behind a busy event loop waits up to the switch interval (5 ms
+    by default). At 1 ms: +5% RPS under uvicorn, pilothouse at c=32 774 -> 852 RPS on Ray Serve.
     """
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
     gc.collect()  # what is garbage now is freed, not frozen
     gc.freeze()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 class BodyLimit:
@@ -223,7 +230,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        tune_gc()
+        tune_interpreter()
         task = asyncio.create_task(_refresh(source, keys, refresh_interval), name="pilothouse-refresh")
         upkeep = asyncio.create_task(dataplane.maintain(), name="pilothouse-store-upkeep")
         try:

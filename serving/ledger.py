@@ -465,7 +465,7 @@ class Ledger:
         PostgreSQL: the policies' advisory locks are taken first and in sorted order, before any row
         lock, so two gateways' batches can wait for each other but never deadlock.
         """
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             if self.backend == "postgresql":
                 for namespace, policy in policies:
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(CAST(:namespace AS text) || '/' || "

@@ -162,7 +162,7 @@ class RunStore:
                meta: dict[str, Any] | None = None) -> tuple[Run, bool]:
         """(run, created). An existing id is returned as it is (False): starting twice is resuming."""
         now = _now()
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
             if row is not None:
                 return Run.from_row(row), False
@@ -213,7 +213,7 @@ class RunStore:
                                                             runs.c.lease_owner == owner))]
         if retry_failed:
             takeable.append(runs.c.state == FAILED)
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             taken = conn.execute(runs.update().where(runs.c.id == run_id, sa.or_(*takeable)).values(
                 state=RUNNING, lease_owner=owner, lease_until=now + lease, updated_at=now, error=None)).rowcount
             row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
@@ -246,7 +246,7 @@ class RunStore:
         query = runs.update().where(runs.c.id == run_id)
         if owner is not None:
             query = query.where(runs.c.lease_owner == owner)
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             if conn.execute(query.values(**changes)).rowcount == 0 and owner is not None:
                 raise RunBusy(f"run {run_id}: this runtime lost its lease (another runtime took the run over)")
 
@@ -264,7 +264,7 @@ class RunStore:
     def step_started(self, run_id: str, step: str, position: int, type_: str, input_: Any) -> int:
         """Record (or re-record, counting the attempt) that a step starts; returns the attempt number."""
         now = _now()
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             attempts = conn.execute(sa.select(run_steps.c.attempts).where(
                 run_steps.c.run_id == run_id, run_steps.c.step == step)).scalar()
             if attempts is None:
@@ -280,7 +280,7 @@ class RunStore:
     @stores.retry_when_locked
     def step_finished(self, run_id: str, step: str, state: str, *, output: Any = None, decision: str | None = None,
                       error: str | None = None) -> None:
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             conn.execute(run_steps.update().where(run_steps.c.run_id == run_id, run_steps.c.step == step).values(
                 state=state, output=_dump(output), decision=decision, error=error, finished_at=_now()))
 
@@ -300,7 +300,7 @@ class RunStore:
             values.update(state=QUEUED)
         if fields is not None:
             values["fields"] = _dump(fields)
-        with self._writer.begin() as conn:
+        with stores.begin_write(self._writer) as conn:
             moved = conn.execute(runs.update().where(runs.c.id == run_id, runs.c.state == REVIEW)
                                  .values(**values)).rowcount
             if not moved:

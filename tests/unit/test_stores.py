@@ -44,3 +44,34 @@ def test_a_store_opens_while_another_connection_writes(tmp_path: Path, store: st
     committer.join()
     opened.close()
     other.close()
+
+
+def test_writers_in_one_process_take_turns_without_the_busy_handler(tmp_path: Path) -> None:
+    """Two threads writing one SQLite file through ``begin_write`` queue on the process's lock: with no busy
+    timeout at all, neither ever meets SQLITE_BUSY (through ``engine.begin()`` alone they do at once)."""
+    from pilothouse.serving import stores
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engines = [stores.writer(stores.open_engine(url, purpose="test", busy_timeout_s=0, synchronous="NORMAL")[0])
+               for _ in range(2)]
+    with engines[0].begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (writer INTEGER, n INTEGER)")
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            for n in range(150):
+                with stores.begin_write(engines[i]) as conn:
+                    conn.exec_driver_sql("INSERT INTO t VALUES (?, ?)", (i, n))
+                    time.sleep(0.0005)  # hold the write lock a moment, as a batch does
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with engines[0].connect() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM t").scalar() == 300
