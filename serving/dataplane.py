@@ -61,13 +61,14 @@ from .audit import (
 )
 from .auth import tenant_of
 from .breaker import Breaker
+from .budget_lease import Claim, Leases
 from .cache import CachedResponse, ResponseCache
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS, BackendError, Engine, EngineResult, EngineStream, Usage
 from .engines.external import ExternalEngine, shared_client
 from .engines.handle import HandleEngine, is_local
 from .errors import ErrorClass, Failure
 from .idempotency import Conflict, IdempotencyStore, Stored
-from .ledger import Denied, Ledger, Reservation, SettleOp
+from .ledger import Denied, Ledger, Reservation, ReserveOp, SettleOp
 from .metrics import Metrics
 from .openai_schema import (
     ChatRequest,
@@ -171,6 +172,7 @@ class Stores:
     writer: AuditWriter
     ledger: Ledger
     idempotency: IdempotencyStore
+    leases: Leases
 
     def close(self) -> None:
         self.writer.close()
@@ -198,7 +200,7 @@ class _Ctx:
     backend: Backend | None = None
     reason: str = ""
     budget: BudgetTrail | None = None
-    reservation: Reservation | None = None
+    reservation: Reservation | Claim | None = None
     cache_hit: bool = False
     usage: Usage | None = None
     output: Any = None
@@ -248,13 +250,15 @@ class DataPlane:
     def _open(self) -> Stores:
         audit = AuditLog(self.store_url)  # first: it creates a SQLite file's directory
         ledger = Ledger(self.store_url)
-        return Stores(audit, AuditWriter(audit, ledger=ledger), ledger, IdempotencyStore(self.store_url))
+        return Stores(audit, AuditWriter(audit, ledger=ledger), ledger, IdempotencyStore(self.store_url),
+                      Leases(ledger, new_id))
 
     async def aclose(self) -> None:
         if _background:  # cancelled streams still settling
             await asyncio.gather(*_background, return_exceptions=True)
         stores, self._stores = self._stores, None
         if stores is not None:
+            await stores.leases.aclose()
             await asyncio.to_thread(stores.close)
         semantic, self.semantic, self._semantic_for = self.semantic, None, None
         if semantic is not None:
@@ -553,6 +557,16 @@ class DataPlane:
             first_cost = worst_case_cost(p.first.backend, p.prompt_tokens, p.max_tokens)
             candidates += [Plan(**{**p.__dict__, "attempts": p.attempts[i:]}) for i, a in enumerate(p.attempts)
                            if i and worst_case_cost(a.backend, p.prompt_tokens, p.max_tokens) < first_cost]
+        worst_first = worst_case_cost(p.first.backend, p.prompt_tokens, p.max_tokens)
+        if (rule.per_request_max_cost_usd is None and rule.per_request_max_tokens is None) or ReserveOp(
+                ctx.table.namespace, rule.policy, rule, worst_first, p.prompt_tokens + p.max_tokens, ctx.request_id,
+                ctx.ts).per_request_denial() is None:  # a request its policy refuses alone goes the exact way
+            claim = await stores.leases.claim(ctx.table.namespace, rule, worst_first, p.prompt_tokens + p.max_tokens,
+                                              ctx.request_id, datetime.now(UTC))
+            if claim is not None:
+                ctx.reservation = claim
+                ctx.budget = BudgetTrail(policy=rule.policy, reservation_id=claim.row_id, reserved_usd=claim.cost_usd)
+                return p
         while True:
             denied: Denied | None = None
             for candidate in candidates:
@@ -585,13 +599,17 @@ class DataPlane:
         reservation, ctx.reservation = ctx.reservation, None
         if reservation is None or ctx.budget is None:
             return None
+        actual: tuple[float, int] | None = None
         if usage is not None and ctx.backend is not None and (usage.prompt_tokens or usage.completion_tokens
                                                               or not usage.estimated):
-            cost, tokens = charge or cost_usd(ctx.backend, usage, ctx.prompt_tokens)
-            ctx.budget.committed_usd = cost
-            return SettleOp(reservation.id, (cost, tokens))
-        ctx.budget.released = True
-        return SettleOp(reservation.id, None)
+            actual = charge or cost_usd(ctx.backend, usage, ctx.prompt_tokens)
+            ctx.budget.committed_usd = actual[0]
+        else:
+            ctx.budget.released = True
+        if isinstance(reservation, Claim):
+            assert self._stores is not None
+            return self._stores.leases.settle(reservation, actual)
+        return SettleOp(reservation.id, actual)
 
     async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:
         """Settle without an audit record (the request is failing with an exception); see ``_settlement``."""

@@ -197,11 +197,28 @@ class ReserveOp:
 
 
 @dataclass(frozen=True)
+class LeaseCharge:
+    """Where a request admitted from a budget lease records its spend: its own committed row, dated like the
+    lease so the spend falls in the windows the lease was admitted in."""
+
+    row_id: str
+    namespace: str
+    policy: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class SettleOp:
-    """Commit a reservation at ``actual`` (cost USD, tokens), or release it when ``actual`` is None."""
+    """Commit a reservation at ``actual`` (cost USD, tokens), or release it when ``actual`` is None.
+
+    With ``lease``, ``reservation_id`` is a budget lease's row and the op charges one request to it:
+    ``actual`` becomes the committed row ``lease.row_id`` and leaves the lease's reservation (the lease
+    stays reserved); without ``actual`` there is nothing to write.
+    """
 
     reservation_id: str
     actual: tuple[float, int] | None
+    lease: LeaseCharge | None = None
 
 
 LedgerOp = ReserveOp | SettleOp
@@ -245,8 +262,11 @@ _SQL_ROWS = sa.text(_ROWS_BY_ID).bindparams(_IDS).columns(created_at=_TS)
 _SQL_ROWS_LOCKED = sa.text(_ROWS_BY_ID + " FOR UPDATE").bindparams(_IDS).columns(created_at=_TS)
 _SQL_SETTLE = sa.text("UPDATE budget_ledger SET state = :new_state, cost_usd = :new_cost, tokens = :new_tokens "
                       "WHERE id = :rid")
-_SQL_INSERT = sa.text("INSERT INTO budget_ledger (id, namespace, policy, state, cost_usd, tokens, created_at) "
-                      "VALUES (:id, :namespace, :policy, :state, :cost_usd, :tokens, :created_at)").bindparams(
+_INSERT_ROW = ("INSERT INTO budget_ledger (id, namespace, policy, state, cost_usd, tokens, created_at) "
+               "VALUES (:id, :namespace, :policy, :state, :cost_usd, :tokens, :created_at)")
+_SQL_INSERT = sa.text(_INSERT_ROW).bindparams(sa.bindparam("created_at", type_=_TS))
+# A charge replayed after a busy error was rolled back with its batch; one already committed stays as it is.
+_SQL_INSERT_CHARGE = sa.text(_INSERT_ROW + " ON CONFLICT (id) DO NOTHING").bindparams(
     sa.bindparam("created_at", type_=_TS))
 _SQL_TOTALS = sa.text(
     'SELECT "window", window_start, committed_usd, committed_tokens, reserved_usd, reserved_tokens '
@@ -479,25 +499,48 @@ class Ledger:
         locked = _SQL_ROWS_LOCKED if self.backend == "postgresql" else _SQL_ROWS  # SQLite: the write lock
         rows = {row.id: row for row in conn.execute(locked, {"ids": ids})}
         states = {rid: row.state for rid, row in rows.items()}
+        held = {rid: (row.cost_usd, row.tokens) for rid, row in rows.items()}  # a lease's shrinks as it is charged
         updates: list[dict[str, Any]] = []
+        charged: list[dict[str, Any]] = []
         for i, op in settles:
             rid = op.reservation_id
             row = rows.get(rid)
             results[i] = False
+            if op.lease is not None:
+                results[i] = True
+                if op.actual is None:
+                    continue  # a request admitted from a lease that used nothing: the lease keeps its headroom
+                cost, tokens = op.actual
+                charge = op.lease
+                charged.append({"id": charge.row_id, "namespace": charge.namespace, "policy": charge.policy,
+                                "state": COMMITTED, "cost_usd": cost, "tokens": tokens,
+                                "created_at": charge.created_at})
+                _add(deltas, charge.namespace, charge.policy, charge.created_at, committed=(cost, tokens))
+                if row is not None and states[rid] == RESERVED:  # else the lease was released or expired already
+                    left_cost, left_tokens = held[rid]
+                    taken = (min(cost, left_cost), min(tokens, left_tokens))
+                    held[rid] = (left_cost - taken[0], left_tokens - taken[1])
+                    updates.append({"rid": rid, "new_state": RESERVED, "new_cost": held[rid][0],
+                                    "new_tokens": held[rid][1]})
+                    _add(deltas, row.namespace, row.policy, _stored(row.created_at), reserved=(-taken[0], -taken[1]))
+                continue
             if row is None or states[rid] != RESERVED:
                 if op.actual is not None:
                     log.info("commit of %s reservation %s ignored", states.get(rid, "unknown"), rid)
                 continue
-            cost, tokens = op.actual if op.actual is not None else (row.cost_usd, row.tokens)
-            if op.actual is not None and (cost > row.cost_usd + USD_EPSILON or tokens > row.tokens):
+            reserved_cost, reserved_tokens = held[rid]
+            cost, tokens = op.actual if op.actual is not None else (reserved_cost, reserved_tokens)
+            if op.actual is not None and (cost > reserved_cost + USD_EPSILON or tokens > reserved_tokens):
                 log.warning("reservation %s committed above its worst case: %s USD / %s tokens > %s USD / %s tokens",
-                            rid, cost, tokens, row.cost_usd, row.tokens)
+                            rid, cost, tokens, reserved_cost, reserved_tokens)
             states[rid] = COMMITTED if op.actual is not None else RELEASED
             updates.append({"rid": rid, "new_state": states[rid], "new_cost": cost, "new_tokens": tokens})
             committed = (cost, tokens) if op.actual is not None else (0.0, 0)
             _add(deltas, row.namespace, row.policy, _stored(row.created_at), committed=committed,
-                 reserved=(-row.cost_usd, -row.tokens))
+                 reserved=(-reserved_cost, -reserved_tokens))
             results[i] = True
+        if charged:
+            conn.execute(_SQL_INSERT_CHARGE, charged)
         if updates:  # the rows are locked (FOR UPDATE, or SQLite's write lock): their state was read under it
             conn.execute(_SQL_SETTLE, updates)
 

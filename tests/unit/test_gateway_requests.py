@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 from fastapi import FastAPI
 
 from pilothouse.operator.api import RoutingTable
 from pilothouse.operator.api.common import SecretKeyRef
+from pilothouse.operator.api.ledger import ledger as ledger_table
 from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving.audit import AuditLog
@@ -240,7 +243,11 @@ async def test_200_concurrent_requests_never_overspend(tmp_path: Path, fakes: An
             since = datetime.now(UTC) - timedelta(days=2)
             spent = ledger.spend("default", "team", since)
             assert spent.cost_usd <= cap + 1e-9
-            assert ledger.in_flight("default", "team", since) == (0.0, 0)  # nothing left reserved
+            for _ in range(100):  # once idle, the gateway returns its budget lease: nothing left reserved
+                if ledger.in_flight("default", "team", since) == (0.0, 0):
+                    break
+                await asyncio.sleep(0.05)
+            assert ledger.in_flight("default", "team", since) == (0.0, 0)
         finally:
             ledger.close()
         for r in responses:
@@ -337,9 +344,15 @@ async def test_a_stream_failing_mid_way_settles_and_reports(tmp_path: Path, fake
         assert record.status_code == 502 and record.budget[0].committed_usd is not None
         ledger = Ledger(gw.store_url)
         try:
-            assert ledger.in_flight("default", "team", datetime.now(UTC) - timedelta(days=2)) == (0.0, 0)
+            since = datetime.now(UTC) - timedelta(days=2)
+            assert ledger.spend("default", "team", since).cost_usd == pytest.approx(record.budget[0].committed_usd)
         finally:
             ledger.close()
+    ledger = Ledger(gw.store_url)  # the gateway has stopped and returned its budget lease: nothing in flight
+    try:
+        assert ledger.in_flight("default", "team", datetime.now(UTC) - timedelta(days=2)) == (0.0, 0)
+    finally:
+        ledger.close()
 
 
 async def test_all_backends_down_is_a_5xx_and_releases(tmp_path: Path, fakes: Any) -> None:
@@ -509,3 +522,33 @@ async def test_requests_answered_before_routing_have_an_audit_record_too(tmp_pat
         assert len(replays) == 1 and first.headers["x-pilothouse-request-id"] in replays[0].routing.reason
         # One record per request, none twice: 9 answers above plus the first idempotent request.
         assert len(everything) == len({r.id for r in everything}) == len(answers) + 1
+
+
+async def test_a_budget_lease_admits_requests_without_a_ledger_write_each(tmp_path: Path, fakes: Any) -> None:
+    """Requests are admitted against a lease held in the ledger; each one's spend is still its own committed row."""
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        responses = await asyncio.gather(*(gw.post(chat()) for _ in range(40)))
+        assert [r.status_code for r in responses] == [200] * 40
+        stores = await gw.app.state.dataplane.stores()
+        assert stores.ledger.batches == 1  # one reservation (the lease) for 40 requests
+        ledger = Ledger(gw.store_url)
+        try:
+            since = datetime.now(UTC) - timedelta(days=2)
+            charged = sum(float(r.headers["x-pilothouse-cost-usd"]) for r in responses)
+            assert ledger.spend("default", "team", since).cost_usd == pytest.approx(charged)
+            with ledger.engine.connect() as conn:
+                rows = {row.id: row for row in conn.execute(sa.select(ledger_table))}
+            for r in responses:
+                trail = gw.audit(r).budget[0]
+                assert rows[trail.reservation_id].state == "committed"
+                assert rows[trail.reservation_id].cost_usd == pytest.approx(trail.committed_usd)
+            assert ledger.in_flight("default", "team", since).cost_usd > 0  # the lease, open while in use
+            for _ in range(100):  # idle: the lease goes back, and with it everything it held unused
+                if ledger.in_flight("default", "team", since) == (0.0, 0):
+                    break
+                await asyncio.sleep(0.05)
+            assert ledger.in_flight("default", "team", since) == (0.0, 0)
+            assert ledger.spend("default", "team", since).cost_usd == pytest.approx(charged)
+        finally:
+            ledger.close()

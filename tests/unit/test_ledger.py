@@ -29,6 +29,7 @@ from pilothouse.operator.budget import SqlSpendReader, evaluate
 from pilothouse.serving.ledger import (
     USD_EPSILON,
     Denied,
+    LeaseCharge,
     Ledger,
     Reservation,
     ReserveOp,
@@ -157,6 +158,25 @@ def test_commit_replaces_worst_case_with_actual(ledger: Ledger) -> None:
     assert ledger.spend("team", "p", DAY) == Usage(2.5, 250)
     assert ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
     granted(ledger.reserve("team", "p", day, 5.0, 0, "r2", AT))  # the unused worst case came back
+
+
+def test_a_lease_charge_moves_spend_from_the_lease_to_the_requests_own_row(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 20})
+    lease = granted(ledger.reserve("team", "p", day, 10.0, 1000, "lease-1", AT))
+
+    def charge(request: str, actual: tuple[float, int] | None) -> None:
+        ledger.apply([SettleOp(lease.id, actual, LeaseCharge(f"{request}/p", "team", "p", lease.created_at))])
+
+    charge("r1", (3.0, 300))
+    assert ledger.spend("team", "p", DAY) == Usage(3.0, 300)  # its own committed row...
+    assert ledger.in_flight("team", "p", DAY) == Usage(7.0, 700)  # ...taken out of the lease: never counted twice
+    charge("r2", None)  # a request that used nothing leaves the lease as it was
+    assert ledger.in_flight("team", "p", DAY) == Usage(7.0, 700)
+    denied(ledger.reserve("team", "p", day, 10.5, 0, "r3", AT))  # 3 spent + 7 leased: 10 left, not 10.5
+    assert ledger.release(lease.id)  # the lease returns what it held unused
+    assert ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
+    charge("r4", (1.0, 100))  # a request that settles after its lease was returned is still recorded
+    assert ledger.spend("team", "p", DAY) == Usage(4.0, 400) and ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
 
 
 def test_release_frees_in_flight_and_spends_nothing(ledger: Ledger) -> None:
@@ -475,6 +495,7 @@ totals_operations = st.lists(st.one_of(
     st.tuples(st.just("commit"), st.integers(0, 1000), st.floats(0, 1.5)),
     st.tuples(st.just("release"), st.integers(0, 1000)),
     st.tuples(st.just("expire"), st.integers(0, 60 * 24 * 40)),
+    st.tuples(st.just("charge"), st.integers(0, 1000), st.floats(0, 0.6)),  # a request on a budget lease
 ), max_size=30)
 
 
@@ -499,6 +520,10 @@ def test_totals_equal_row_sums_after_any_sequence_and_after_rebuild(ledger: Ledg
             ledger.commit(got.id, got.cost_usd * op[2], int(got.tokens * op[2]))  # may exceed the worst case
         elif op[0] == "release" and live:
             ledger.release(live.pop(op[1] % len(live)).id)
+        elif op[0] == "charge" and live:  # the reservation stays live as a lease; may be charged past what it holds
+            got = live[op[1] % len(live)]
+            ledger.apply([SettleOp(got.id, (got.cost_usd * op[2], int(got.tokens * op[2])),
+                                   LeaseCharge(f"c{n}/{got.policy}", "team", got.policy, got.created_at))])
         elif op[0] == "expire":
             ledger.expire(timedelta(0), start + timedelta(minutes=op[1]))
         _assert_totals_match_rows(ledger)
