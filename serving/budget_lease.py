@@ -24,16 +24,17 @@ truth:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pilothouse.operator.api.routing import BudgetRule
 
-from .ledger import Denied, LeaseCharge, Ledger, Reservation, ReserveOp, SettleOp, reservation_id
+from .ledger import USD_EPSILON, Denied, LeaseCharge, Ledger, Reservation, ReserveOp, SettleOp, reservation_id
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,23 @@ class Lease:
     deadline: float  # monotonic: no new claims after it
     cost_left: float  # headroom still free for new claims
     tokens_left: int
+    unit_cost: float  # the worst case it was sized for: below that much left, it is full
+    unit_tokens: int
     in_flight: int = 0
+    unwritten: int = 0  # settled claims whose charge is not yet committed: the lease must outlive them
     closed: bool = False
-    released: bool = False
     last_used: float = 0.0
+    returning: bool = False
+    back: asyncio.Event = field(default_factory=asyncio.Event)  # set once the ledger has it back
+
+    @property
+    def quiet(self) -> bool:
+        """No claim in flight and every settled claim's charge committed."""
+        return self.in_flight == 0 and self.unwritten == 0
+
+    @property
+    def full(self) -> bool:
+        return self.cost_left + USD_EPSILON < self.unit_cost or self.tokens_left < self.unit_tokens
 
 
 @dataclass(frozen=True)
@@ -81,37 +95,33 @@ def lease_size(rule: BudgetRule, worst_cost: float, worst_tokens: int) -> tuple[
 
 
 class Leases:
-    """The leases of one data plane (one per namespace and policy), and the claims against them."""
+    """The open leases of one data plane, per namespace and policy, and the claims against them."""
 
     def __init__(self, ledger: Ledger, new_id: Callable[[], str]) -> None:
         self.ledger = ledger
         self._new_id = new_id
-        self._leases: dict[tuple[str, str], Lease] = {}
+        self._open: dict[tuple[str, str], list[Lease]] = {}
+        self._by_id: dict[str, Lease] = {}
         self._acquiring: dict[tuple[str, str], asyncio.Future[Lease | None]] = {}
         self._denied_until: dict[tuple[str, str], float] = {}
         self._tasks: set[asyncio.Future[None]] = set()
 
     async def claim(self, namespace: str, rule: BudgetRule, worst_cost: float, worst_tokens: int, request_id: str,
                     at: datetime) -> Claim | None:
-        """This request's worst case from the policy's lease, opening one if needed; None: reserve it alone."""
+        """This request's worst case from one of the policy's leases, opening one if none has room; None:
+        reserve it alone (near a cap, or a lease is not worth it for this policy)."""
         key = (namespace, rule.policy)
-        now = time.monotonic()
-        for _ in range(2):  # the current lease, else a fresh one
-            lease = self._leases.get(key)
-            if lease is not None and now < lease.deadline:
-                if lease.cost_left < worst_cost or lease.tokens_left < worst_tokens:
-                    # One lease per policy: its headroom comes back as its requests settle; until then this
-                    # request takes the exact path, so the lease never holds more than one request's worth
-                    # of headroom that a refused request could have used.
-                    return None
-                lease.cost_left -= worst_cost
-                lease.tokens_left -= worst_tokens
-                lease.in_flight += 1
-                lease.last_used = now
-                return Claim(lease, reservation_id(request_id, rule.policy), worst_cost, worst_tokens)
-            if lease is not None:
-                self._close(key, lease)
-            if now < self._denied_until.get(key, 0.0):
+        for attempt in range(2):  # an open lease, else a fresh one
+            now = time.monotonic()
+            for lease in self._open.get(key, ()):
+                if now < lease.deadline and lease.cost_left + USD_EPSILON >= worst_cost and \
+                        lease.tokens_left >= worst_tokens:
+                    lease.cost_left -= worst_cost
+                    lease.tokens_left -= worst_tokens
+                    lease.in_flight += 1
+                    lease.last_used = now
+                    return Claim(lease, reservation_id(request_id, rule.policy), worst_cost, worst_tokens)
+            if attempt or now < self._denied_until.get(key, 0.0):
                 return None
             pending = self._acquiring.get(key)
             if pending is None:
@@ -119,7 +129,6 @@ class Leases:
                     self._acquire(key, rule, worst_cost, worst_tokens, at))
             if await asyncio.shield(pending) is None:
                 return None
-            now = time.monotonic()
         return None
 
     def settle(self, claim: Claim, actual: tuple[float, int] | None) -> SettleOp:
@@ -129,16 +138,46 @@ class Leases:
         lease.cost_left += max(claim.cost_usd - used_cost, 0.0)
         lease.tokens_left += max(claim.tokens - used_tokens, 0)
         lease.in_flight -= 1
+        lease.unwritten += 1
         lease.last_used = time.monotonic()
         res = lease.reservation
-        if lease.closed and lease.in_flight == 0:
-            self._release(lease)
         return SettleOp(res.id, actual, LeaseCharge(claim.row_id, res.namespace, res.policy, res.created_at))
+
+    def written(self, op: SettleOp) -> None:
+        """A claim's charge is committed (or failed for good). Only then may its lease go back: returned
+        earlier, the headroom it held for that charge could be reserved by another request first."""
+        lease = self._by_id.get(op.reservation_id)
+        if lease is None or op.lease is None:
+            return
+        lease.unwritten -= 1
+        if lease.closed or lease.full:  # a full lease's scraps go back as soon as it is quiet
+            self._close(lease)
+
+    async def drain(self, namespace: str, policy: str, timeout_s: float = 10.0) -> bool:
+        """Near the cap: stop leasing for a while and wait until this replica's leases are back in the ledger.
+
+        A reservation refused while leases still hold headroom (their requests in flight, and the
+        scraps of full ones) might fit once they are returned; the caller retries it once. So a lease
+        never makes a request fail that the exact path would have admitted, only wait a request's time.
+        Returns whether there was anything to wait for.
+        """
+        key = (namespace, policy)
+        self._denied_until[key] = time.monotonic() + RETRY_AFTER_DENIAL_S
+        leases = self._open.get(key, [])
+        if not leases:
+            return False
+        leases = list(leases)
+        for lease in leases:
+            self._close(lease)
+        with contextlib.suppress(TimeoutError):  # a request stuck in flight: the ledger's expiry has its lease
+            await asyncio.wait_for(asyncio.gather(*(lease.back.wait() for lease in leases)), timeout_s)
+        return True
 
     async def aclose(self) -> None:
         """Return every lease (the gateway is stopping); claims still in flight keep theirs until they settle."""
-        for key, lease in list(self._leases.items()):
-            self._close(key, lease)
+        for leases in list(self._open.values()):
+            for lease in list(leases):
+                self._close(lease)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -159,9 +198,11 @@ class Leases:
             if isinstance(result, Denied):
                 self._denied_until[key] = time.monotonic() + RETRY_AFTER_DENIAL_S
                 return None
-            lease = Lease(result, time.monotonic() + lifetime, size[0], size[1], last_used=time.monotonic())
-            self._leases[key] = lease
-            self._watch(key, lease)
+            now = time.monotonic()
+            lease = Lease(result, now + lifetime, size[0], size[1], worst_cost, worst_tokens, last_used=now)
+            self._open.setdefault(key, []).append(lease)
+            self._by_id[result.id] = lease
+            self._watch(lease)
             return lease
         except Exception:
             log.exception("opening a budget lease for %s/%s failed; reserving per request", *key)
@@ -170,30 +211,30 @@ class Leases:
         finally:
             self._acquiring.pop(key, None)
 
-    def _watch(self, key: tuple[str, str], lease: Lease) -> None:
-        """Close the lease at its deadline, or once idle for ``IDLE_S``."""
+    def _watch(self, lease: Lease) -> None:
+        """Stop claims at the lease's deadline, and close it once idle for ``IDLE_S``."""
         async def watch() -> None:
             while not lease.closed:
                 now = time.monotonic()
-                idle_at = lease.last_used + IDLE_S if lease.in_flight == 0 else now + IDLE_S
+                idle_at = lease.last_used + IDLE_S if lease.quiet else now + IDLE_S
                 wake = min(lease.deadline, idle_at)
                 if now >= wake:
-                    self._close(key, lease)
+                    self._close(lease)
                     return
                 await asyncio.sleep(wake - now)
 
         self._spawn(watch())
 
-    def _close(self, key: tuple[str, str], lease: Lease) -> None:
+    def _close(self, lease: Lease) -> None:
+        """No more claims; handed back to the ledger once its last claim settled."""
         lease.closed = True
-        if self._leases.get(key) is lease:
-            del self._leases[key]
-        if lease.in_flight == 0:
-            self._release(lease)
-
-    def _release(self, lease: Lease) -> None:
-        if not lease.released:
-            lease.released = True
+        if lease.quiet and not lease.returning:
+            lease.returning = True
+            res = lease.reservation
+            leases = self._open.get((res.namespace, res.policy), [])
+            if lease in leases:
+                leases.remove(lease)
+            self._by_id.pop(res.id, None)
             self._spawn(self._return(lease))
 
     async def _return(self, lease: Lease) -> None:
@@ -202,6 +243,8 @@ class Leases:
         except Exception:
             log.warning("returning budget lease %s failed; the ledger's expiry will", lease.reservation.id,
                         exc_info=True)
+        finally:
+            lease.back.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

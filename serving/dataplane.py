@@ -36,10 +36,10 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -85,6 +85,7 @@ from .semantic_cache import Probe, SemanticCache, open_semantic_cache
 from .table_source import TableSource
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_STORE_URL = "sqlite:///.pilothouse/pilothouse.db"
 STALE_RESERVATION = timedelta(minutes=30)  # far above the longest request (timeouts x attempts + queue)
@@ -567,6 +568,7 @@ class DataPlane:
                 ctx.reservation = claim
                 ctx.budget = BudgetTrail(policy=rule.policy, reservation_id=claim.row_id, reserved_usd=claim.cost_usd)
                 return p
+        drained = False
         while True:
             denied: Denied | None = None
             for candidate in candidates:
@@ -582,6 +584,10 @@ class DataPlane:
                     return candidate
                 denied = result
             assert denied is not None
+            if denied.cap == "window" and not drained:  # headroom this replica holds in leases comes back first
+                drained = True
+                if await stores.leases.drain(ctx.table.namespace, rule.policy):
+                    continue
             if action != "queue" or denied.cap == "perRequest" or time.monotonic() + delay > deadline:
                 break
             await asyncio.sleep(delay)
@@ -615,8 +621,17 @@ class DataPlane:
         """Settle without an audit record (the request is failing with an exception); see ``_settlement``."""
         op = self._settlement(ctx, usage)
         if op is not None:
-            await asyncio.shield(stores.ledger.asettle(op))
+            await asyncio.shield(self._writing(stores, stores.ledger.asettle(op), op))
             self._spent(ctx, op)
+
+    @staticmethod
+    def _writing(stores: Stores, write: Coroutine[Any, Any, _T], op: SettleOp | None) -> asyncio.Future[_T]:
+        """The write as a task that, however it ends, tells a budget lease its charge is no longer pending,
+        even if the request awaiting it is cancelled first."""
+        task = asyncio.ensure_future(write)
+        if op is not None and op.lease is not None:
+            task.add_done_callback(lambda _: stores.leases.written(op))
+        return task
 
     def _spent(self, ctx: _Ctx, op: SettleOp) -> None:
         if op.actual is not None and ctx.budget is not None and ctx.backend is not None:
@@ -895,7 +910,7 @@ class DataPlane:
             output=output, output_hash=output_hash, status_code=status,
             latency_ms=(time.perf_counter() - ctx.started) * 1000)
         try:
-            await asyncio.shield(stores.writer.write(record, settle))
+            await asyncio.shield(self._writing(stores, stores.writer.write(record, settle), settle))
         except Exception as exc:
             log.exception("audit record %s could not be written", ctx.request_id)
             raise AuditUnavailable(str(exc)) from exc

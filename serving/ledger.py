@@ -501,6 +501,7 @@ class Ledger:
         states = {rid: row.state for rid, row in rows.items()}
         held = {rid: (row.cost_usd, row.tokens) for rid, row in rows.items()}  # a lease's shrinks as it is charged
         updates: list[dict[str, Any]] = []
+        lease_updates: dict[str, dict[str, Any]] = {}
         charged: list[dict[str, Any]] = []
         for i, op in settles:
             rid = op.reservation_id
@@ -520,14 +521,15 @@ class Ledger:
                     left_cost, left_tokens = held[rid]
                     taken = (min(cost, left_cost), min(tokens, left_tokens))
                     held[rid] = (left_cost - taken[0], left_tokens - taken[1])
-                    updates.append({"rid": rid, "new_state": RESERVED, "new_cost": held[rid][0],
-                                    "new_tokens": held[rid][1]})
+                    lease_updates[rid] = {"rid": rid, "new_state": RESERVED, "new_cost": held[rid][0],
+                                          "new_tokens": held[rid][1]}  # one UPDATE per lease: its last value
                     _add(deltas, row.namespace, row.policy, _stored(row.created_at), reserved=(-taken[0], -taken[1]))
                 continue
             if row is None or states[rid] != RESERVED:
                 if op.actual is not None:
                     log.info("commit of %s reservation %s ignored", states.get(rid, "unknown"), rid)
                 continue
+            lease_updates.pop(rid, None)  # a lease released in this batch: its final state is this op's
             reserved_cost, reserved_tokens = held[rid]
             cost, tokens = op.actual if op.actual is not None else (reserved_cost, reserved_tokens)
             if op.actual is not None and (cost > reserved_cost + USD_EPSILON or tokens > reserved_tokens):
@@ -541,6 +543,7 @@ class Ledger:
             results[i] = True
         if charged:
             conn.execute(_SQL_INSERT_CHARGE, charged)
+        updates += lease_updates.values()
         if updates:  # the rows are locked (FOR UPDATE, or SQLite's write lock): their state was read under it
             conn.execute(_SQL_SETTLE, updates)
 

@@ -87,7 +87,8 @@ async def test_concurrent_requests_never_spend_past_the_cap(tmp_path: Path, stor
     # The first refusal means 100 worst cases were committed or in flight; then actuals free a little room.
     assert 100 <= admitted <= int(LIMIT_USD / ACTUAL_USD + USD_EPSILON)
     for by_rows, by_totals, _ in [*samples, final]:
-        assert by_rows <= LIMIT_USD + USD_EPSILON and by_totals <= LIMIT_USD + USD_EPSILON
+        assert by_rows <= LIMIT_USD + USD_EPSILON, ("rows", by_rows, by_totals)
+        assert by_totals <= LIMIT_USD + USD_EPSILON, ("totals", by_rows, by_totals)
     assert any(s[2] > 1 for s in samples), "the sampler never saw the race in flight"
     spent, _, left_reserved = final
     assert left_reserved == 0

@@ -1,0 +1,99 @@
+"""Budget leases against a real ledger: admission in memory, spend recorded per request, headroom returned safely."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from pilothouse.operator.api.routing import BudgetRule
+from pilothouse.serving.budget_lease import MAX_SHARE, REQUESTS_PER_LEASE, Leases, lease_size
+from pilothouse.serving.ledger import Ledger
+
+NOW = datetime.now(UTC)
+SINCE = NOW - timedelta(days=40)
+WORST = (1e-3, 100)
+
+
+def rule(cap_usd: float) -> BudgetRule:
+    return BudgetRule.model_validate({"policy": "p", "state": "Ok", "action": "reject",
+                                      "limits": [{"window": "month", "maxCostUSD": cap_usd}]})
+
+
+@pytest_asyncio.fixture
+async def book(tmp_path: Path) -> AsyncIterator[Ledger]:
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    yield ledger
+    ledger.close()
+
+
+def leases_for(book: Ledger) -> Leases:
+    ids = itertools.count()
+    return Leases(book, lambda: f"{next(ids):032x}")
+
+
+def test_a_lease_holds_a_few_dozen_worst_cases_and_at_most_a_share_of_the_cap() -> None:
+    assert lease_size(rule(1000.0), *WORST) == (WORST[0] * REQUESTS_PER_LEASE, WORST[1] * REQUESTS_PER_LEASE)
+    assert lease_size(rule(0.1), *WORST) == (0.1 * MAX_SHARE, WORST[1] * REQUESTS_PER_LEASE)
+    assert lease_size(rule(0.02), *WORST) is None  # 10% of the cap is 2 worst cases: not worth a lease
+
+
+async def test_claims_come_from_one_reservation_and_each_charge_is_its_own_row(book: Ledger) -> None:
+    leases = leases_for(book)
+    claims = [await leases.claim("team", rule(1000.0), *WORST, f"r{i}", NOW) for i in range(10)]
+    assert all(c is not None for c in claims) and len({c.lease.reservation.id for c in claims}) == 1
+    assert book.batches == 1
+    lease_cost = WORST[0] * REQUESTS_PER_LEASE
+    assert book.in_flight("team", "p", SINCE).cost_usd == lease_cost
+    ops = [leases.settle(c, (WORST[0] / 2, 50)) for c in claims]
+    book.apply(ops)
+    for op in ops:
+        leases.written(op)
+    assert book.spend("team", "p", SINCE) == (pytest.approx(10 * WORST[0] / 2), 500)
+    assert book.in_flight("team", "p", SINCE).cost_usd == pytest.approx(lease_cost - 10 * WORST[0] / 2)
+    await leases.aclose()  # quiet: handed back
+    assert book.in_flight("team", "p", SINCE) == (0.0, 0)
+
+
+async def test_a_lease_goes_back_only_after_its_last_charge_is_committed(book: Ledger) -> None:
+    """Returned before its charge is written, a lease would free headroom that charge still needs."""
+    leases = leases_for(book)
+    claim = await leases.claim("team", rule(1000.0), *WORST, "r1", NOW)
+    assert claim is not None
+    op = leases.settle(claim, (WORST[0], 100))
+    await leases.aclose()  # closed, but its charge is still on its way
+    await asyncio.sleep(0.05)
+    assert book.in_flight("team", "p", SINCE).cost_usd > 0
+    book.apply([op])
+    leases.written(op)
+    await leases.aclose()
+    assert book.in_flight("team", "p", SINCE) == (0.0, 0) and book.spend("team", "p", SINCE) == (WORST[0], 100)
+
+
+async def test_near_the_cap_requests_go_the_exact_way_and_drain_returns_what_leases_held(book: Ledger) -> None:
+    leases = leases_for(book)
+    cap = rule(0.64)  # a lease is 10% of it: 64 worst cases would not fit
+    claim = await leases.claim("team", cap, *WORST, "r1", NOW)
+    assert claim is not None and book.in_flight("team", "p", SINCE).cost_usd == 0.064
+    # Another replica took the rest of the cap: no second lease fits, the next request reserves alone.
+    book.reserve("team", "p", cap, 0.64 - 0.064, 0, "elsewhere", NOW)
+    claims = [claim]
+    for i in range(63):  # the first lease still serves, 64 worst cases in all...
+        more = await leases.claim("team", cap, *WORST, f"more{i}", NOW)
+        assert more is not None
+        claims.append(more)
+    assert await leases.claim("team", cap, *WORST, "over", NOW) is None  # ...then it is full
+    drained = asyncio.ensure_future(leases.drain("team", "p"))
+    await asyncio.sleep(0.05)
+    assert not drained.done()  # its claims are in flight
+    ops = [leases.settle(c, None) for c in claims]
+    book.apply(ops)
+    for op in ops:
+        leases.written(op)
+    assert await asyncio.wait_for(drained, 5)
+    assert book.in_flight("team", "p", SINCE).cost_usd == 0.64 - 0.064  # only the other replica's reservation
