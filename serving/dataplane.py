@@ -554,11 +554,10 @@ class DataPlane:
         deadline = time.monotonic() + timeout
         delay = 0.05
         candidates = [p]
-        if action == "downgrade":  # a cheaper backend later in the plan may still fit
-            first_cost = worst_case_cost(p.first.backend, p.prompt_tokens, p.max_tokens)
-            candidates += [Plan(**{**p.__dict__, "attempts": p.attempts[i:]}) for i, a in enumerate(p.attempts)
-                           if i and worst_case_cost(a.backend, p.prompt_tokens, p.max_tokens) < first_cost]
         worst_first = worst_case_cost(p.first.backend, p.prompt_tokens, p.max_tokens)
+        if action == "downgrade":  # a cheaper backend later in the plan may still fit
+            candidates += [Plan(**{**p.__dict__, "attempts": p.attempts[i:]}) for i, a in enumerate(p.attempts)
+                           if i and worst_case_cost(a.backend, p.prompt_tokens, p.max_tokens) < worst_first]
         if (rule.per_request_max_cost_usd is None and rule.per_request_max_tokens is None) or ReserveOp(
                 ctx.table.namespace, rule.policy, rule, worst_first, p.prompt_tokens + p.max_tokens, ctx.request_id,
                 ctx.ts).per_request_denial() is None:  # a request its policy refuses alone goes the exact way
