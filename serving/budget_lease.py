@@ -38,7 +38,8 @@ from .ledger import USD_EPSILON, Denied, LeaseCharge, Ledger, Reservation, Reser
 
 log = logging.getLogger(__name__)
 
-REQUESTS_PER_LEASE = 64  # worst cases a lease holds: one ledger reservation serves this many requests
+REQUESTS_PER_LEASE = 1024  # worst cases a lease holds: one ledger reservation serves this many requests
+PREFETCH_BELOW = 0.25  # of a lease left: the next one is reserved in the background, so no request waits for it
 MAX_SHARE = 0.1  # of the smallest cap: the most a lease (and a crashed replica's leftover) may hold
 MIN_REQUESTS = 4  # a lease smaller than this many worst cases is not worth its two ledger writes
 LIFETIME_S = 30.0
@@ -120,6 +121,10 @@ class Leases:
                     lease.tokens_left -= worst_tokens
                     lease.in_flight += 1
                     lease.last_used = now
+                    if lease.cost_left < lease.reservation.cost_usd * PREFETCH_BELOW and key not in self._acquiring \
+                            and now >= self._denied_until.get(key, 0.0):  # the next lease, before this one is full
+                        self._acquiring[key] = asyncio.ensure_future(
+                            self._acquire(key, rule, worst_cost, worst_tokens, at))
                     return Claim(lease, reservation_id(request_id, rule.policy), worst_cost, worst_tokens)
             if attempt or now < self._denied_until.get(key, 0.0):
                 return None
