@@ -4,8 +4,8 @@ Reserving every request's worst case in the ledger before dispatch is exact, but
 request wait for the ledger's writer thread: at c=32 that wait was most of the gateway's added
 latency (bench/gateway_overhead.py: +13 ms p50 with a budget rule, +0.5 ms without). A lease is one
 ordinary reservation (state ``reserved``, admitted by the ledger's cap check like any other) sized
-for a few dozen requests; requests are then admitted against it in memory. The ledger rows stay the
-truth:
+for about a thousand requests, the next one reserved before it runs out; requests are then admitted
+against it in memory. The ledger rows stay the truth:
 
 * a request admitted from a lease is charged in its audit record's transaction: its actual becomes
   its own ``committed`` row (dated like the lease, so it counts in the windows the lease was admitted

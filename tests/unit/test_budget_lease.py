@@ -37,7 +37,7 @@ def leases_for(book: Ledger) -> Leases:
     return Leases(book, lambda: f"{next(ids):032x}")
 
 
-def test_a_lease_holds_a_few_dozen_worst_cases_and_at_most_a_share_of_the_cap() -> None:
+def test_a_lease_holds_many_worst_cases_and_at_most_a_share_of_the_cap() -> None:
     assert lease_size(rule(1000.0), *WORST) == (WORST[0] * REQUESTS_PER_LEASE, WORST[1] * REQUESTS_PER_LEASE)
     assert lease_size(rule(0.1), *WORST) == (0.1 * MAX_SHARE, WORST[1] * REQUESTS_PER_LEASE)
     assert lease_size(rule(0.02), *WORST) is None  # 10% of the cap is 2 worst cases: not worth a lease
@@ -77,7 +77,7 @@ async def test_a_lease_goes_back_only_after_its_last_charge_is_committed(book: L
 
 async def test_near_the_cap_requests_go_the_exact_way_and_drain_returns_what_leases_held(book: Ledger) -> None:
     leases = leases_for(book)
-    cap = rule(0.64)  # a lease is 10% of it: 64 worst cases would not fit
+    cap = rule(0.64)  # a lease is 10% of it: 64 worst cases
     claim = await leases.claim("team", cap, *WORST, "r1", NOW)
     assert claim is not None and book.in_flight("team", "p", SINCE).cost_usd == 0.064
     # Another replica took the rest of the cap: no second lease fits, the next request reserves alone.
