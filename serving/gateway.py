@@ -37,7 +37,7 @@ from pilothouse.operator.api.routing import RoutingTable
 
 from . import reviews, tracing
 from .auth import ApiKeys, Authenticate
-from .dataplane import DataPlane, new_id, trace_id
+from .dataplane import REQUEST_ID_HEADER, DataPlane, new_id, trace_id
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS
 from .engines.external import close_shared_client
 from .openai_schema import openai_error, validate_chat, validate_completion, validate_embedding
@@ -296,5 +296,6 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Authenticate, keys=keys)
     # added last = runs first: it sees the refusals of the two guards above, too
-    app.add_middleware(AuditRefusals, write=dataplane.record, new_id=new_id, trace_id=trace_id)
+    app.add_middleware(AuditRefusals, write=dataplane.record, new_id=new_id, trace_id=trace_id,
+                       id_header=REQUEST_ID_HEADER)
     return app

@@ -82,11 +82,13 @@ class AuditRefusals:
     """
 
     def __init__(self, app: ASGIApp, write: Callable[[AuditRecord], Coroutine[Any, Any, None]],
-                 new_id: Callable[[], str], trace_id: Callable[[str | None], str], prefix: str = "/v1") -> None:
+                 new_id: Callable[[], str], trace_id: Callable[[str | None], str], id_header: str,
+                 prefix: str = "/v1") -> None:
         self.app = app
         self.write = write
         self.new_id = new_id
         self.trace_id = trace_id
+        self.id_header = id_header.lower().encode("latin-1")
         self.paths = frozenset(prefix + p for p in (CHAT, COMPLETIONS, EMBEDDINGS))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -115,8 +117,7 @@ class AuditRefusals:
                 status = message["status"]
                 if CTX_STATE not in state:  # refused before the request path made an id: give it one
                     request_id = self.new_id()
-                    message["headers"] = [*message.get("headers", ()), (b"x-pilothouse-request-id",
-                                                                        request_id.encode())]
+                    message["headers"] = [*message.get("headers", ()), (self.id_header, request_id.encode())]
             elif message["type"] == "http.response.body" and status >= 400 and sum(map(len, error)) < _ERROR_BODY_LIMIT:
                 error.append(message.get("body", b""))
             await send(message)
