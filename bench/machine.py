@@ -1,0 +1,33 @@
+"""The machine a benchmark ran on, in every result file alike: figures only compare on the same machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+
+def package_version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def describe(*packages: str) -> dict[str, Any]:
+    """CPUs, RAM, CPU model, Python, platform, and the versions of ``packages`` (None when not installed)."""
+    return {"cpus": os.cpu_count(),
+            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "cpu": _cpu_model(), "python": platform.python_version(), "platform": platform.platform(),
+            **{pkg: package_version(pkg) for pkg in packages}}
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
