@@ -28,6 +28,10 @@ generates exactly that many tokens; tokens are counted from ``usage.completion_t
 ``stream_options.include_usage`` on both paths). Streaming and non-streaming, at concurrency 1 and 4; each
 measurement runs ``--rounds`` times, direct and gateway alternating, and the figures pool the rounds.
 
+With ``--throughput-optimized``, Ray runs Serve's throughput-optimized preset (as ``bench/gateway_overhead.py``
+does) and each target is asked on its ingress replica's own direct-ingress port: no Serve proxy on either
+path. The preset also moves handle calls from Ray actor calls to gRPC.
+
 Reported: tokens/s, gateway/direct ratio, TTFT p50 (streams: first content chunk), request p50, and CPU
 seconds per process. Results: a rich table and ``bench/results/engine.json`` whose ``summary`` holds the
 headline ``tokens_per_s_ratio``: the worst ratio of the four variants.
@@ -63,6 +67,7 @@ from gateway_overhead import (
     cpu_seconds,
     free_port,
     proc_tree,
+    replica_ports,
     wait_http,
     write_fixtures,
 )
@@ -73,6 +78,7 @@ ROUTE_MODEL = "wf/extract"
 MAX_MODEL_LEN = 1024
 PROMPT = "Extract the vendor, the invoice number, the date and the total of invoice INV-2024-0042 as JSON."
 VARIANTS = [(stream, c) for stream in (False, True) for c in (1, 4)]
+NOBUDGET_APP, PASSTHROUGH_APP = "nobudget", "handle-passthrough"  # the ablation's Serve applications
 
 
 def request_body(model: str, max_tokens: int, stream: bool) -> bytes:
@@ -135,7 +141,7 @@ def role_ray(config_path: str) -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
-    os.environ.update(gateway.ray_env())
+    os.environ.update(gateway.ray_env(throughput_optimized=cfg["throughput_optimized"]))
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]}, logging_config={"log_level": "ERROR"})
@@ -148,8 +154,8 @@ def role_ray(config_path: str) -> None:
         serve.run(gateway.app_builder(args.model_dump()), name=gateway.APP_NAME, route_prefix="/", blocking=False)
         if cfg["ablation"]:  # the same gateway without its BudgetPolicy rule (no ledger), and no gateway at all
             nb = args.model_copy(update={"routing": files["routing_nobudget"]})
-            serve.run(gateway.app_builder(nb.model_dump()), name="nobudget", route_prefix="/nb", blocking=False)
-            serve.run(HandlePassThrough.bind(endpoints[ENGINE]), name="handle-passthrough", route_prefix="/hp",
+            serve.run(gateway.app_builder(nb.model_dump()), name=NOBUDGET_APP, route_prefix="/nb", blocking=False)
+            serve.run(HandlePassThrough.bind(endpoints[ENGINE]), name=PASSTHROUGH_APP, route_prefix="/hp",
                       blocking=False)
         print(json.dumps({"ready": True, "engine_start_s": round(engine_s, 1)}), flush=True)
         while not stop:
@@ -285,6 +291,8 @@ def variant_name(stream: bool, concurrency: int) -> str:
 def bench(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from pilothouse.serving.engines.vllm import app_name
+    from pilothouse.serving.serve import APP_NAME
     from pilothouse.serving.tiny_model import make_tiny_llama
 
     console = Console(highlight=False, width=140)
@@ -298,7 +306,7 @@ def bench(args: argparse.Namespace) -> None:
         port = free_port()
         cfg = folder / "ray.json"
         cfg.write_text(json.dumps({"folder": str(folder), "port": port, "model_dir": str(model_dir),
-                                   "ablation": args.ablation}))
+                                   "ablation": args.ablation, "throughput_optimized": args.throughput_optimized}))
         t0 = time.perf_counter()
         ray_proc = Proc([PY, __file__, "--role", "ray", "--config", str(cfg)], log=folder / "ray.log")
         ready = json.loads(ray_proc.readline(args.start_timeout))
@@ -308,6 +316,14 @@ def bench(args: argparse.Namespace) -> None:
         if args.ablation:
             targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
             targets["gateway, no budget"] = (f"{base}/nb/v1/chat/completions", KEY, ROUTE_MODEL)
+        if args.throughput_optimized:  # each target on its ingress replica's own port (same path prefix)
+            ports = replica_ports(len(targets))
+            notes["direct_ingress_ports"] = ports
+            apps = {"direct": app_name(model_deployment(str(model_dir))), "gateway": APP_NAME,
+                    "handle passthrough": PASSTHROUGH_APP, "gateway, no budget": NOBUDGET_APP}
+            for target, (url, key, model) in list(targets.items()):
+                if apps[target] in ports:
+                    targets[target] = (url.replace(f":{port}/", f":{ports[apps[target]]}/"), key, model)
         for url, key, model in targets.values():
             wait_http(url, 60, method="POST", body=request_body(model, 4, False), key=key)
         notes["stack_start_s"] = round(time.perf_counter() - t0, 1)
@@ -383,7 +399,10 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
         "setup": {"model": "serving/tiny_model.py (Llama, hidden 128, 2 layers, 512-token BPE), float32, eager",
                   "max_tokens": args.max_tokens, "ignore_eos": True, "seconds_per_run": args.seconds,
                   "rounds": args.rounds, "concurrency": sorted({c for _, c in VARIANTS}),
-                  "direct": "vLLM's own OpenAI app as the engine replica's HTTP face, through the Serve proxy",
+                  "throughput_optimized": args.throughput_optimized,
+                  "direct": "vLLM's own OpenAI app as the engine replica's HTTP face, "
+                            + ("on the replica's direct-ingress port" if args.throughput_optimized
+                               else "through the Serve proxy"),
                   "gateway": "API key, budget rule (day cap 1e9 USD, ledger reserve+commit), audit, metrics on; "
                              "SQLite store; engine reached through a Serve handle (serve:// endpoint)"},
         "summary": summary, "results": results, "notes": notes, "total_s": round(total_s, 1),
@@ -413,6 +432,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     parser.add_argument("--ablation", action="store_true",
                         help="also measure the gateway without its BudgetPolicy rule (the ledger's share)")
+    parser.add_argument("--throughput-optimized", action="store_true",
+                        help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1; every target on its replica's direct-ingress port")
     parser.add_argument("--goal", type=float, default=0.97, help="ratio goal (default 0.97)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS)

@@ -78,6 +78,7 @@ FIGURES: dict[str, Getter] = {
     "retrieval.hot_p50_ms": _get("retrieval", "summary", "hot_p50_ms"),
     "retrieval.faiss_p50_ms": _get("retrieval", "summary", "faiss_p50_ms"),
     "engine.tokens_per_s_ratio": _get("engine", "summary", "tokens_per_s_ratio"),
+    "engine.tokens_per_s_ratio.throughput_optimized": _get("engine_tp", "summary", "tokens_per_s_ratio"),
     "cache.semantic_lookup_p50_ms": _get("semantic_cache", "summary", "lookup_p50_ms"),
 }
 
