@@ -66,8 +66,8 @@ from gateway_overhead import (
     _run,
     cpu_seconds,
     free_port,
+    on_replica_ports,
     proc_tree,
-    replica_ports,
     wait_http,
     write_fixtures,
 )
@@ -97,7 +97,7 @@ def role_ray(config_path: str) -> None:
     from ray.serve.llm import LLMServer
 
     from pilothouse.serving import serve as gateway
-    from pilothouse.serving.engines import vllm
+    from pilothouse.serving.engines import handle, vllm
 
     class NativeHttpLLMServer(vllm.PilothouseLLMServer):
         """The product's engine server, with vLLM's own OpenAI app as its HTTP face (the baseline)."""
@@ -157,7 +157,9 @@ def role_ray(config_path: str) -> None:
             serve.run(gateway.app_builder(nb.model_dump()), name=NOBUDGET_APP, route_prefix="/nb", blocking=False)
             serve.run(HandlePassThrough.bind(endpoints[ENGINE]), name=PASSTHROUGH_APP, route_prefix="/hp",
                       blocking=False)
-        print(json.dumps({"ready": True, "engine_start_s": round(engine_s, 1)}), flush=True)
+        apps = {"direct": handle.parse(endpoints[ENGINE])[0], "gateway": gateway.APP_NAME,
+                "handle passthrough": PASSTHROUGH_APP, "gateway, no budget": NOBUDGET_APP}  # Serve app per target
+        print(json.dumps({"ready": True, "engine_start_s": round(engine_s, 1), "apps": apps}), flush=True)
         while not stop:
             time.sleep(0.2)
     finally:
@@ -291,8 +293,6 @@ def variant_name(stream: bool, concurrency: int) -> str:
 def bench(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from pilothouse.serving.engines.vllm import app_name
-    from pilothouse.serving.serve import APP_NAME
     from pilothouse.serving.tiny_model import make_tiny_llama
 
     console = Console(highlight=False, width=140)
@@ -316,14 +316,11 @@ def bench(args: argparse.Namespace) -> None:
         if args.ablation:
             targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
             targets["gateway, no budget"] = (f"{base}/nb/v1/chat/completions", KEY, ROUTE_MODEL)
-        if args.throughput_optimized:  # each target on its ingress replica's own port (same path prefix)
-            ports = replica_ports(len(targets))
-            notes["direct_ingress_ports"] = ports
-            apps = {"direct": app_name(model_deployment(str(model_dir))), "gateway": APP_NAME,
-                    "handle passthrough": PASSTHROUGH_APP, "gateway, no budget": NOBUDGET_APP}
-            for target, (url, key, model) in list(targets.items()):
-                if apps[target] in ports:
-                    targets[target] = (url.replace(f":{port}/", f":{ports[apps[target]]}/"), key, model)
+        if args.throughput_optimized:  # each target on its ingress replica's own port
+            urls, notes["direct_ingress_ports"] = on_replica_ports(
+                {target: url for target, (url, _, _) in targets.items()},
+                {target: ready["apps"][target] for target in targets}, port)
+            targets = {target: (urls[target], key, model) for target, (_, key, model) in targets.items()}
         for url, key, model in targets.values():
             wait_http(url, 60, method="POST", body=request_body(model, 4, False), key=key)
         notes["stack_start_s"] = round(time.perf_counter() - t0, 1)

@@ -335,6 +335,16 @@ def measure_cpu(pids: dict[int, str], run: Any) -> tuple[Any, dict[str, float]]:
     return result, {k: round(v, 2) for k, v in used.most_common() if v >= 0.05}
 
 
+def on_replica_ports(urls: dict[str, str], apps: dict[str, str],
+                     proxy_port: int) -> tuple[dict[str, str], dict[str, int]]:
+    """The same URLs on their ingress replicas' own direct-ingress ports (a replica's port still routes by its
+    application's prefix), and the ports found by app; ``apps`` maps a target to its Serve application."""
+    ports = replica_ports(len(set(apps.values())))
+    moved = {target: url.replace(f":{proxy_port}/", f":{ports[apps[target]]}/") if apps.get(target) in ports else url
+             for target, url in urls.items()}
+    return moved, ports
+
+
 def replica_ports(count: int) -> dict[str, int]:
     """Direct-ingress ports (30000+) of the replicas in throughput-optimized mode: Serve app name → port."""
     import httpx
@@ -546,14 +556,9 @@ def bench(args: argparse.Namespace) -> None:
             if args.ablation:
                 urls["pilothouse, no budget"] = f"http://127.0.0.1:{port}/nb/v1/chat/completions"
             if tp:
-                ports = replica_ports(len(urls))
-                notes["direct_ingress_ports"] = ports
-                if "passthrough" in ports:  # a replica's own port still routes by the app's prefix
-                    urls["serve passthrough"] = f"http://127.0.0.1:{ports['passthrough']}/pt/v1/chat/completions"
-                if "gateway" in ports:
-                    urls["pilothouse"] = f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions"
-                if "nobudget" in ports:
-                    urls["pilothouse, no budget"] = f"http://127.0.0.1:{ports['nobudget']}/nb/v1/chat/completions"
+                apps = {"serve passthrough": "passthrough", "pilothouse": "gateway",
+                        "pilothouse, no budget": "nobudget"}
+                urls, notes["direct_ingress_ports"] = on_replica_ports(urls, {t: apps[t] for t in urls}, port)
             for target, url in urls.items():
                 model = BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
                 wait_http(url, 60, method="POST", body=chat_body(model))

@@ -81,6 +81,18 @@ class Claim:
     cost_usd: float
     tokens: int
 
+    def settle(self, actual: tuple[float, int] | None) -> SettleOp:
+        """The ledger op recording this claim's outcome (for the audit record's transaction); frees its worst case."""
+        lease = self.lease
+        used_cost, used_tokens = actual if actual is not None else (0.0, 0)
+        lease.cost_left += max(self.cost_usd - used_cost, 0.0)
+        lease.tokens_left += max(self.tokens - used_tokens, 0)
+        lease.in_flight -= 1
+        lease.unwritten += 1
+        lease.last_used = time.monotonic()
+        res = lease.reservation
+        return SettleOp(res.id, actual, LeaseCharge(self.row_id, res.namespace, res.policy, res.created_at))
+
 
 def lease_size(rule: BudgetRule, worst_cost: float, worst_tokens: int) -> tuple[float, int] | None:
     """(USD, tokens) a lease for requests of this worst case should hold, or None when one is not worth it."""
@@ -110,43 +122,38 @@ class Leases:
     async def claim(self, namespace: str, rule: BudgetRule, worst_cost: float, worst_tokens: int, request_id: str,
                     at: datetime) -> Claim | None:
         """This request's worst case from one of the policy's leases, opening one if none has room; None:
-        reserve it alone (near a cap, or a lease is not worth it for this policy)."""
+        reserve it alone (its policy refuses it alone, it is near a cap, or a lease is not worth it)."""
+        if ReserveOp(namespace, rule.policy, rule, worst_cost, worst_tokens, request_id, at).per_request_denial():
+            return None  # the exact path refuses it, and says why
         key = (namespace, rule.policy)
-        for attempt in range(2):  # an open lease, else a fresh one
-            now = time.monotonic()
-            for lease in self._open.get(key, ()):
-                if now < lease.deadline and lease.cost_left + USD_EPSILON >= worst_cost and \
-                        lease.tokens_left >= worst_tokens:
-                    lease.cost_left -= worst_cost
-                    lease.tokens_left -= worst_tokens
-                    lease.in_flight += 1
-                    lease.last_used = now
-                    if lease.cost_left < lease.reservation.cost_usd * PREFETCH_BELOW and key not in self._acquiring \
-                            and now >= self._denied_until.get(key, 0.0):  # the next lease, before this one is full
-                        self._acquiring[key] = asyncio.ensure_future(
-                            self._acquire(key, rule, worst_cost, worst_tokens, at))
-                    return Claim(lease, reservation_id(request_id, rule.policy), worst_cost, worst_tokens)
-            if attempt or now < self._denied_until.get(key, 0.0):
-                return None
-            pending = self._acquiring.get(key)
-            if pending is None:
-                pending = self._acquiring[key] = asyncio.ensure_future(
-                    self._acquire(key, rule, worst_cost, worst_tokens, at))
-            if await asyncio.shield(pending) is None:
-                return None
+        claim = self._take(key, rule, worst_cost, worst_tokens, request_id, at)
+        if claim is None and time.monotonic() >= self._denied_until.get(key, 0.0):
+            pending = self._acquiring.get(key) or self._start_acquiring(key, rule, worst_cost, worst_tokens, at)
+            if await asyncio.shield(pending) is not None:
+                claim = self._take(key, rule, worst_cost, worst_tokens, request_id, at)
+        return claim
+
+    def _take(self, key: tuple[str, str], rule: BudgetRule, worst_cost: float, worst_tokens: int, request_id: str,
+              at: datetime) -> Claim | None:
+        """A claim on the first open lease with room; the next lease is reserved before this one is full."""
+        now = time.monotonic()
+        for lease in self._open.get(key, ()):
+            if now < lease.deadline and lease.cost_left + USD_EPSILON >= worst_cost and \
+                    lease.tokens_left >= worst_tokens:
+                lease.cost_left -= worst_cost
+                lease.tokens_left -= worst_tokens
+                lease.in_flight += 1
+                lease.last_used = now
+                if lease.cost_left < lease.reservation.cost_usd * PREFETCH_BELOW and key not in self._acquiring \
+                        and now >= self._denied_until.get(key, 0.0):
+                    self._start_acquiring(key, rule, worst_cost, worst_tokens, at)
+                return Claim(lease, reservation_id(request_id, rule.policy), worst_cost, worst_tokens)
         return None
 
-    def settle(self, claim: Claim, actual: tuple[float, int] | None) -> SettleOp:
-        """The ledger op recording a claim's outcome (for the audit record's transaction); frees its worst case."""
-        lease = claim.lease
-        used_cost, used_tokens = actual if actual is not None else (0.0, 0)
-        lease.cost_left += max(claim.cost_usd - used_cost, 0.0)
-        lease.tokens_left += max(claim.tokens - used_tokens, 0)
-        lease.in_flight -= 1
-        lease.unwritten += 1
-        lease.last_used = time.monotonic()
-        res = lease.reservation
-        return SettleOp(res.id, actual, LeaseCharge(claim.row_id, res.namespace, res.policy, res.created_at))
+    def _start_acquiring(self, key: tuple[str, str], rule: BudgetRule, worst_cost: float, worst_tokens: int,
+                         at: datetime) -> asyncio.Future[Lease | None]:
+        pending = self._acquiring[key] = asyncio.ensure_future(self._acquire(key, rule, worst_cost, worst_tokens, at))
+        return pending
 
     def written(self, op: SettleOp) -> None:
         """A claim's charge is committed (or failed for good). Only then may its lease go back: returned

@@ -68,7 +68,7 @@ from .engines.external import ExternalEngine, shared_client
 from .engines.handle import HandleEngine, is_local
 from .errors import ErrorClass, Failure
 from .idempotency import Conflict, IdempotencyStore, Stored
-from .ledger import Denied, Ledger, Reservation, ReserveOp, SettleOp
+from .ledger import Denied, Ledger, Reservation, SettleOp
 from .metrics import Metrics
 from .openai_schema import (
     ChatRequest,
@@ -558,15 +558,12 @@ class DataPlane:
         if action == "downgrade":  # a cheaper backend later in the plan may still fit
             candidates += [Plan(**{**p.__dict__, "attempts": p.attempts[i:]}) for i, a in enumerate(p.attempts)
                            if i and worst_case_cost(a.backend, p.prompt_tokens, p.max_tokens) < worst_first]
-        if (rule.per_request_max_cost_usd is None and rule.per_request_max_tokens is None) or ReserveOp(
-                ctx.table.namespace, rule.policy, rule, worst_first, p.prompt_tokens + p.max_tokens, ctx.request_id,
-                ctx.ts).per_request_denial() is None:  # a request its policy refuses alone goes the exact way
-            claim = await stores.leases.claim(ctx.table.namespace, rule, worst_first, p.prompt_tokens + p.max_tokens,
-                                              ctx.request_id, datetime.now(UTC))
-            if claim is not None:
-                ctx.reservation = claim
-                ctx.budget = BudgetTrail(policy=rule.policy, reservation_id=claim.row_id, reserved_usd=claim.cost_usd)
-                return p
+        claim = await stores.leases.claim(ctx.table.namespace, rule, worst_first, p.prompt_tokens + p.max_tokens,
+                                          ctx.request_id, datetime.now(UTC))
+        if claim is not None:
+            ctx.reservation = claim
+            ctx.budget = BudgetTrail(policy=rule.policy, reservation_id=claim.row_id, reserved_usd=claim.cost_usd)
+            return p
         drained = False
         while True:
             denied: Denied | None = None
@@ -612,8 +609,7 @@ class DataPlane:
         else:
             ctx.budget.released = True
         if isinstance(reservation, Claim):
-            assert self._stores is not None
-            return self._stores.leases.settle(reservation, actual)
+            return reservation.settle(actual)
         return SettleOp(reservation.id, actual)
 
     async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:

@@ -127,20 +127,18 @@ class AuditRefusals:
         if not status or (ctx is not None and ctx.status_code):
             return  # no answer was started, or the request path wrote this request's record itself
         body = b"".join(chunks) if complete else None
+        answer: dict[str, Any] = {"body": body, "status": status, "error": b"".join(error),
+                                  "latency_ms": (time.perf_counter() - started) * 1000}
         if ctx is not None:
             record = refusal(request_id=ctx.request_id, trace_id=ctx.trace_id, tenant=ctx.tenant, model=ctx.model,
-                             body=body, status=status, error=b"".join(error),
-                             latency_ms=(time.perf_counter() - started) * 1000, replay_of=ctx.replay_of,
-                             table_revision=ctx.table.revision if ctx.table else None,
+                             replay_of=ctx.replay_of, table_revision=ctx.table.revision if ctx.table else None,
                              workflow=ctx.table.workflow if ctx.table else None,
-                             route=ctx.route.step if ctx.route else None)
+                             route=ctx.route.step if ctx.route else None, **answer)
         else:
-            headers = dict(scope.get("headers") or ())
-            traceparent = headers.get(b"traceparent")
+            traceparent = dict(scope.get("headers") or ()).get(b"traceparent")
             record = refusal(request_id=request_id or self.new_id(),
                              trace_id=self.trace_id(traceparent.decode("latin-1") if traceparent else None),
-                             tenant=str(state.get("tenant", UNAUTHENTICATED)), model=_model(body), body=body,
-                             status=status, error=b"".join(error), latency_ms=(time.perf_counter() - started) * 1000)
+                             tenant=str(state.get("tenant", UNAUTHENTICATED)), model=_model(body), **answer)
         try:
             await self.write(record)
         except Exception:

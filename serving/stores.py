@@ -82,11 +82,9 @@ def begin_write(engine: sa.Engine) -> Iterator[sa.Connection]:
     in other processes still meet the busy handler. PostgreSQL locks rows, not the database: no lock.
     """
     path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
-    if not path or path == ":memory:":
-        with engine.begin() as conn:
-            yield conn
-        return
-    with _file_lock(path), engine.begin() as conn:
+    queue: contextlib.AbstractContextManager[Any] = (_file_lock(path) if path and path != ":memory:"
+                                                     else contextlib.nullcontext())
+    with queue, engine.begin() as conn:
         yield conn
 
 

@@ -34,7 +34,7 @@ from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.serving.audit import AuditLog
 from pilothouse.serving.ledger import USD_EPSILON, Ledger
 from tests.fakes.openai_backend import FakeBackend
-from tests.integration.conftest import eventually
+from tests.polling import eventually
 from tests.unit.test_gateway_requests import HELLO, A, make_table
 
 from .conftest import KEYS

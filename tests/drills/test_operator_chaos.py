@@ -32,9 +32,10 @@ from lightkube import codecs
 from lightkube.core.exceptions import ApiError
 
 from pilothouse.operator.k8s import GENERIC, RayService
-from tests.integration.conftest import FakeOpenAI, eventually
+from tests.integration.conftest import FakeOpenAI
 from tests.integration.emulator import Emulator, write_kubeconfig
 from tests.integration.test_operator import example_docs, obj, ready, status, table
+from tests.polling import eventually
 
 pytestmark = pytest.mark.drill
 

@@ -120,18 +120,3 @@ async def openai_endpoint() -> AsyncIterator[FakeOpenAI]:
     await server.start()
     yield server
     await server.stop()
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll until the predicate holds; the operator is asynchronous by nature."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not reached within {timeout}s")
-        await asyncio.sleep(0.05)
-

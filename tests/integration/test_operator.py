@@ -17,8 +17,9 @@ from lightkube import codecs
 from lightkube.resources.core_v1 import Pod
 
 from pilothouse.operator.k8s import GENERIC, RayService
+from tests.polling import eventually
 
-from .conftest import FakeOpenAI, eventually
+from .conftest import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).parents[2] / "examples" / "invoice-triage"

@@ -13,8 +13,9 @@ import pytest
 from lightkube import codecs
 
 from pilothouse.localrun import serve_port
+from tests.polling import eventually
 
-from .conftest import FakeOpenAI, eventually
+from .conftest import FakeOpenAI
 from .emulator import write_kubeconfig
 from .test_operator import ready
 

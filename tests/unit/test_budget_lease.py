@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.serving.budget_lease import MAX_SHARE, REQUESTS_PER_LEASE, Leases, lease_size
-from pilothouse.serving.ledger import Ledger
+from pilothouse.serving.ledger import Ledger, SettleOp
 
 NOW = datetime.now(UTC)
 SINCE = NOW - timedelta(days=40)
@@ -37,6 +37,13 @@ def leases_for(book: Ledger) -> Leases:
     return Leases(book, lambda: f"{next(ids):032x}")
 
 
+def commit(book: Ledger, leases: Leases, ops: list[SettleOp]) -> None:
+    """What the audit writer does with the charges: one transaction, then each lease hears its charge is written."""
+    book.apply(ops)
+    for op in ops:
+        leases.written(op)
+
+
 def test_a_lease_holds_many_worst_cases_and_at_most_a_share_of_the_cap() -> None:
     assert lease_size(rule(1000.0), *WORST) == (WORST[0] * REQUESTS_PER_LEASE, WORST[1] * REQUESTS_PER_LEASE)
     assert lease_size(rule(0.1), *WORST) == (0.1 * MAX_SHARE, WORST[1] * REQUESTS_PER_LEASE)
@@ -50,10 +57,7 @@ async def test_claims_come_from_one_reservation_and_each_charge_is_its_own_row(b
     assert book.batches == 1
     lease_cost = WORST[0] * REQUESTS_PER_LEASE
     assert book.in_flight("team", "p", SINCE).cost_usd == lease_cost
-    ops = [leases.settle(c, (WORST[0] / 2, 50)) for c in claims]
-    book.apply(ops)
-    for op in ops:
-        leases.written(op)
+    commit(book, leases, [c.settle((WORST[0] / 2, 50)) for c in claims])
     assert book.spend("team", "p", SINCE) == (pytest.approx(10 * WORST[0] / 2), 500)
     assert book.in_flight("team", "p", SINCE).cost_usd == pytest.approx(lease_cost - 10 * WORST[0] / 2)
     await leases.aclose()  # quiet: handed back
@@ -65,12 +69,11 @@ async def test_a_lease_goes_back_only_after_its_last_charge_is_committed(book: L
     leases = leases_for(book)
     claim = await leases.claim("team", rule(1000.0), *WORST, "r1", NOW)
     assert claim is not None
-    op = leases.settle(claim, (WORST[0], 100))
+    op = claim.settle((WORST[0], 100))
     await leases.aclose()  # closed, but its charge is still on its way
     await asyncio.sleep(0.05)
     assert book.in_flight("team", "p", SINCE).cost_usd > 0
-    book.apply([op])
-    leases.written(op)
+    commit(book, leases, [op])
     await leases.aclose()
     assert book.in_flight("team", "p", SINCE) == (0.0, 0) and book.spend("team", "p", SINCE) == (WORST[0], 100)
 
@@ -91,9 +94,6 @@ async def test_near_the_cap_requests_go_the_exact_way_and_drain_returns_what_lea
     drained = asyncio.ensure_future(leases.drain("team", "p"))
     await asyncio.sleep(0.05)
     assert not drained.done()  # its claims are in flight
-    ops = [leases.settle(c, None) for c in claims]
-    book.apply(ops)
-    for op in ops:
-        leases.written(op)
+    commit(book, leases, [c.settle(None) for c in claims])
     assert await asyncio.wait_for(drained, 5)
     assert book.in_flight("team", "p", SINCE).cost_usd == 0.64 - 0.064  # only the other replica's reservation

@@ -31,6 +31,7 @@ from pilothouse.serving.dataplane import estimate_prompt_tokens, resolve, trace_
 from pilothouse.serving.gateway import build_app
 from pilothouse.serving.ledger import Ledger
 from tests.fakes.openai_backend import FakeBackend
+from tests.polling import eventually
 
 from .factories import model, workflow
 
@@ -243,11 +244,8 @@ async def test_200_concurrent_requests_never_overspend(tmp_path: Path, fakes: An
             since = datetime.now(UTC) - timedelta(days=2)
             spent = ledger.spend("default", "team", since)
             assert spent.cost_usd <= cap + 1e-9
-            for _ in range(100):  # once idle, the gateway returns its budget lease: nothing left reserved
-                if ledger.in_flight("default", "team", since) == (0.0, 0):
-                    break
-                await asyncio.sleep(0.05)
-            assert ledger.in_flight("default", "team", since) == (0.0, 0)
+            # once idle, the gateway returns its budget lease: nothing left reserved
+            await eventually(lambda: ledger.in_flight("default", "team", since) == (0.0, 0), timeout=5)
         finally:
             ledger.close()
         for r in responses:
@@ -544,11 +542,8 @@ async def test_a_budget_lease_admits_requests_without_a_ledger_write_each(tmp_pa
                 assert rows[trail.reservation_id].state == "committed"
                 assert rows[trail.reservation_id].cost_usd == pytest.approx(trail.committed_usd)
             assert ledger.in_flight("default", "team", since).cost_usd > 0  # the lease, open while in use
-            for _ in range(100):  # idle: the lease goes back, and with it everything it held unused
-                if ledger.in_flight("default", "team", since) == (0.0, 0):
-                    break
-                await asyncio.sleep(0.05)
-            assert ledger.in_flight("default", "team", since) == (0.0, 0)
+            # idle: the lease goes back, and with it everything it held unused
+            await eventually(lambda: ledger.in_flight("default", "team", since) == (0.0, 0), timeout=5)
             assert ledger.spend("default", "team", since).cost_usd == pytest.approx(charged)
         finally:
             ledger.close()
