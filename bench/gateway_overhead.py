@@ -664,7 +664,7 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                for t, r in results.items()}
     payload = {
         "benchmark": "gateway_overhead",
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "when": machine.measured_at(),
         "machine": machine.describe("ray", "litellm"),
         "setup": {"backend_latency_ms": LATENCY_S * 1000, "reply_tokens": REPLY_TOKENS, "duration_s": args.duration,
                   "c1_requests": args.c1_requests, "concurrency": levels,

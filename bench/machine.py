@@ -5,9 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+
+def measured_at() -> str:
+    """When a result was measured (UTC, to the second): summaries are compared over time by it."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def package_version(dist: str) -> str | None:

@@ -512,6 +512,7 @@ def main() -> None:
             sys.exit(130)
     report = {
         "benchmark": "reconcile_scale",
+        "when": machine.measured_at(),
         "reconcile": rec,
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "log", "profile")},
         "machine": machine.describe("kopf", "kmock", "lightkube", "pydantic"),

@@ -346,6 +346,7 @@ def main() -> None:
         result = bench(args, Path(tmp))
     report = {
         "benchmark": "retrieval",
+        "when": machine.measured_at(),
         "summary": summarise(result),
         "retrieval": result,
         "config": {k: v for k, v in vars(args).items() if k != "out"},

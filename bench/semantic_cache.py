@@ -20,14 +20,12 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "semantic_cache.json"
@@ -143,8 +141,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         result = asyncio.run(run(min(args.entries, len(ACTIONS) * len(THINGS) * len(PLACES)), args.lookups,
                                  Path(folder)))
-    doc = {"benchmark": "semantic_cache", "when": datetime.now(UTC).isoformat(timespec="seconds"),
-           "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
+    doc = {"benchmark": "semantic_cache", "when": machine.measured_at(),
+           "machine": machine.describe(),
            **result}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,9 +86,8 @@ FIGURES: dict[str, Getter] = {
 def summarise(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     figures = {name: get(docs) for name, get in FIGURES.items()}
     return {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "note": "2-core, 24 GiB CI-class VM, no GPU" if os.cpu_count() == 2 else ""},
+        "when": machine.measured_at(),
+        "machine": {**machine.describe(), "note": "2-core, 24 GiB CI-class VM, no GPU" if os.cpu_count() == 2 else ""},
         "figures": {k: v for k, v in figures.items() if v is not None},
         "missing": sorted(k for k, v in figures.items() if v is None),
         "sources": sorted(docs),
