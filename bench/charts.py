@@ -73,17 +73,31 @@ def reconcile_scale(doc: dict[str, Any]) -> Figure:
 
 
 def engine_path(doc: dict[str, Any]) -> Figure:
-    """Tokens/s of every target per variant, and each target's ratio to direct against the goal."""
+    """Tokens/s of every target per variant, each target's ratio to direct against the goal, and (runs that
+    scraped both clocks) a request's mean time split into the engine's own and the rest."""
     results = doc["results"]
     pairs = [(variant, target) for variant, by_target in results.items() for target in by_target]
     compared = [(v, t) for v, t in pairs if t != "direct"]
-    fig, (tps, ratio) = plt.subplots(1, 2, figsize=(13, 0.3 * len(pairs) + 2))
-    _bars(tps, [f"{v} · {t}" for v, t in pairs], [results[v][t]["tokens_per_s"] for v, t in pairs],
+    split = [(v, t) for v, t in pairs if "engine" in results[v][t].get("clock_mean_ms", {})]
+    fig, axes = plt.subplots(1, 3 if split else 2, figsize=(19 if split else 13, 0.3 * len(pairs) + 2))
+    _bars(axes[0], [f"{v} · {t}" for v, t in pairs], [results[v][t]["tokens_per_s"] for v, t in pairs],
           "generated tokens/s", "tokens/s")
     goal = doc["summary"]["goal"]
-    _bars(ratio, [f"{v} · {t}" for v, t in compared], [results[v][t]["ratio"] for v, t in compared],
+    _bars(axes[1], [f"{v} · {t}" for v, t in compared], [results[v][t]["ratio"] for v, t in compared],
           f"ratio to direct (dashed: the goal, {goal})", "ratio")
-    ratio.axvline(goal, color="#C44E52", linestyle="--", linewidth=1)
+    axes[1].axvline(goal, color="#C44E52", linestyle="--", linewidth=1)
+    if split:
+        labels = [f"{v} · {t}" for v, t in split]
+        engine = [results[v][t]["clock_mean_ms"]["engine"] for v, t in split]
+        outside = [results[v][t]["latency_mean_ms"] - e for (v, t), e in zip(split, engine, strict=True)]
+        axes[2].barh(labels, engine, color="#4C72B0", label="in the engine (vLLM e2e)")
+        bars = axes[2].barh(labels, outside, left=engine, color="#DD8452", label="outside the engine")
+        axes[2].bar_label(bars, labels=[f"+{o:.0f}" for o in outside], padding=3, fontsize=8)
+        axes[2].set_title("a request's mean time", fontsize=10)
+        axes[2].set_xlabel("ms")
+        axes[2].legend(fontsize=8, loc="upper right", bbox_to_anchor=(1, -0.12), ncol=2)
+        axes[2].invert_yaxis()
+        axes[2].margins(x=0.2)
     return fig
 
 

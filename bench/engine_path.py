@@ -33,7 +33,10 @@ does) and each target is asked on its ingress replica's own direct-ingress port:
 path. The preset also moves handle calls from Ray actor calls to gRPC.
 
 Reported: tokens/s, gateway/direct ratio, TTFT p50 (streams: first content chunk), request p50, and CPU
-seconds per process. Results: a rich table and ``bench/results/engine.json`` whose ``summary`` holds the
+seconds per process; and where a request's time goes, as means of three clocks read around each run: the
+client's, the gateway's own (``pilothouse_request_duration_seconds`` from its ``/metrics``) and the engine's
+(vLLM's ``vllm:e2e_request_latency_seconds``), so a run shows whether a gap is the engine decoding slower
+or time spent outside it. Results: a rich table and ``bench/results/engine.json`` whose ``summary`` holds the
 headline ``tokens_per_s_ratio``: the worst ratio of the four variants.
 
 Run: ``flock /tmp/pilothouse-heavy.lock .venv/bin/python bench/engine_path.py`` (about 5 minutes; with
@@ -78,6 +81,8 @@ MAX_MODEL_LEN = 1024
 PROMPT = "Extract the vendor, the invoice number, the date and the total of invoice INV-2024-0042 as JSON."
 VARIANTS = [(stream, c) for stream in (False, True) for c in (1, 4)]
 NOBUDGET_APP, PASSTHROUGH_APP = "nobudget", "handle-passthrough"  # the ablation's Serve applications
+CLOCKS = {"engine": "vllm:e2e_request_latency_seconds",  # each side's own latency histogram, scraped around a run
+          "gateway": "pilothouse_request_duration_seconds"}
 
 
 def request_body(model: str, max_tokens: int, stream: bool) -> bytes:
@@ -250,19 +255,37 @@ def label(title: str) -> str:
     return "other ray"
 
 
-def load(url: str, stream: bool, concurrency: int, key: str | None, model: str,
-         args: argparse.Namespace, pids: dict[int, str]) -> tuple[dict[str, Any], dict[str, float]]:
+def histogram_totals(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) of each clock's histogram (``CLOCKS``), from the Prometheus page at its URL."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, tuple[float, float]] = {}
+    for clock, url in urls.items():
+        samples = [s for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
+                   if family.name == CLOCKS[clock] for s in family.samples]
+        totals[clock] = (sum(s.value for s in samples if s.name.endswith("_sum")),
+                         sum(s.value for s in samples if s.name.endswith("_count")))
+    return totals
+
+
+def load(url: str, stream: bool, concurrency: int, key: str | None, model: str, args: argparse.Namespace,
+         pids: dict[int, str], clocks: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """One run; the result also holds the time its requests spent by each clock in ``clocks`` ({clock: url})."""
     argv = [PY, __file__, "--role", "load", "--url", url, "--model", model, "--concurrency", str(concurrency),
             "--seconds", str(args.seconds), "--warmup", "1", "--max-tokens", str(args.max_tokens)]
     argv += (["--stream"] if stream else []) + (["--key", key] if key else [])
-    before = {pid: cpu_seconds(pid) for pid in pids}
+    before, clocks_before = {pid: cpu_seconds(pid) for pid in pids}, histogram_totals(clocks)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=args.seconds + 180, cwd=ROOT, check=False)
     used: Counter[str] = Counter()
     for pid, name in pids.items():
         used[name] += cpu_seconds(pid) - before[pid]
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-1500:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1]), dict(used)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["clocks"] = {clock: [after[0] - clocks_before[clock][0], after[1] - clocks_before[clock][1]]
+                        for clock, after in histogram_totals(clocks).items()}  # [seconds, requests], warm-up included
+    return result, dict(used)
 
 
 def pooled(runs: list[dict[str, Any]], cpu: list[dict[str, float]]) -> dict[str, Any]:
@@ -278,6 +301,10 @@ def pooled(runs: list[dict[str, Any]], cpu: list[dict[str, float]]) -> dict[str,
             "requests": sum(r["requests"] for r in runs), "tokens": tokens, "elapsed_s": round(elapsed, 2),
             "tokens_per_request": sorted({t for r in runs for t in r["tokens_per_request"]}),
             "latency_p50_ms": round(statistics.median(latency) * 1000, 1) if latency else None,
+            "latency_mean_ms": round(statistics.fmean(latency) * 1000, 1) if latency else None,
+            "clock_mean_ms": {clock: round(sum(r["clocks"][clock][0] for r in runs)
+                                           / sum(r["clocks"][clock][1] for r in runs) * 1000, 1)
+                              for clock in runs[0]["clocks"] if sum(r["clocks"][clock][1] for r in runs)},
             "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1) if ttft else None,
             "errors": sum(r["errors"] for r in runs),
             "error_kinds": dict(sum((Counter(r["error_kinds"]) for r in runs), Counter())),
@@ -315,11 +342,20 @@ def bench(args: argparse.Namespace) -> None:
         if args.ablation:
             targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
             targets["gateway, no budget"] = (f"{base}/nb/v1/chat/completions", KEY, ROUTE_MODEL)
+        # each target's Prometheus page: the engine's (vLLM's) for direct, the gateway's own for a gateway
+        pages = {f"{target} metrics": url for target, url in (
+            ("direct", f"{base}/engines/{ENGINE}/metrics"), ("gateway", f"{base}/metrics"),
+            ("gateway, no budget", f"{base}/nb/metrics")) if target in targets}
         if args.throughput_optimized:  # each target on its ingress replica's own port
             urls, notes["direct_ingress_ports"] = on_replica_ports(
-                {target: url for target, (url, _, _) in targets.items()},
-                {target: ready["apps"][target] for target in targets}, port)
+                {**{target: url for target, (url, _, _) in targets.items()}, **pages},
+                {**{target: ready["apps"][target] for target in targets},
+                 **{page: ready["apps"][page.removesuffix(" metrics")] for page in pages}}, port)
             targets = {target: (urls[target], key, model) for target, (_, key, model) in targets.items()}
+            pages = {page: urls[page] for page in pages}
+        clocks = {target: {"engine": pages["direct metrics"],
+                           **({"gateway": pages[f"{target} metrics"]} if f"{target} metrics" in pages
+                              and target != "direct" else {})} for target in targets}
         for url, key, model in targets.values():
             wait_http(url, 60, method="POST", body=request_body(model, 4, False), key=key)
         notes["stack_start_s"] = round(time.perf_counter() - t0, 1)
@@ -334,7 +370,7 @@ def bench(args: argparse.Namespace) -> None:
                 order = list(targets) if round_ % 2 == 0 else list(reversed(targets))
                 for target in order:
                     url, key, model = targets[target]
-                    result, cpu = load(url, stream, c, key, model, args, pids)
+                    result, cpu = load(url, stream, c, key, model, args, pids, clocks[target])
                     slot = raw.setdefault(name, {}).setdefault(target, [[], []])
                     slot[0].append(result)
                     slot[1].append(cpu)
@@ -368,6 +404,7 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
                           _ms(r["latency_p50_ms"]), str(r["requests"]), str(r["errors"]),
                           end_section=target == list(by_target)[-1])
     console.print(table)
+    console.print(time_split(results))
     gateway = ratios["gateway"]
     worst = min(gateway, key=gateway.__getitem__)
     summary = {"tokens_per_s_ratio": gateway[worst], "headline": f"worst of the four variants ({worst})",
@@ -379,6 +416,8 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
                                for name, by_target in results.items() if name.startswith("stream")}}
     if "gateway, no budget" in ratios:
         summary["no_budget_ratios"] = ratios["gateway, no budget"]
+    summary["time_split_mean_ms"] = {name: {t: {"client": r["latency_mean_ms"], **r["clock_mean_ms"]}
+                                            for t, r in by_target.items()} for name, by_target in results.items()}
     verdict = "meets" if summary["meets_goal"] else "MISSES"
     console.print(f"headline tokens/s ratio gateway/direct (worst variant, {worst}): {gateway[worst]:.3f}: {verdict} "
                   f"the goal >= {args.goal}")
@@ -407,6 +446,28 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
     args.output.write_text(json.dumps(payload, indent=2) + "\n")
     shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
     console.print(f"wrote {shown} in {total_s:.0f} s")
+
+
+def time_split(results: dict[str, dict[str, Any]]) -> Any:
+    """Where a request's time went, as means (they add up, percentiles do not): the client's clock, the
+    gateway's own (``pilothouse_request_duration_seconds``) and the engine's (vLLM's e2e latency). What a
+    target adds outside the engine is client - engine; how much slower the engine itself decoded under that
+    target's load, its engine time against direct's."""
+    from rich.table import Table
+
+    table = Table(title="Where a request's time goes (means)")
+    for col in ("variant", "target", "client", "in gateway", "in engine", "outside engine", "engine vs direct"):
+        table.add_column(col, justify="left" if col in ("variant", "target") else "right")
+    for name, by_target in results.items():
+        direct_engine = by_target["direct"]["clock_mean_ms"].get("engine")
+        for target, r in by_target.items():
+            client, clock = r["latency_mean_ms"], r["clock_mean_ms"]
+            engine = clock.get("engine")
+            table.add_row(name if target == "direct" else "", target, _ms(client), _ms(clock.get("gateway")),
+                          _ms(engine), _ms(client - engine if client is not None and engine else None),
+                          f"{engine - direct_engine:+.0f} ms" if engine and direct_engine and target != "direct"
+                          else "", end_section=target == list(by_target)[-1])
+    return table
 
 
 def _ms(value: float | None) -> str:

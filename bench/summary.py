@@ -55,6 +55,14 @@ def _max_rps(target: str) -> Getter:
     return get
 
 
+def _outside_engine(target: str) -> Getter:
+    """Mean ms a non-streamed c=4 request spent outside vLLM's own clock (client's mean - engine's mean)."""
+    def get(docs: dict[str, dict[str, Any]]) -> Any:
+        split = _get("engine", "summary", "time_split_mean_ms", "complete c4", target)(docs)
+        return round(split["client"] - split["engine"], 1) if isinstance(split, dict) and "engine" in split else None
+    return get
+
+
 FIGURES: dict[str, Getter] = {
     "gateway.added_p50_ms.c32.pilothouse": _gw("pilothouse", "c32", "added_p50_ms"),
     "gateway.added_p50_ms.c32.litellm": _gw("litellm", "c32", "added_p50_ms"),
@@ -79,6 +87,8 @@ FIGURES: dict[str, Getter] = {
     "retrieval.faiss_p50_ms": _get("retrieval", "summary", "faiss_p50_ms"),
     "engine.tokens_per_s_ratio": _get("engine", "summary", "tokens_per_s_ratio"),
     "engine.tokens_per_s_ratio.throughput_optimized": _get("engine_tp", "summary", "tokens_per_s_ratio"),
+    "engine.outside_engine_mean_ms.c4.direct": _outside_engine("direct"),
+    "engine.outside_engine_mean_ms.c4.gateway": _outside_engine("gateway"),
     "cache.semantic_lookup_p50_ms": _get("semantic_cache", "summary", "lookup_p50_ms"),
 }
 
