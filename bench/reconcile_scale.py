@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import kmock
 import lightkube
 import machine
 from aiohttp import web
+from gateway_overhead import free_port
 from lightkube import codecs
 from lightkube.config.models import Cluster, User
 from rich.console import Console
@@ -164,12 +164,6 @@ def _die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- manifests -------------------------------------------------------------------------------------

@@ -19,3 +19,8 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 15.0) -> Any
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not reached within {timeout}s")
         await asyncio.sleep(0.05)
+
+
+def eventually_sync(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """``eventually`` for a synchronous test (a blocking predicate, such as a ``TestClient`` call)."""
+    return asyncio.run(eventually(predicate, timeout))

@@ -36,6 +36,7 @@ from pilothouse.serving.engines.external import (
 )
 from pilothouse.serving.errors import ErrorClass
 from tests.fakes.openai_backend import FakeBackend
+from tests.polling import eventually
 
 CHAT = "/chat/completions"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is a pilothouse"}]
@@ -66,13 +67,6 @@ def pool_size(client: aiohttp.ClientSession) -> int:
 def in_use(client: aiohttp.ClientSession) -> int:
     """Connections handed to a request and not yet released (or closed)."""
     return len(client.connector._acquired)  # type: ignore[union-attr]
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def failure_of(call: Awaitable[Any]) -> BackendError:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from pilothouse.operator.api import RoutingTable
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving.auth import ANONYMOUS, ApiKeyError, tenant_of
 from pilothouse.serving.gateway import build_app, validate_chat
+from tests.polling import eventually_sync
 
 from .factories import model, workflow
 
@@ -47,14 +47,6 @@ def write(path: Path, content: RoutingTable | str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(content if isinstance(content, str) else content.model_dump_json(by_alias=True, indent=2))
     os.replace(tmp, path)
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 def error(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
@@ -131,7 +123,7 @@ def test_readyz_turns_ready_when_the_table_file_appears(gateway: Callable[..., T
     assert "No RoutingTable" in err["message"] and err["type"] == "server_error"
 
     write(path, table(3))
-    eventually(lambda: client.get("/readyz").status_code == 200)  # the background refresh, not a request
+    eventually_sync(lambda: client.get("/readyz").status_code == 200)  # the background refresh, not a request
     assert client.get("/readyz").json() == {"status": "ready", "workflow": "wf", "namespace": "default",
                                             "revision": 3, "degraded": False}
     assert client.get("/v1/models").status_code == 200
@@ -141,7 +133,7 @@ def test_readyz_stays_ready_on_the_last_good_table_and_says_what_is_wrong(
         gateway: Callable[..., TestClient], routing: Path) -> None:
     client = gateway()
     write(routing, "{not json")
-    eventually(lambda: "warning" in client.get("/readyz").json())
+    eventually_sync(lambda: "warning" in client.get("/readyz").json())
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["revision"] == 1
     assert "invalid RoutingTable" in ready.json()["warning"]
@@ -169,13 +161,13 @@ def test_hot_reload_changes_models_without_a_restart(gateway: Callable[..., Test
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["wf/extract"]
 
     write(routing, table(2, summarize=True, small_healthy=False))
-    eventually(lambda: client.get("/readyz").json()["revision"] == 2)
+    eventually_sync(lambda: client.get("/readyz").json()["revision"] == 2)
     data = client.get("/v1/models").json()["data"]
     assert [m["id"] for m in data] == ["wf/extract", "wf/summarize"]
     assert data[0]["backends"] == ["org/large", "org/small"]  # small is down: the operator reordered
 
     write(routing, table(1))  # a stale copy never takes the gateway back in time
-    eventually(lambda: "warning" in client.get("/readyz").json())
+    eventually_sync(lambda: "warning" in client.get("/readyz").json())
     assert client.get("/readyz").json()["revision"] == 2
 
 
@@ -239,7 +231,7 @@ def test_keys_from_a_mounted_secret_directory_and_rotation(gateway: Callable[...
         assert response.json()["tenant"] == tenant
 
     publish("v2", {"team-a": "sk-a-new-0000000000\n", "team-b": "sk-b-0000000000"})  # the old key is revoked
-    eventually(lambda: client.get("/v1/models", headers={"Authorization": "Bearer sk-a-old-0000000000"})
+    eventually_sync(lambda: client.get("/v1/models", headers={"Authorization": "Bearer sk-a-old-0000000000"})
                .status_code == 401)
     assert client.get("/v1/models", headers={"Authorization": "Bearer sk-a-new-0000000000"}).status_code == 200
 
