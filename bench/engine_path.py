@@ -33,8 +33,8 @@ does) and each target is asked on its ingress replica's own direct-ingress port:
 path. The preset also moves handle calls from Ray actor calls to gRPC.
 
 Reported: tokens/s, gateway/direct ratio, TTFT p50 (streams: first content chunk), request p50, and CPU
-seconds per process; and where a request's time goes, as means of three clocks read around each run: the
-client's, the gateway's own (``pilothouse_request_duration_seconds`` from its ``/metrics``) and the engine's
+seconds per process; and where a request's time goes, as means of three clocks over the same timed requests:
+the client's, the gateway's own (``pilothouse_request_duration_seconds`` from its ``/metrics``) and the engine's
 (vLLM's ``vllm:e2e_request_latency_seconds``), so a run shows whether a gap is the engine decoding slower
 or time spent outside it. Results: a rich table and ``bench/results/engine.json`` whose ``summary`` holds the
 headline ``tokens_per_s_ratio``: the worst ratio of the four variants.
@@ -182,8 +182,25 @@ def model_deployment(model_dir: str) -> Any:
 
 
 # ---- role: load generator ------------------------------------------------------------------------------------
+async def histogram_totals(session: Any, urls: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) of each clock's histogram (``CLOCKS``), from the Prometheus page at its URL."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, tuple[float, float]] = {}
+    for clock, url in urls.items():
+        async with session.get(url) as r:
+            page = await r.text()
+        samples = [s for family in text_string_to_metric_families(page) if family.name == CLOCKS[clock]
+                   for s in family.samples]
+        totals[clock] = (sum(s.value for s in samples if s.name.endswith("_sum")),
+                         sum(s.value for s in samples if s.name.endswith("_count")))
+    return totals
+
+
 def role_load(url: str, model: str, concurrency: int, stream: bool, seconds: float, warmup: int,
-              max_tokens: int, key: str | None) -> None:
+              max_tokens: int, key: str | None, clocks: dict[str, str]) -> None:
+    """One timed run; the result also holds what each clock in ``clocks`` ({clock: Prometheus page}) counted
+    for exactly the requests timed here (read after the warm-up and after the last answer)."""
     import aiohttp
 
     body = request_body(model, max_tokens, stream)
@@ -223,6 +240,7 @@ def role_load(url: str, model: str, concurrency: int, stream: bool, seconds: flo
             for _ in range(warmup):
                 await asyncio.gather(*(one() for _ in range(concurrency)))
             results: list[tuple[int, float, float | None, str | None]] = []
+            before = await histogram_totals(session, clocks)
             t0 = time.perf_counter()
             deadline = t0 + seconds
 
@@ -232,12 +250,15 @@ def role_load(url: str, model: str, concurrency: int, stream: bool, seconds: flo
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             elapsed = time.perf_counter() - t0  # until the last request started before the deadline ended
+            after = await histogram_totals(session, clocks)
         ok = [r for r in results if r[3] is None]
         errors = Counter(r[3] for r in results if r[3] is not None)
         return {"requests": len(ok), "tokens": sum(r[0] for r in ok), "elapsed_s": round(elapsed, 3),
                 "tokens_per_request": sorted({r[0] for r in ok}), "latency_s": [round(r[1], 4) for r in ok],
                 "ttft_s": [round(r[2], 4) for r in ok if r[2] is not None],
-                "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(3))}
+                "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(3)),
+                "clocks": {clock: [total - before[clock][0], count - before[clock][1]]  # [seconds, requests]
+                           for clock, (total, count) in after.items()}}
 
     print(json.dumps(_run(main())), flush=True)
 
@@ -255,37 +276,19 @@ def label(title: str) -> str:
     return "other ray"
 
 
-def histogram_totals(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
-    """(sum of seconds, count) of each clock's histogram (``CLOCKS``), from the Prometheus page at its URL."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    totals: dict[str, tuple[float, float]] = {}
-    for clock, url in urls.items():
-        samples = [s for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
-                   if family.name == CLOCKS[clock] for s in family.samples]
-        totals[clock] = (sum(s.value for s in samples if s.name.endswith("_sum")),
-                         sum(s.value for s in samples if s.name.endswith("_count")))
-    return totals
-
-
 def load(url: str, stream: bool, concurrency: int, key: str | None, model: str, args: argparse.Namespace,
          pids: dict[int, str], clocks: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
-    """One run; the result also holds the time its requests spent by each clock in ``clocks`` ({clock: url})."""
     argv = [PY, __file__, "--role", "load", "--url", url, "--model", model, "--concurrency", str(concurrency),
             "--seconds", str(args.seconds), "--warmup", "1", "--max-tokens", str(args.max_tokens)]
-    argv += (["--stream"] if stream else []) + (["--key", key] if key else [])
-    before, clocks_before = {pid: cpu_seconds(pid) for pid in pids}, histogram_totals(clocks)
+    argv += (["--stream"] if stream else []) + (["--key", key] if key else []) + ["--clocks", json.dumps(clocks)]
+    before = {pid: cpu_seconds(pid) for pid in pids}
     out = subprocess.run(argv, capture_output=True, text=True, timeout=args.seconds + 180, cwd=ROOT, check=False)
     used: Counter[str] = Counter()
     for pid, name in pids.items():
         used[name] += cpu_seconds(pid) - before[pid]
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-1500:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["clocks"] = {clock: [after[0] - clocks_before[clock][0], after[1] - clocks_before[clock][1]]
-                        for clock, after in histogram_totals(clocks).items()}  # [seconds, requests], warm-up included
-    return result, dict(used)
+    return json.loads(out.stdout.strip().splitlines()[-1]), dict(used)
 
 
 def pooled(runs: list[dict[str, Any]], cpu: list[dict[str, float]]) -> dict[str, Any]:
@@ -484,6 +487,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--clocks", type=json.loads, default={}, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per run (default 8)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per target and variant, alternating (default 3)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
@@ -497,7 +501,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "load":
         role_load(args.url, args.model, args.concurrency, args.stream, args.seconds, args.warmup, args.max_tokens,
-                  args.key)
+                  args.key, args.clocks)
     elif args.role == "ray":
         role_ray(args.config)
     else:
