@@ -66,6 +66,7 @@ class Runtime:
     applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
     phases: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
     refreshing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    checking: dict[tuple[str, str, str], asyncio.Task[None]] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
     slots: asyncio.Semaphore | None = None
 
@@ -218,7 +219,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         env, rt.env = rt.env, None  # timers still finishing see no env and stand down
-        for task in rt.refreshing.values():
+        for task in [*rt.refreshing.values(), *rt.checking.values()]:
             task.cancel()
         if env is not None:
             await env.http.aclose()
@@ -261,18 +262,34 @@ def _register_kind(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Reso
 
     interval = rt.config.resync_interval if kind is AutonomousWorkflow else rt.config.health_interval
 
-    # backoff: after an unexpected error the next tick is the retry, not kopf's default of 60 s.
-    @kopf.on.timer(*args, registry=registry, id="health", interval=interval, initial_delay=interval,
-                   backoff=interval)
+    @kopf.on.timer(*args, registry=registry, id="health", interval=interval, initial_delay=interval)
     async def health(body: kopf.Body, **_: Any) -> None:
-        if rt.env is None:
-            return
-        try:
-            await sync(kind, body, rt, force_apply=False)
-        except kopf.PermanentError:
-            pass  # InvalidSpec is already in the status; the timer keeps quiet until the spec changes
-        except kopf.TemporaryError:
-            pass  # the next tick is the retry
+        if rt.env is not None:
+            start_check(kind, _raw(body), rt)
+
+
+def start_check(kind: type[Resource], raw: dict[str, Any], rt: Runtime) -> None:
+    """Start a health check of one object unless its previous one is still running, and return at once.
+
+    kopf holds an object's deletion (its finalizer) until the object's timers return, and never cancels
+    a timer: a check waiting on a dependency that does not answer (a Milvus call, the object's lock held
+    by a slow reconcile) would keep a deleted object forever. So the timer only starts the check.
+    """
+    key = _key(kind, raw)
+    running = rt.checking.get(key)
+    if running is not None and not running.done():
+        return  # one check per object: a slow dependency must not pile them up
+    task = rt.checking[key] = asyncio.create_task(_check(kind, raw, rt))
+    task.add_done_callback(lambda done: rt.checking.pop(key, None) if rt.checking.get(key) is done else None)
+
+
+async def _check(kind: type[Resource], raw: dict[str, Any], rt: Runtime) -> None:
+    try:
+        await sync(kind, raw, rt, force_apply=False)
+    except (kopf.PermanentError, kopf.TemporaryError):
+        pass  # InvalidSpec is already in the status; anything temporary is retried by the next tick
+    except Exception:  # the next tick is the retry; a failed check must not end the timer's checks
+        log.exception("health check of %s %s/%s failed; the next tick retries", *_key(kind, raw))
 
 
 def _register_dependency_watch(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Resource]) -> None:
