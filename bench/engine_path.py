@@ -346,19 +346,18 @@ def bench(args: argparse.Namespace) -> None:
             targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
             targets["gateway, no budget"] = (f"{base}/nb/v1/chat/completions", KEY, ROUTE_MODEL)
         # each target's Prometheus page: the engine's (vLLM's) for direct, the gateway's own for a gateway
-        pages = {f"{target} metrics": url for target, url in (
-            ("direct", f"{base}/engines/{ENGINE}/metrics"), ("gateway", f"{base}/metrics"),
-            ("gateway, no budget", f"{base}/nb/metrics")) if target in targets}
+        pages = {target: url for target, url in (("direct", f"{base}/engines/{ENGINE}/metrics"),
+                                                 ("gateway", f"{base}/metrics"),
+                                                 ("gateway, no budget", f"{base}/nb/metrics")) if target in targets}
         if args.throughput_optimized:  # each target on its ingress replica's own port
-            urls, notes["direct_ingress_ports"] = on_replica_ports(
-                {**{target: url for target, (url, _, _) in targets.items()}, **pages},
-                {**{target: ready["apps"][target] for target in targets},
-                 **{page: ready["apps"][page.removesuffix(" metrics")] for page in pages}}, port)
+            apps = {target: ready["apps"][target] for target in targets}
+            urls, ports = on_replica_ports({target: url for target, (url, _, _) in targets.items()}, apps, port)
             targets = {target: (urls[target], key, model) for target, (_, key, model) in targets.items()}
-            pages = {page: urls[page] for page in pages}
-        clocks = {target: {"engine": pages["direct metrics"],
-                           **({"gateway": pages[f"{target} metrics"]} if f"{target} metrics" in pages
-                              and target != "direct" else {})} for target in targets}
+            pages = on_replica_ports(pages, apps, port, ports)[0]
+            notes["direct_ingress_ports"] = ports
+        clocks = {target: {"engine": pages["direct"],
+                           **({"gateway": pages[target]} if target in pages and target != "direct" else {})}
+                  for target in targets}
         for url, key, model in targets.values():
             wait_http(url, 60, method="POST", body=request_body(model, 4, False), key=key)
         notes["stack_start_s"] = round(time.perf_counter() - t0, 1)

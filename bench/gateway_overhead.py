@@ -335,11 +335,12 @@ def measure_cpu(pids: dict[int, str], run: Any) -> tuple[Any, dict[str, float]]:
     return result, {k: round(v, 2) for k, v in used.most_common() if v >= 0.05}
 
 
-def on_replica_ports(urls: dict[str, str], apps: dict[str, str],
-                     proxy_port: int) -> tuple[dict[str, str], dict[str, int]]:
+def on_replica_ports(urls: dict[str, str], apps: dict[str, str], proxy_port: int,
+                     ports: dict[str, int] | None = None) -> tuple[dict[str, str], dict[str, int]]:
     """The same URLs on their ingress replicas' own direct-ingress ports (a replica's port still routes by its
-    application's prefix), and the ports found by app; ``apps`` maps a target to its Serve application."""
-    ports = replica_ports(len(set(apps.values())))
+    application's prefix), and the ports found by app; ``apps`` maps a target to its Serve application.
+    ``ports``: those found by an earlier call, so a second set of URLs does not scan again."""
+    ports = ports if ports is not None else replica_ports(len(set(apps.values())))
     moved = {target: url.replace(f":{proxy_port}/", f":{ports[apps[target]]}/") if apps.get(target) in ports else url
              for target, url in urls.items()}
     return moved, ports

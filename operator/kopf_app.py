@@ -17,9 +17,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import httpx2
@@ -39,6 +39,7 @@ from .render_gateway import GATEWAY_IMAGE
 from .slo import SloReader
 
 log = logging.getLogger("pilothouse.operator")
+K = TypeVar("K")  # the key of a task that runs once at a time (a namespace, an object)
 FINALIZER = "pilothouse.io/finalizer"
 API_RETRY_S = 2.0
 
@@ -163,12 +164,19 @@ async def _write_status(kind: type[Resource], body: kopf.Body | dict[str, Any], 
                    message=f"{cond['type']}={cond['status']}: {cond['message']}"[:1000])
 
 
+def _start_once(tasks: dict[K, asyncio.Task[None]], key: K, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``start()`` as the task of ``key`` unless that key's task is still running; a finished task leaves."""
+    running = tasks.get(key)
+    if running is not None and not running.done():
+        return
+    task = tasks[key] = asyncio.create_task(start())
+    task.add_done_callback(lambda done: tasks.pop(key, None) if tasks.get(key) is done else None)
+
+
 def request_refresh(namespace: str, rt: Runtime) -> None:
     """Coalesce recompiles: a burst of N dependency changes costs one or two passes, not N."""
     rt.dirty.add(namespace)
-    task = rt.refreshing.get(namespace)
-    if task is None or task.done():
-        rt.refreshing[namespace] = asyncio.create_task(_refresh_loop(namespace, rt))
+    _start_once(rt.refreshing, namespace, lambda: _refresh_loop(namespace, rt))
 
 
 async def _refresh_loop(namespace: str, rt: Runtime) -> None:
@@ -265,31 +273,27 @@ def _register_kind(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Reso
     @kopf.on.timer(*args, registry=registry, id="health", interval=interval, initial_delay=interval)
     async def health(body: kopf.Body, **_: Any) -> None:
         if rt.env is not None:
-            start_check(kind, _raw(body), rt)
+            start_check(kind, body, rt)
 
 
-def start_check(kind: type[Resource], raw: dict[str, Any], rt: Runtime) -> None:
+def start_check(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runtime) -> None:
     """Start a health check of one object unless its previous one is still running, and return at once.
 
     kopf holds an object's deletion (its finalizer) until the object's timers return, and never cancels
     a timer: a check waiting on a dependency that does not answer (a Milvus call, the object's lock held
-    by a slow reconcile) would keep a deleted object forever. So the timer only starts the check.
+    by a slow reconcile) would keep a deleted object forever. So the timer only starts the check, and
+    a slow dependency costs one check per object, not one per tick.
     """
-    key = _key(kind, raw)
-    running = rt.checking.get(key)
-    if running is not None and not running.done():
-        return  # one check per object: a slow dependency must not pile them up
-    task = rt.checking[key] = asyncio.create_task(_check(kind, raw, rt))
-    task.add_done_callback(lambda done: rt.checking.pop(key, None) if rt.checking.get(key) is done else None)
+    _start_once(rt.checking, _key(kind, body), lambda: _check(kind, body, rt))
 
 
-async def _check(kind: type[Resource], raw: dict[str, Any], rt: Runtime) -> None:
+async def _check(kind: type[Resource], body: kopf.Body | dict[str, Any], rt: Runtime) -> None:
     try:
-        await sync(kind, raw, rt, force_apply=False)
+        await sync(kind, body, rt, force_apply=False)
     except (kopf.PermanentError, kopf.TemporaryError):
         pass  # InvalidSpec is already in the status; anything temporary is retried by the next tick
     except Exception:  # the next tick is the retry; a failed check must not end the timer's checks
-        log.exception("health check of %s %s/%s failed; the next tick retries", *_key(kind, raw))
+        log.exception("health check of %s %s/%s failed; the next tick retries", *_key(kind, body))
 
 
 def _register_dependency_watch(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Resource]) -> None:
