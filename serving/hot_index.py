@@ -35,7 +35,9 @@ from typing import Literal
 
 import faiss
 import numpy as np
-from pymilvus import MilvusClient, MilvusException
+from pymilvus import MilvusClient
+
+from .milvus_client import MILVUS_FAILURES, failure_text
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ class SourceVersion:
     generation: str
 
 
-def source_version(client: MilvusClient, alias: str) -> SourceVersion:
-    described = client.describe_collection(alias)
+def source_version(client: MilvusClient, alias: str, timeout_s: float | None = None) -> SourceVersion:
+    described = client.describe_collection(alias, timeout=timeout_s)
     return SourceVersion(str(described["collection_name"]),
                          str((described.get("properties") or {}).get(GENERATION, "")))
 
@@ -144,7 +146,8 @@ def faiss_index(vectors: np.ndarray, metric: Metric) -> tuple[faiss.Index, Liter
     return index, kind
 
 
-def build_snapshot(client: MilvusClient, alias: str, *, metric: Metric, max_rows: int) -> Snapshot:
+def build_snapshot(client: MilvusClient, alias: str, *, metric: Metric, max_rows: int,
+                   timeout_s: float | None = None) -> Snapshot:
     """Copy ids and vectors of the collection behind ``alias`` into a FAISS index.
 
     The version is read before the rows, and the rows come from that physical collection: a write
@@ -152,10 +155,11 @@ def build_snapshot(client: MilvusClient, alias: str, *, metric: Metric, max_rows
     rather than trusted.
     """
     started = time.perf_counter()
-    version = source_version(client, alias)
+    version = source_version(client, alias, timeout_s)
     ids: list[str] = []
     batches: list[np.ndarray] = []
-    iterator = client.query_iterator(version.collection, batch_size=BATCH_ROWS, output_fields=["id", "embedding"])
+    iterator = client.query_iterator(version.collection, batch_size=BATCH_ROWS, output_fields=["id", "embedding"],
+                                     timeout=timeout_s)
     try:
         while batch := iterator.next():
             if len(ids) + len(batch) > max_rows:
@@ -175,12 +179,15 @@ class HotIndex:
     """The current snapshot of one collection, served only while it matches Milvus. Thread-safe.
 
     ``client`` returns the retriever's connected Milvus client; the background rebuild uses it too.
+    ``timeout_s`` is the deadline of each Milvus call, the retriever's.
     """
 
-    def __init__(self, alias: str, *, metric: Metric, max_rows: int, client: Callable[[], MilvusClient]) -> None:
+    def __init__(self, alias: str, *, metric: Metric, max_rows: int, client: Callable[[], MilvusClient],
+                 timeout_s: float | None = None) -> None:
         self.alias = alias
         self.metric = metric
         self.max_rows = max_rows
+        self.timeout_s = timeout_s
         self._client = client
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
@@ -195,10 +202,11 @@ class HotIndex:
     def rebuild(self) -> Snapshot | None:
         """Build now in this thread (prewarm); None when the collection is over ``max_rows``.
 
-        Raises MilvusException when Milvus fails: the caller decides what a failed prewarm means.
+        Raises what pymilvus raises when Milvus fails: the caller decides what a failed prewarm means.
         """
         try:
-            snapshot = build_snapshot(self._client(), self.alias, metric=self.metric, max_rows=self.max_rows)
+            snapshot = build_snapshot(self._client(), self.alias, metric=self.metric, max_rows=self.max_rows,
+                                      timeout_s=self.timeout_s)
         except TooManyRows as exc:
             log.warning("hot index %s not built, Milvus answers: %s", self.alias, exc)
             with self._lock:
@@ -213,9 +221,9 @@ class HotIndex:
     def current(self, client: MilvusClient) -> tuple[Snapshot | None, Outcome]:
         """The snapshot that may answer now (it matches Milvus), or None and why not.
 
-        Raises MilvusException when the version check fails, like any Milvus call of the retriever.
+        Raises what pymilvus raises when the version check fails, like any Milvus call of the retriever.
         """
-        version = source_version(client, self.alias)
+        version = source_version(client, self.alias, self.timeout_s)
         with self._lock:
             snapshot = self._snapshot
             if snapshot is not None and snapshot.version == version:
@@ -253,7 +261,8 @@ class HotIndex:
     def _rebuild_in_background(self) -> None:
         try:
             self.rebuild()
-        except MilvusException as exc:
-            log.warning("hot index %s: rebuild failed, Milvus answers meanwhile: %s", self.alias, exc.message)
+        except MILVUS_FAILURES as exc:
+            log.warning("hot index %s: rebuild failed, Milvus answers meanwhile: %s", self.alias,
+                        failure_text(exc, self.timeout_s or 0.0))
             with self._lock:
                 self._failed_at = time.monotonic()

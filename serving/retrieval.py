@@ -21,11 +21,12 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from pymilvus import AnnSearchRequest, MilvusClient, MilvusException, RRFRanker
+from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
 
 from .breaker import Breaker, BreakerConfig
 from .errors import ErrorClass
 from .hot_index import HotIndex
+from .milvus_client import MILVUS_FAILURES, failure_text, open_milvus, unreachable
 
 if TYPE_CHECKING:
     from pilothouse.operator.api.vector_index import HotIndex as HotIndexSpec
@@ -62,17 +63,6 @@ class Retriever(Protocol):
     """Search one VectorIndex. Synchronous (pymilvus is); async callers use ``asyncio.to_thread``."""
 
     def search(self, query: str, *, top_k: int, mode: Mode, filter: str | None = None) -> RetrievalResult: ...
-
-
-def open_milvus(uri: str, token: str = "", timeout_s: float = 10.0, db_name: str = "") -> MilvusClient:
-    """A Milvus client of the data plane's own, on a connection of its own.
-
-    Dedicated: pymilvus shares connections by address, and a closed Milvus Lite file's local port can be
-    handed to the next file opened in the process; a shared entry then "recovers" onto a dead channel
-    (seen as connection refused in the semantic cache's tests). Closing a dedicated client also really
-    closes its channel, which is what a retriever reconnecting after a Milvus restart wants.
-    """
-    return MilvusClient(uri=uri, token=token, db_name=db_name, timeout=timeout_s, dedicated=True)
 
 
 # -- Milvus implementation --------------------------------------------------------------------------
@@ -155,7 +145,8 @@ class MilvusRetriever:
         self._lock = threading.Lock()
         self._breaker = Breaker(f"milvus:{index}", breaker or BreakerConfig(cooldown_s=5.0, max_cooldown_s=30.0))
         self._warm = False
-        self.hot = (HotIndex(collection, metric=metric, max_rows=hot_index.max_rows, client=self._milvus)
+        self.hot = (HotIndex(collection, metric=metric, max_rows=hot_index.max_rows, client=self._milvus,
+                             timeout_s=timeout_s)
                     if hot_index is not None and hot_index.enabled else None)
         for outcome in HOT_OUTCOMES if self.hot is not None else ():
             self._metrics.hot.labels(index, outcome)  # every series from 0, so rate() sees the first one
@@ -167,7 +158,7 @@ class MilvusRetriever:
         with self._lock:
             if self._client is None:
                 client = open_milvus(self.milvus_uri, self._token, self._timeout_s)
-                client.load_collection(self.collection)  # a no-op when it is loaded already
+                client.load_collection(self.collection, timeout=self._timeout_s)  # a no-op when loaded already
                 self._client = client
             return self._client
 
@@ -175,7 +166,7 @@ class MilvusRetriever:
         """Connect, load the collection, build the hot index if enabled, and run one query, recorded as
         the cold one, so users meet a warm index."""
         if self.hot is not None:
-            with contextlib.suppress(MilvusException):  # the query below reports Milvus' state
+            with contextlib.suppress(*MILVUS_FAILURES):  # the query below reports Milvus' state
                 self.hot.rebuild()
         return self.search("warm up", top_k=1, mode="dense")
 
@@ -217,23 +208,23 @@ class MilvusRetriever:
             hot = hits is not None
             if hits is None:
                 hits = self._milvus_search(client, query, vector, top_k, mode, filter)
-        except MilvusException as exc:
+        except MILVUS_FAILURES as exc:
             reason = self._failed(exc)
-            return self._degraded(query, top_k, filter, reason, f"Milvus at {self.milvus_uri}: {exc.message}")
+            return self._degraded(query, top_k, filter, reason,
+                                  f"Milvus at {self.milvus_uri}: {failure_text(exc, self._timeout_s)}")
         with self._lock:
             self._breaker.record_success()
         return RetrievalResult(hits=hits, mode=mode, hot=hot)
 
-    def _failed(self, exc: MilvusException) -> str:
-        """Connection-level failures (code 1: Lite cannot open, 2: unreachable) trip the breaker at once."""
-        unreachable = exc.code in (1, 2)
+    def _failed(self, exc: BaseException) -> str:
+        """Connection-level failures (see :func:`unreachable`) trip the breaker at once."""
+        down = unreachable(exc)
         with self._lock:
-            self._breaker.record_failure(ErrorClass.CONNECTION if unreachable else ErrorClass.SERVER,
-                                         refused=unreachable)
-            if unreachable and self._client is not None:
+            self._breaker.record_failure(ErrorClass.CONNECTION if down else ErrorClass.SERVER, refused=down)
+            if down and self._client is not None:
                 self._client.close()
                 self._client = None  # reconnect on the probe: a restarted server has a new channel
-        return "milvus_unreachable" if unreachable else "milvus_error"
+        return "milvus_unreachable" if down else "milvus_error"
 
     def _hot_search(self, client: MilvusClient, query: str, vector: list[float] | None, top_k: int, mode: Mode,
                     filter: str | None) -> list[Hit] | None:
@@ -248,13 +239,15 @@ class MilvusRetriever:
         entities: dict[str, dict[str, Any]] = {}
         if mode == "hybrid":
             sparse = client.search(self.collection, [query], anns_field="sparse", limit=top_k,
-                                   search_params={"metric_type": "BM25"}, output_fields=self.output_fields)[0]
+                                   search_params={"metric_type": "BM25"}, output_fields=self.output_fields,
+                                   timeout=self._timeout_s)[0]
             entities = {str(h["id"]): h["entity"] for h in sparse}
             ranked = rrf([[key for key, _ in ranked], [str(h["id"]) for h in sparse]], top_k)
         missing = [key for key, _ in ranked if key not in entities]
         if missing:
             entities.update((str(row["id"]), row) for row in
-                            client.get(self.collection, ids=missing, output_fields=self.output_fields))
+                            client.get(self.collection, ids=missing, output_fields=self.output_fields,
+                                       timeout=self._timeout_s))
         if any(key not in entities for key, _ in ranked):  # deleted without a generation bump
             self.hot.invalidate(snapshot)
             self._metrics.hot.labels(self.index, "missing_row").inc()
@@ -271,15 +264,17 @@ class MilvusRetriever:
             requests = [AnnSearchRequest([vector], "embedding", dense_params, top_k, expr=expr),
                         AnnSearchRequest([query], "sparse", sparse_params, top_k, expr=expr)]
             found = client.hybrid_search(self.collection, requests, RRFRanker(RRF_K), limit=top_k,
-                                         output_fields=self.output_fields)
+                                         output_fields=self.output_fields, timeout=self._timeout_s)
             sign = 1.0
         elif mode == "dense":
             found = client.search(self.collection, [vector], anns_field="embedding", limit=top_k, filter=expr,
-                                  search_params=dense_params, output_fields=self.output_fields)
+                                  search_params=dense_params, output_fields=self.output_fields,
+                                  timeout=self._timeout_s)
             sign = -1.0 if self.metric == "L2" else 1.0
         else:
             found = client.search(self.collection, [query], anns_field="sparse", limit=top_k, filter=expr,
-                                  search_params=sparse_params, output_fields=self.output_fields)
+                                  search_params=sparse_params, output_fields=self.output_fields,
+                                  timeout=self._timeout_s)
             sign = -1.0  # Milvus (Lite) reports BM25 as a negative distance, best first
         return [_hit(h["id"], h["entity"], sign * float(h["distance"])) for h in found[0]]
 

@@ -71,7 +71,7 @@ from .embeddings import Embedder, EmbeddingError, LocalEmbedder, OpenAIEmbedder
 from .engines import CHAT, COMPLETIONS, Usage
 from .errors import ErrorClass
 from .metrics import Metrics
-from .retrieval import open_milvus
+from .milvus_client import open_milvus, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +336,11 @@ class SemanticCache:
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         """Count the failure on the breaker; connection-level ones (Lite cannot open, unreachable) trip it at once."""
-        unreachable = isinstance(exc, MilvusException) and exc.code in (1, 2)
+        down = unreachable(exc)
         timeout = isinstance(exc, TimeoutError)
-        error_class = ErrorClass.TIMEOUT if timeout else ErrorClass.CONNECTION if unreachable else ErrorClass.SERVER
-        self._breaker.record_failure(error_class, refused=unreachable)
-        if unreachable:
+        error_class = ErrorClass.TIMEOUT if timeout else ErrorClass.CONNECTION if down else ErrorClass.SERVER
+        self._breaker.record_failure(error_class, refused=down)
+        if down:
             self._reset()
         log.warning("semantic cache %s failed (%s): %s", operation, self.collection,
                     "timed out" if timeout else exc)

@@ -1,4 +1,5 @@
-"""Milvus Lite in its own process, on a fixed local port, so a test can SIGKILL it and start it again.
+"""Milvus Lite in its own process, on a fixed local port, so a test can SIGKILL it and start it again,
+or pause it (SIGSTOP: the socket stays open, nothing answers, as with a hung server or a partition).
 
 In-process Milvus Lite (a ``.db`` path as the URI) is a gRPC thread of the test process itself:
 stopping it there is a clean shutdown, not a crash, and it cannot be killed without killing the
@@ -65,9 +66,18 @@ class MilvusLiteServer:
         if self._process is None:
             return
         if self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGKILL)
+            os.killpg(self._process.pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too
         self._process.wait()
         self._process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and calls are accepted, but no answer comes until :meth:`resume`."""
+        assert self._process is not None, "not running"
+        os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None, "not running"
+        os.killpg(self._process.pid, signal.SIGCONT)
 
     def __enter__(self) -> MilvusLiteServer:
         self.start()

@@ -1,19 +1,25 @@
-"""Milvus killed and restarted under load: workflow runs keep completing, keyword-only while it is down.
+"""Milvus killed and restarted, or paused and resumed, under load: workflow runs keep completing,
+keyword-only while it is down.
 
 Milvus Lite runs as its own server process (``tests.milvus_server``) on a data directory holding one
 ingested VectorIndex; the retriever and ingestion reach it over gRPC as they would a Milvus Service.
 Four users keep starting runs of the invoice workflow on the real ``WorkflowRuntime`` (retrieve →
 generate through the in-process gateway over a FakeBackend → validate → act on a webhook receiver),
-so every retrieval goes through ``MilvusRetriever`` on the runtime's ``asyncio.to_thread`` path. The
-drill SIGKILLs the server, keeps the load going until the breaker has probed the dead server again,
-restarts it on the same directory and port, waits for an answer from Milvus, and keeps going. Then:
+so every retrieval goes through ``MilvusRetriever`` on the runtime's ``asyncio.to_thread`` path. Two faults:
+
+* **kill**: SIGKILL the server (connections refused), keep the load going until the breaker has probed
+  the dead server again, restart it on the same directory and port;
+* **pause**: SIGSTOP it (connections stay open, calls are accepted and never answered: a hung server or
+  a partition), the same load, then SIGCONT. Only the retriever's per-call deadline ends those calls.
+
+Then it waits for an answer from Milvus and keeps going. Then:
 
 * every run completed with retrieved context, and no audit record (gateway request or workflow
   step) has a 5xx status: nothing escaped the retriever;
-* every retrieval that began and ended while the server was dead was keyword-only, flagged
+* every retrieval that began and ended while the server was down was keyword-only, flagged
   degraded, with a reason naming Milvus; the degraded counter counts exactly the degraded answers;
-* every retrieval that began after the first answer from the restarted server was hybrid again,
-  and found the same vendor as before the kill (the flushed collection survived the crash).
+* every retrieval that began after the first answer from the recovered server was hybrid again,
+  and found the same vendor as before the fault (the flushed collection survived the crash).
 
 Phases are recorded around each run (which phase it began and ended in), never timed.
 """
@@ -51,6 +57,7 @@ USERS = 4
 RUNS_PER_PHASE = 20  # runs wholly inside the outage, and after recovery, before the drill moves on
 PROBES_WHILE_DOWN = 2  # half-open probes that met the dead server: the breaker kept retrying
 DEADLINE_S = 120.0  # generous: a phase that is not reached by then is a failure, not a slow run
+CALL_TIMEOUT_S = 1.0  # the retriever's deadline per Milvus call: what ends the calls a paused server never answers
 VENDORS = VectorIndex.model_validate(yaml.safe_load("""
 metadata: {name: vendors, namespace: finance}
 spec: {fields: {dimension: 384}, index: {type: HNSW}}
@@ -120,7 +127,9 @@ async def until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_milvus_killed_and_restarted_under_load_keeps_answering(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+async def test_milvus_down_and_back_under_load_keeps_answering(tmp_path: Path, fault: str) -> None:
+    down, back = {"kill": ("kill", "start"), "pause": ("pause", "resume")}[fault]
     embedder = LocalEmbedder()
     registry = CollectorRegistry()
     keyword_copy = KeywordStore(keyword_store_path(tmp_path, VENDORS.namespace, VENDORS.alias))
@@ -128,7 +137,8 @@ async def test_milvus_killed_and_restarted_under_load_keeps_answering(tmp_path: 
         await asyncio.to_thread(ingest, tmp_path, server.uri, embedder, keyword_copy)
         retriever = MilvusRetriever(index="vendors", collection=VENDORS.alias, milvus_uri=server.uri,
                                     embedder=embedder, keyword_store=keyword_copy, registry=registry,
-                                    breaker=BreakerConfig(cooldown_s=0.2, max_cooldown_s=0.5))
+                                    breaker=BreakerConfig(cooldown_s=0.2, max_cooldown_s=0.5),
+                                    timeout_s=CALL_TIMEOUT_S)
         await asyncio.to_thread(retriever.prewarm)
         observed: list[Observed] = []
         phase = UP
@@ -154,20 +164,22 @@ async def test_milvus_killed_and_restarted_under_load_keeps_answering(tmp_path: 
             assert (warm.state, warm.retrieval_mode) == ("completed", "hybrid"), warm
             users = [asyncio.create_task(user(n)) for n in range(USERS)]
             try:
-                await until(lambda: len(wholly(UP)) >= RUNS_PER_PHASE, "runs before the kill")
-                await asyncio.to_thread(server.kill)
+                await until(lambda: len(wholly(UP)) >= RUNS_PER_PHASE, "runs before the fault")
+                await asyncio.to_thread(getattr(server, down))
                 phase = DOWN
                 await until(lambda: len(wholly(DOWN)) >= RUNS_PER_PHASE
                             and sum(o.probed for o in wholly(DOWN)) >= PROBES_WHILE_DOWN, "runs during the outage")
                 phase = RESTARTING
-                await asyncio.to_thread(server.start)
+                await asyncio.to_thread(getattr(server, back))
                 await until(lambda: any(o.began == RESTARTING and not o.degraded for o in observed),
-                            "an answer from the restarted Milvus")
+                            f"an answer from Milvus after {back}")
                 phase = RECOVERED
                 await until(lambda: len([o for o in observed if o.began == RECOVERED]) >= RUNS_PER_PHASE,
                             "runs after recovery")
             finally:
                 stop.set()
+                if fault == "pause":  # a failure mid-pause must not leave the users' calls hanging
+                    await asyncio.to_thread(server.resume)
                 outcomes = await asyncio.gather(*users, return_exceptions=True)
             records = await asyncio.to_thread(audit.tail, 100 * len(observed))
 
@@ -191,7 +203,7 @@ async def test_milvus_killed_and_restarted_under_load_keeps_answering(tmp_path: 
     counted = registry.get_sample_value("pilothouse_retrieval_degraded_total",
                                         {"index": "vendors", "reason": "milvus_unreachable"})
     assert degraded >= RUNS_PER_PHASE and counted == degraded
-    print(f"milvus outage drill: {len(observed)} runs, {degraded} degraded; by the phase they began in "
+    print(f"milvus outage drill ({fault}): {len(observed)} runs, {degraded} degraded; by the phase they began in "
           "(runs, degraded, failed Milvus calls):",
           {name: (len(began), sum(o.degraded for o in began), sum(o.probed for o in began))
            for name in (UP, DOWN, RESTARTING, RECOVERED) for began in [[o for o in observed if o.began == name]]})
