@@ -177,7 +177,8 @@ def _semantic_cache(wf: AutonomousWorkflow, deps: Dependencies) -> SemanticCache
     return SemanticCacheRule(
         threshold=spec.threshold, ttl_seconds=spec.ttl_seconds, max_entries_per_tenant=spec.max_entries_per_tenant,
         milvus_uri=spec.milvus.uri or deps.default_milvus_uri, milvus_token_secret_ref=spec.milvus.token_secret_ref,
-        milvus_database=spec.milvus.database, embedding_local_path=embedding.local_path if embedding else None,
+        milvus_database=spec.milvus.database, milvus_timeout_seconds=spec.milvus.timeout_seconds,
+        embedding_local_path=embedding.local_path if embedding else None,
         embedding_backend=backend,
         dimension=spec.dimension,
     )

@@ -29,8 +29,8 @@ async def reconcile(vi: VectorIndex, env: Env) -> Outcome:
         report = await asyncio.to_thread(milvus.reconcile, vi, uri, token)
     except milvus.MilvusUnreachable as exc:
         return Outcome(phase="Degraded", retry_after=RETRY_SECONDS, observations=[
-            Observation("Ready", False, "MilvusUnreachable", str(exc)),
-            Observation("Degraded", True, "MilvusUnreachable", f"{exc}; retrying every {RETRY_SECONDS:.0f}s"),
+            Observation("Ready", False, exc.reason, str(exc)),
+            Observation("Degraded", True, exc.reason, f"{exc}; retrying every {RETRY_SECONDS:.0f}s"),
         ])
     except milvus.IndexSpecInvalid as exc:
         return Outcome(phase="Failed", observations=[

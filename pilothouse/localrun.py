@@ -287,7 +287,7 @@ def retrievers(stack: Stack, wf: AutonomousWorkflow) -> dict[str, MilvusRetrieve
                                                                                   vi.alias)),
                                     metric=vi.spec.fields.metric.value,
                                     output_fields=[m.name for m in vi.spec.fields.metadata],
-                                    hot_index=vi.spec.hot_index)
+                                    hot_index=vi.spec.hot_index, timeout_s=vi.spec.milvus.timeout_seconds)
         cold = retriever.prewarm()
         warm = retriever.search("warm up", top_k=1, mode="hybrid")  # the same query, now against a loaded index
         out.print(f"retrieval {vi.name}: prewarm {cold.latency_ms:.1f} ms (cold, {cold.mode}), "

@@ -522,6 +522,7 @@ async def open_semantic_cache(table: RoutingTable, *, metrics: Metrics, state_di
         return None
     embedder, embedder_id = await asyncio.to_thread(embedder_for_rule, rule)
     ref = rule.milvus_token_secret_ref
+    options = {"timeout_s": rule.milvus_timeout_seconds, **options}
     cache = SemanticCache(uri=rule.milvus_uri or str(Path(state_dir) / LITE_FILE),
                           collection=collection_name(table.namespace, table.workflow), embedder=embedder,
                           embedder_id=embedder_id, threshold=rule.threshold, ttl_s=float(rule.ttl_seconds),

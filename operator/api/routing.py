@@ -79,6 +79,7 @@ class SemanticCacheRule(ApiModel):
     milvus_uri: str | None = Field(description="None: a Milvus Lite file in the gateway's state directory.")
     milvus_token_secret_ref: SecretKeyRef | None = None
     milvus_database: str = "default"
+    milvus_timeout_seconds: float = Field(default=10.0, gt=0, description="Deadline of each Milvus call.")
     embedding_local_path: str | None = Field(
         default=None, description="sentence-transformers directory; None (and no backend): all-MiniLM-L6-v2."
     )

@@ -40,6 +40,13 @@ class MilvusConnection(ApiModel):
         default=None, description="Secret key holding the Milvus token (user:password or API key)."
     )
     database: str = Field(default="default", description="Milvus database.")
+    timeout_seconds: float = Field(
+        default=10.0, gt=0, le=600,
+        description="Deadline of each call to this Milvus. Past it the call counts as Milvus unreachable: the "
+        "operator reports MilvusUnreachable and retries, retrieval answers keyword-only, a semantic cache lookup "
+        "is a miss; a Milvus that stopped answering would otherwise hold them forever. The operator waits this "
+        "long for a collection to load, then reports NotLoaded until it is loaded.",
+    )
 
 
 class MetadataField(ApiModel):

@@ -189,6 +189,35 @@ async def test_vector_index_reclaim_policy_on_delete(emulator, kube, operator, t
     assert ("docs_v1" in MilvusClient(uri=uri).list_collections()) is kept
 
 
+async def test_a_milvus_that_stops_answering_degrades_the_index_and_holds_its_deletion(emulator, kube, operator,
+                                                                                       tmp_path: Path):
+    """A paused Milvus (SIGSTOP: connections open, no answers) is found out by the call deadline: the index
+    reports MilvusUnreachable instead of a check hanging on it, and a deletion waits for Milvus, then drops."""
+    from pymilvus import MilvusClient
+
+    from tests.milvus_server import MilvusLiteServer
+
+    await operator()
+    with MilvusLiteServer(tmp_path / "milvus.db") as server:
+        await apply(kube, {"apiVersion": "pilothouse.io/v1alpha1", "kind": "VectorIndex", "metadata": {"name": "docs"},
+                           "spec": {"milvus": {"uri": server.uri, "timeoutSeconds": 1}, "fields": {"dimension": 8},
+                                    "reclaimPolicy": "Delete"}})
+        await eventually(lambda: status(emulator, "vectorindexes", "docs").get("phase") == "Ready")
+        server.pause()
+        try:
+            cond = await eventually(lambda: (c := ready(emulator, "vectorindexes", "docs")) and
+                                    c["reason"] == "MilvusUnreachable" and c)
+            assert "no answer within 1 s" in cond["message"] and "spec.milvus.timeoutSeconds" in cond["message"]
+            assert status(emulator, "vectorindexes", "docs")["phase"] == "Degraded"
+            await kube.delete(GENERIC["VectorIndex"], "docs", namespace="default")
+            await asyncio.sleep(3)  # several deadlines: the finalizer keeps waiting for Milvus
+            assert obj(emulator, "pilothouse.io/v1alpha1/vectorindexes", "docs") is not None
+        finally:
+            server.resume()
+        await eventually(lambda: obj(emulator, "pilothouse.io/v1alpha1/vectorindexes", "docs") is None)
+        assert "docs_v1" not in MilvusClient(uri=server.uri).list_collections()
+
+
 async def test_bad_manifest_reports_invalid_spec_and_operator_keeps_running(emulator, kube, operator,
                                                                            openai_endpoint: FakeOpenAI):
     await operator()
