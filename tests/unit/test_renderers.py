@@ -80,6 +80,33 @@ def test_workflow_renders_routing_configmap_and_gateway(mode: str) -> None:
     assert configmap["metadata"]["labels"]["pilothouse.io/routing-revision"] == "1"
 
 
+def test_the_gateway_serves_on_the_pod_address_through_haproxy() -> None:
+    """What makes the rendered gateway reachable and fast: all interfaces (a Service and the kubelet's probes
+    come in on the pod's address), HAProxy instead of Serve's Python proxy (the same settings as
+    ``pilothouse serve --throughput-optimized``), and a writable /tmp under the read-only root for Ray."""
+    from pilothouse.serving import serve
+
+    doc = example("AutonomousWorkflow", "invoice-triage")
+    del doc["spec"]["budgetPolicyRef"]
+    deps = Dependencies(models={"small": model("small")}, indexes={"invoice-docs": index("invoice-docs")},
+                        budgets={})
+    rendered = {}
+    for mode in ("deployment", "rayservice"):
+        doc["spec"]["gateway"] = {"mode": mode}
+        wf = AutonomousWorkflow.model_validate(doc)
+        rendered[mode] = render_gateway.render(wf, compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC)))[1]
+    pod = rendered["deployment"]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--host") + 1] == "0.0.0.0" and "--throughput-optimized" in args
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    tmp = next(v["name"] for v in pod["volumes"] if "emptyDir" in v)
+    assert {"name": tmp, "mountPath": "/tmp"} in pod["containers"][0]["volumeMounts"]
+    head = rendered["rayservice"]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    assert serve.THROUGHPUT_OPTIMIZED_ENV.items() <= env.items()
+    assert render_gateway.THROUGHPUT_OPTIMIZED_ENV == serve.THROUGHPUT_OPTIMIZED_ENV
+
+
 def test_gateway_gets_backend_keys_from_their_secrets() -> None:
     doc = example("AutonomousWorkflow", "invoice-triage")
     del doc["spec"]["budgetPolicyRef"]

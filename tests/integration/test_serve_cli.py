@@ -1,0 +1,100 @@
+"""`pilothouse serve` as the operator's rendered gateway pod runs it: all interfaces, HAProxy on --port.
+
+Its own process, started and stopped the way a pod is (SIGTERM); the request comes in on this
+machine's own non-loopback address, as a Service's would on the pod's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from pilothouse.localrun import serve_port
+from pilothouse.operator import render_gateway
+from tests.polling import eventually_sync
+from tests.unit.factories import workflow
+
+from .test_serve import KEY, ThreadedFake, table, write
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+START_TIMEOUT_S = 180.0  # Ray, Serve, HAProxy and the replica on 2 busy cores
+
+
+def own_address() -> str:
+    """This machine's address on its default route (no packet is sent: UDP connect only picks the route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))
+        return str(probe.getsockname()[0])
+
+
+def listener(port: int) -> psutil.Process | None:
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(conn.pid)
+    return None
+
+
+def started(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait for the gateway's ready line; fail with the output when it exits or takes too long first."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while b"pilothouse gateway on" not in (seen := log.read_bytes()):
+        tail = seen[-3000:].decode(errors="replace")
+        assert proc.poll() is None, f"pilothouse serve exited with {proc.returncode}:\n{tail}"
+        assert time.monotonic() < deadline, f"pilothouse serve not up in {START_TIMEOUT_S:.0f} s:\n{tail}"
+        time.sleep(0.2)
+
+
+def rendered_command(routing: Path, port: int) -> list[str]:
+    """The gateway Deployment's container arguments as the operator renders them, with this test's routing
+    file and port in place of the mounted ConfigMap's and 8000."""
+    wf = workflow(retrieve=False, gateway={"mode": "deployment"})
+    deployment = render_gateway.render(wf, table(1, "extract"))[1]
+    args = list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    args[args.index("--routing") + 1] = str(routing)
+    args[args.index("--port") + 1] = str(port)
+    return [sys.executable, "-m", "pilothouse", *args]
+
+
+def test_the_rendered_gateway_command_serves_the_pod_address_through_haproxy(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"{KEY}: team-a\n")
+    port = serve_port()
+    with ThreadedFake("org/small") as fake:
+        routing = tmp_path / "routing.json"
+        write(routing, table(1, "extract", endpoint=fake.url))
+        log = tmp_path / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [*rendered_command(routing, port), "--api-keys", str(keys),
+                 "--store-url", f"sqlite:///{tmp_path}/store.db"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+        try:
+            started(proc, log)
+            front = listener(port)
+            assert front is not None and "haproxy" in front.name(), front  # not Serve's Python proxy
+            client = openai.OpenAI(base_url=f"http://{own_address()}:{port}/v1", api_key=KEY, max_retries=0,
+                                   timeout=30)
+            reply = client.chat.completions.create(model="wf/extract", max_tokens=8,
+                                                   messages=[{"role": "user", "content": "hello there"}])
+            assert reply.model == "org/small" and len((reply.choices[0].message.content or "").split()) == 8
+            assert fake.served["/v1/chat/completions"] == 1
+            proc.send_signal(signal.SIGTERM)  # what the kubelet sends
+            assert proc.wait(timeout=90) == 0
+            # Nothing it started outlives it: the port is free for the next start.
+            eventually_sync(lambda: listener(port) is None, timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
