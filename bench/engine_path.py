@@ -29,8 +29,8 @@ generates exactly that many tokens; tokens are counted from ``usage.completion_t
 measurement runs ``--rounds`` times, direct and gateway alternating, and the figures pool the rounds.
 
 With ``--throughput-optimized``, Ray runs Serve's throughput-optimized preset (as ``bench/gateway_overhead.py``
-does) and each target is asked on its ingress replica's own direct-ingress port: no Serve proxy on either
-path. The preset also moves handle calls from Ray actor calls to gRPC.
+does) and each target is asked on its ingress replica's own direct-ingress port: no Serve proxy and no HAProxy
+on either path. The preset also moves handle calls from Ray actor calls to gRPC.
 
 Reported: tokens/s, gateway/direct ratio, TTFT p50 (streams: first content chunk), request p50, and CPU
 seconds per process; and where a request's time goes, as means of three clocks over the same timed requests:
