@@ -17,6 +17,8 @@ GATEWAY_IMAGE = "ghcr.io/pilothouse/pilothouse:0.1.0"
 PORT = 8000
 ROUTING_FILE = "routing.json"
 MOUNT = "/etc/pilothouse/routing"
+KEYS_MOUNT = "/etc/pilothouse/api-keys"
+STORE_URL_ENV = "PILOTHOUSE_STORE_URL"  # read by `pilothouse serve --store-url` and by the gateway app
 THROUGHPUT_OPTIMIZED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 """Serve's throughput-optimized preset with HAProxy on the Serve port, as ``pilothouse serve --throughput-optimized``
 sets it (``pilothouse.serving.serve``; the layers share only the API, a unit test keeps the two equal): HAProxy
@@ -49,12 +51,19 @@ def configmap(wf: AutonomousWorkflow, table: RoutingTable) -> dict[str, Any]:
     }
 
 
-def _secret_env(table: RoutingTable) -> list[dict[str, Any]]:
-    """Backend API keys, from their Secrets into the variables the gateway reads."""
+def _secret_env(wf: AutonomousWorkflow, table: RoutingTable) -> list[dict[str, Any]]:
+    """Backend API keys and the store's URL, from their Secrets into the variables the gateway reads."""
     refs = {b.api_key_secret_ref.env_var: b.api_key_secret_ref for r in table.routes for b in r.backends
             if b.api_key_secret_ref is not None}
+    if wf.spec.gateway.store_url_secret_ref is not None:
+        refs[STORE_URL_ENV] = wf.spec.gateway.store_url_secret_ref
     return [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
             for name, ref in sorted(refs.items())]
+
+
+def _mounts(wf: AutonomousWorkflow) -> list[dict[str, Any]]:
+    keys = [{"name": "api-keys", "mountPath": KEYS_MOUNT, "readOnly": True}] if wf.spec.gateway.api_keys_secret else []
+    return [{"name": "routing", "mountPath": MOUNT, "readOnly": True}, *keys]
 
 
 def _container(wf: AutonomousWorkflow, table: RoutingTable, image: str) -> dict[str, Any]:
@@ -63,22 +72,23 @@ def _container(wf: AutonomousWorkflow, table: RoutingTable, image: str) -> dict[
         "image": image,
         # All interfaces: the Service and the kubelet's probes come in on the pod's address.
         "args": ["serve", "--routing", f"{MOUNT}/{ROUTING_FILE}", "--host", "0.0.0.0", "--port", str(PORT),
-                 "--throughput-optimized"],
+                 "--throughput-optimized", *(["--api-keys", KEYS_MOUNT] if wf.spec.gateway.api_keys_secret else [])],
         "ports": [{"name": "http", "containerPort": PORT}],
-        "env": _secret_env(table),
+        "env": _secret_env(wf, table),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
                             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         # The root filesystem is read-only; Ray's session, HAProxy's config and the SQLite store live in /tmp.
-        "volumeMounts": [{"name": "routing", "mountPath": MOUNT, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [*_mounts(wf), {"name": "tmp", "mountPath": "/tmp"}],
     }
 
 
 def _volumes(wf: AutonomousWorkflow) -> list[dict[str, Any]]:
-    return [{"name": "routing", "configMap": {"name": names(wf)["configmap"]}}, {"name": "tmp", "emptyDir": {}}]
+    secret = wf.spec.gateway.api_keys_secret
+    keys = [{"name": "api-keys", "secret": {"secretName": secret}}] if secret else []
+    return [{"name": "routing", "configMap": {"name": names(wf)["configmap"]}}, *keys]
 
 
 def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_IMAGE) -> list[dict[str, Any]]:
@@ -95,7 +105,8 @@ def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_
                 "replicas": wf.spec.gateway.replicas,
                 "selector": {"matchLabels": selector},
                 "template": {"metadata": {"labels": _labels(wf)}, "spec": {
-                    "containers": [_container(wf, table, image)], "volumes": _volumes(wf),
+                    "containers": [_container(wf, table, image)],
+                    "volumes": [*_volumes(wf), {"name": "tmp", "emptyDir": {}}],
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
                 }},
             },
@@ -104,13 +115,13 @@ def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_
     else:
         serve = {"applications": [{
             "name": "gateway", "route_prefix": "/", "import_path": "pilothouse.serving.serve:app_builder",
-            "args": {"routing": f"{MOUNT}/{ROUTING_FILE}"},
+            "args": {"routing": f"{MOUNT}/{ROUTING_FILE}",
+                     **({"api_keys": KEYS_MOUNT} if wf.spec.gateway.api_keys_secret else {})},
             "deployments": [{"name": "Gateway", "num_replicas": wf.spec.gateway.replicas}],
         }]}
-        env = [{"name": k, "value": v} for k, v in THROUGHPUT_OPTIMIZED_ENV.items()] + _secret_env(table)
+        env = [{"name": k, "value": v} for k, v in THROUGHPUT_OPTIMIZED_ENV.items()] + _secret_env(wf, table)
         head = {"name": "ray-head", "image": image,  # the Pilothouse image carries Ray Serve
-                "ports": [{"containerPort": PORT, "name": "serve"}], "env": env,
-                "volumeMounts": [{"name": "routing", "mountPath": MOUNT, "readOnly": True}]}
+                "ports": [{"containerPort": PORT, "name": "serve"}], "env": env, "volumeMounts": _mounts(wf)}
         app = {
             "apiVersion": "ray.io/v1",
             "kind": "RayService",

@@ -225,6 +225,19 @@ class Gateway(ApiModel):
         default="deployment", description="Run the gateway as a Deployment or as a KubeRay RayService."
     )
     replicas: int = Field(default=1, ge=1, le=100, description="Gateway replicas.")
+    api_keys_secret: str | None = Field(
+        default=None, min_length=1, max_length=253,
+        description="Secret (this namespace) of the gateway's API keys: one key per tenant, named after the "
+        "tenant, holding its keys one per line; rotations apply without a restart. Empty: no authentication, "
+        "every caller is tenant default.",
+    )
+    store_url_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key (this namespace) holding the SQLAlchemy URL of the store the gateway's ledger, "
+        "audit and idempotency keys write: the PostgreSQL the operator reads spend from (--store-url), shared "
+        "by every replica. Empty: each gateway pod keeps a SQLite file in its /tmp, so budget caps apply per "
+        "pod and the operator reports no spend.",
+    )
 
 
 class SemanticCache(ApiModel):

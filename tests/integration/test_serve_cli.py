@@ -21,6 +21,7 @@ import pytest
 
 from pilothouse.localrun import serve_port
 from pilothouse.operator import render_gateway
+from pilothouse.serving.audit import AuditLog
 from tests.polling import eventually_sync
 from tests.unit.factories import workflow
 
@@ -56,30 +57,37 @@ def started(proc: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.2)
 
 
-def rendered_command(routing: Path, port: int) -> list[str]:
-    """The gateway Deployment's container arguments as the operator renders them, with this test's routing
-    file and port in place of the mounted ConfigMap's and 8000."""
-    wf = workflow(retrieve=False, gateway={"mode": "deployment"})
-    deployment = render_gateway.render(wf, table(1, "extract"))[1]
-    args = list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+def rendered_pod(routing: Path, port: int, secrets: dict[tuple[str, str], str],
+                 mounts: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+    """The gateway Deployment's command and environment as the operator renders them: this test's routing
+    file and port instead of the ConfigMap's and 8000, Secret keys resolved from ``secrets``, mount paths
+    replaced by ``mounts`` (mount path -> local directory)."""
+    wf = workflow(retrieve=False, gateway={"mode": "deployment", "apiKeysSecret": "gateway-keys",
+                                           "storeUrlSecretRef": {"name": "gateway-store", "key": "url"}})
+    container = render_gateway.render(wf, table(1, "extract"))[1]["spec"]["template"]["spec"]["containers"][0]
+    args = [str(mounts.get(a, a)) for a in container["args"]]
     args[args.index("--routing") + 1] = str(routing)
     args[args.index("--port") + 1] = str(port)
-    return [sys.executable, "-m", "pilothouse", *args]
+    env = {e["name"]: secrets[(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])]
+           for e in container["env"]}
+    return [sys.executable, "-m", "pilothouse", *args], env
 
 
 def test_the_rendered_gateway_command_serves_the_pod_address_through_haproxy(tmp_path: Path) -> None:
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(f"{KEY}: team-a\n")
+    keys = tmp_path / "api-keys"  # as Kubernetes mounts the Secret: one file per tenant
+    keys.mkdir()
+    (keys / "team-a").write_text(f"{KEY}\n")
+    store = tmp_path / "store.db"
     port = serve_port()
     with ThreadedFake("org/small") as fake:
         routing = tmp_path / "routing.json"
         write(routing, table(1, "extract", endpoint=fake.url))
+        command, env = rendered_pod(routing, port, {("gateway-store", "url"): f"sqlite:///{store}"},
+                                    {render_gateway.KEYS_MOUNT: keys})
         log = tmp_path / "serve.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [*rendered_command(routing, port), "--api-keys", str(keys),
-                 "--store-url", f"sqlite:///{tmp_path}/store.db"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+            proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=tmp_path)
         try:
             started(proc, log)
             front = listener(port)
@@ -90,6 +98,8 @@ def test_the_rendered_gateway_command_serves_the_pod_address_through_haproxy(tmp
                                                    messages=[{"role": "user", "content": "hello there"}])
             assert reply.model == "org/small" and len((reply.choices[0].message.content or "").split()) == 8
             assert fake.served["/v1/chat/completions"] == 1
+            with pytest.raises(openai.AuthenticationError):  # the Secret's keys are in force
+                openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0).models.list()
             proc.send_signal(signal.SIGTERM)  # what the kubelet sends
             assert proc.wait(timeout=90) == 0
             # Nothing it started outlives it: the port is free for the next start.
@@ -98,3 +108,9 @@ def test_the_rendered_gateway_command_serves_the_pod_address_through_haproxy(tmp
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+    records = AuditLog(f"sqlite:///{store}")  # the store the Secret named, not a file in the pod
+    try:
+        requests = [(r.tenant, r.status_code) for r in records.tail(10) if r.kind == "request"]
+    finally:
+        records.close()
+    assert requests == [("team-a", 200)], requests

@@ -107,6 +107,30 @@ def test_the_gateway_serves_on_the_pod_address_through_haproxy() -> None:
     assert render_gateway.THROUGHPUT_OPTIMIZED_ENV == serve.THROUGHPUT_OPTIMIZED_ENV
 
 
+@pytest.mark.parametrize("mode", ["deployment", "rayservice"])
+def test_the_gateway_gets_its_api_keys_and_store_from_secrets(mode: str) -> None:
+    """Without them a cluster gateway takes every caller as tenant default and keeps its ledger in the pod."""
+    doc = example("AutonomousWorkflow", "invoice-triage")
+    del doc["spec"]["budgetPolicyRef"]
+    doc["spec"]["gateway"] = {"mode": mode, "apiKeysSecret": "gateway-keys",
+                              "storeUrlSecretRef": {"name": "pilothouse-store", "key": "url"}}
+    wf = AutonomousWorkflow.model_validate(doc)
+    deps = Dependencies(models={"small": model("small")}, indexes={"invoice-docs": index("invoice-docs")},
+                        budgets={})
+    app = render_gateway.render(wf, compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC)))[1]
+    pod = (app["spec"]["template"]["spec"] if mode == "deployment"
+           else app["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"])
+    container = pod["containers"][0]
+    assert {"name": "PILOTHOUSE_STORE_URL",
+            "valueFrom": {"secretKeyRef": {"name": "pilothouse-store", "key": "url"}}} in container["env"]
+    volume = next(v["name"] for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "gateway-keys")
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume)
+    if mode == "deployment":
+        assert container["args"][container["args"].index("--api-keys") + 1] == mount
+    else:
+        assert yaml.safe_load(app["spec"]["serveConfigV2"])["applications"][0]["args"]["api_keys"] == mount
+
+
 def test_gateway_gets_backend_keys_from_their_secrets() -> None:
     doc = example("AutonomousWorkflow", "invoice-triage")
     del doc["spec"]["budgetPolicyRef"]
