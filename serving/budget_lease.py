@@ -15,7 +15,10 @@ against it in memory. The ledger rows stay the truth:
   past the end of its shortest window), and is released as soon as it is closed and idle: what it
   held unused goes back;
 * a replica killed with a lease open leaves it reserved until the ledger's expiry releases it. That
-  is why a lease takes at most ``MAX_SHARE`` of a cap: a crash can hold that much headroom, no more;
+  is why a lease takes at most ``MAX_SHARE`` of a cap: a crash holds that much headroom, no more, and
+  only for minutes: the holder renews a heartbeat of each lease it has not handed back every
+  ``HEARTBEAT_S``, and ``Ledger.expire`` releases a lease whose heartbeat is older than ``LEASE_STALE``
+  (a replica crash-looping with the 30-minute stale expiry alone could hold a whole cap, a tenth per restart);
 * near a cap (a lease would not fit, or would be too small to be worth it) requests take the exact
   path: their own reservation, and the policy's downgrade / queue / reject. So the edge behaves as it
   did; only the middle of the budget gets faster.
@@ -45,6 +48,7 @@ MIN_REQUESTS = 4  # a lease smaller than this many worst cases is not worth its 
 LIFETIME_S = 30.0
 IDLE_S = 1.0  # an idle lease is returned this long after its last request settled
 RETRY_AFTER_DENIAL_S = 1.0  # near a cap: per-request reservations for a while, not a lease attempt each
+HEARTBEAT_S = 10.0  # renewal period of the leases not yet handed back (ledger.LEASE_STALE: 2 minutes)
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Leases:
         self._acquiring: dict[tuple[str, str], asyncio.Future[Lease | None]] = {}
         self._denied_until: dict[tuple[str, str], float] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def claim(self, namespace: str, rule: BudgetRule, worst_cost: float, worst_tokens: int, request_id: str,
                     at: datetime) -> Claim | None:
@@ -192,6 +197,8 @@ class Leases:
                 self._close(lease)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
 
     async def _acquire(self, key: tuple[str, str], rule: BudgetRule, worst_cost: float, worst_tokens: int,
                        at: datetime) -> Lease | None:
@@ -210,11 +217,14 @@ class Leases:
             if isinstance(result, Denied):
                 self._denied_until[key] = time.monotonic() + RETRY_AFTER_DENIAL_S
                 return None
+            await self.ledger.arenew([result.id])  # before any claim: from now on a crash costs minutes, not 30
             now = time.monotonic()
             lease = Lease(result, now + lifetime, size[0], size[1], worst_cost, worst_tokens, last_used=now)
             self._open.setdefault(key, []).append(lease)
             self._by_id[result.id] = lease
             self._watch(lease)
+            if self._heartbeat is None or self._heartbeat.done():
+                self._heartbeat = asyncio.ensure_future(self._beat())
             return lease
         except Exception:
             log.exception("opening a budget lease for %s/%s failed; reserving per request", *key)
@@ -222,6 +232,17 @@ class Leases:
             return None
         finally:
             self._acquiring.pop(key, None)
+
+    async def _beat(self) -> None:
+        """Renew every lease not yet handed back until none is left; a failed renewal is retried next period
+        (``LEASE_STALE`` is many periods)."""
+        while self._by_id:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self.ledger.arenew(list(self._by_id))
+            except Exception:
+                log.warning("renewing %d budget lease(s) failed; retrying in %g s", len(self._by_id), HEARTBEAT_S,
+                            exc_info=True)
 
     def _watch(self, lease: Lease) -> None:
         """Stop claims at the lease's deadline, and close it once idle for ``IDLE_S``."""

@@ -12,7 +12,8 @@ life in the table is one row per policy:
 * ``commit`` replaces the worst case with the actual usage (state ``committed``); ``release`` gives
   the reservation back (state ``released``) when the request failed before using the backend.
 * ``expire`` releases reservations a crashed gateway left behind, which would otherwise hold budget
-  for the rest of their window.
+  for the rest of their window: any reservation past the stale age, and sooner a budget lease whose
+  heartbeat (``renew``, ``budget_leases``) stopped.
 
 Spend is attributed to the window in which it was *reserved* (``created_at``), the same column the
 operator's reader filters on, so both sides agree on which window a request belongs to.
@@ -54,9 +55,10 @@ from functools import cached_property
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from pilothouse.operator.api.budget_policy import Window
-from pilothouse.operator.api.ledger import ledger, metadata, totals, window_bounds
+from pilothouse.operator.api.ledger import leases, ledger, metadata, totals, window_bounds
 from pilothouse.operator.api.routing import BudgetRule
 
 from . import stores
@@ -67,6 +69,10 @@ log = logging.getLogger(__name__)
 RESERVED = "reserved"
 COMMITTED = "committed"
 RELEASED = "released"
+
+LEASE_STALE = timedelta(minutes=2)
+"""A budget lease not renewed for this long belongs to a replica that died: ``expire`` releases it. Far above
+the holder's renewal period (``budget_lease.HEARTBEAT_S``), so a slow write never loses a live lease."""
 
 USD_EPSILON = 1e-9
 """Tolerance of the USD cap comparisons: costs are floats, and a sum of worst cases that is exactly
@@ -375,24 +381,46 @@ class Ledger:
         return results  # type: ignore[return-value]
 
     @stores.retry_when_locked
-    def expire(self, older_than: timedelta, now: datetime | None = None) -> int:
-        """Release reservations still in flight after ``older_than``; returns how many.
+    def expire(self, older_than: timedelta, now: datetime | None = None, lease_stale: timedelta = LEASE_STALE) -> int:
+        """Release reservations still in flight after ``older_than``, and budget leases not renewed for
+        ``lease_stale``; returns how many.
 
         A gateway that crashes between reserve and commit leaves ``reserved`` rows that would hold
         their worst case until the window ends. The gateway calls this at startup and then
         periodically (about once a minute), with ``older_than`` well above the longest a request can
         live (upstream timeout x attempts + queue timeout): every replica runs it, and a reservation
         of a request still running elsewhere must not be released, or its later commit is refused
-        (returns False) and that spend is lost to the ledger.
+        (returns False) and that spend is lost to the ledger. A lease says itself whether its holder
+        lives (``renew``), so a dead replica's lease, up to a tenth of a cap, comes back in minutes.
+        A request charged to a lease released under it still records its spend (``SettleOp.lease``).
         """
-        cutoff = _utc(now or datetime.now(UTC)) - older_than
+        at = _utc(now or datetime.now(UTC))
+        cutoff, lease_cutoff = at - older_than, at - lease_stale
         with self._write() as conn:
             stale = conn.execute(sa.select(ledger.c.id).where(ledger.c.state == RESERVED, ledger.c.created_at < cutoff)
-                                 .order_by(ledger.c.id)).scalars().all()
-            released = sum(self.settle_in(conn, [SettleOp(rid, None) for rid in stale]))
+                                 ).scalars().all()
+            abandoned = conn.execute(sa.select(ledger.c.id).join(leases, leases.c.id == ledger.c.id).where(
+                ledger.c.state == RESERVED, leases.c.renewed_at < lease_cutoff)).scalars().all()
+            released = sum(self.settle_in(conn, [SettleOp(rid, None) for rid in sorted({*stale, *abandoned})]))
+            conn.execute(sa.delete(leases).where(leases.c.renewed_at < lease_cutoff))
         if released:
-            log.warning("released %d stale reservations created before %s", released, _rfc3339(cutoff))
+            log.warning("released %d stale reservations (created before %s, or leases not renewed since %s)",
+                        released, _rfc3339(cutoff), _rfc3339(lease_cutoff))
         return released
+
+    @stores.retry_when_locked
+    def renew(self, lease_ids: Sequence[str], now: datetime | None = None) -> None:
+        """Heartbeat of budget leases this replica still holds: ``expire`` leaves them alone."""
+        if not lease_ids:
+            return
+        at = _utc(now or datetime.now(UTC))
+        insert = (sqlite if self.backend == "sqlite" else postgresql).insert(leases)
+        upsert = insert.on_conflict_do_update(index_elements=["id"], set_={"renewed_at": insert.excluded.renewed_at})
+        with self._write() as conn:
+            conn.execute(upsert, [{"id": lease_id, "renewed_at": at} for lease_id in sorted(lease_ids)])
+
+    async def arenew(self, lease_ids: Sequence[str]) -> None:
+        await asyncio.to_thread(self.renew, lease_ids)
 
     def rebuild_totals(self) -> None:
         """Recompute ``budget_totals`` from the ledger rows (startup, tests, or after manual edits).

@@ -11,6 +11,10 @@ committed and reserved, kept by the gateway in the same transaction as each ledg
 reservation's cap check reads one row per window instead of summing the window's rows. It is derived
 from ``budget_ledger`` and can be rebuilt from it at any time (``Ledger.rebuild_totals``); the
 operator does not read it.
+
+``budget_leases`` is the gateway's too: a heartbeat per budget lease (one ``reserved`` ledger row holding
+headroom for many requests, ``serving/budget_lease.py``), renewed while the replica holding it lives, so
+the lease of a replica that died is released minutes later instead of at the stale-reservation expiry.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ totals = sa.Table(
     sa.Column("committed_tokens", sa.BigInteger, nullable=False, default=0),
     sa.Column("reserved_usd", sa.Float, nullable=False, default=0.0),
     sa.Column("reserved_tokens", sa.BigInteger, nullable=False, default=0),
+)
+
+
+leases = sa.Table(
+    "budget_leases",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # the lease's budget_ledger row
+    sa.Column("renewed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 
+from pilothouse.operator.api.ledger import leases as ledger_leases
 from pilothouse.operator.api.routing import BudgetRule
+from pilothouse.serving import budget_lease
 from pilothouse.serving.budget_lease import MAX_SHARE, REQUESTS_PER_LEASE, Leases, lease_size
-from pilothouse.serving.ledger import Ledger, SettleOp
+from pilothouse.serving.dataplane import STALE_RESERVATION
+from pilothouse.serving.ledger import LEASE_STALE, Ledger, SettleOp
+from tests.polling import eventually
 
 NOW = datetime.now(UTC)
 SINCE = NOW - timedelta(days=40)
@@ -97,3 +102,49 @@ async def test_near_the_cap_requests_go_the_exact_way_and_drain_returns_what_lea
     commit(book, leases, [c.settle(None) for c in claims])
     assert await asyncio.wait_for(drained, 5)
     assert book.in_flight("team", "p", SINCE).cost_usd == 0.64 - 0.064  # only the other replica's reservation
+
+
+async def test_a_dead_replicas_lease_comes_back_in_minutes_and_a_live_ones_stays(book: Ledger) -> None:
+    """A crash-looping replica must not hold a tenth of the cap per restart for the 30-minute stale expiry."""
+    dead, live = leases_for(book), Leases(book, lambda: "live")
+    crashed = await dead.claim("team", rule(1000.0), *WORST, "r1", NOW)  # its replica dies with this in flight
+    running = await live.claim("team", rule(1000.0), *WORST, "r2", NOW)
+    assert crashed is not None and running is not None
+    alone = book.reserve("team", "p", rule(1000.0), *WORST, "exact", NOW)  # a request's own reservation
+    lease_cost = WORST[0] * REQUESTS_PER_LEASE
+    assert book.in_flight("team", "p", SINCE).cost_usd == pytest.approx(2 * lease_cost + WORST[0])
+
+    later = datetime.now(UTC) + LEASE_STALE + timedelta(seconds=1)
+    book.renew([running.lease.reservation.id], now=later)  # the live replica's heartbeat went on
+    assert book.expire(STALE_RESERVATION, now=later) == 1
+    assert book.in_flight("team", "p", SINCE).cost_usd == pytest.approx(lease_cost + WORST[0])  # live lease, request
+    assert alone.id and book.commit(alone.id, WORST[0], 100)
+
+    commit(book, dead, [crashed.settle((WORST[0], 100))])  # a charge that arrives after all is still spend
+    assert book.spend("team", "p", SINCE) == (pytest.approx(2 * WORST[0]), 200)
+    await live.aclose()
+    commit(book, live, [running.settle(None)])
+    await live.aclose()
+    assert book.in_flight("team", "p", SINCE) == (0.0, 0)
+
+
+async def test_the_holder_renews_its_leases_until_it_hands_them_back(book: Ledger,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(budget_lease, "HEARTBEAT_S", 0.05)
+    leases = leases_for(book)
+
+    def renewed() -> list[datetime]:
+        with book.engine.connect() as conn:
+            return list(conn.execute(sa.select(ledger_leases.c.renewed_at)).scalars())
+
+    claim = await leases.claim("team", rule(1000.0), *WORST, "r1", NOW)
+    assert claim is not None
+    first = renewed()
+    assert len(first) == 1  # renewed before the first claim was admitted
+    await eventually(lambda: renewed()[0] > first[0])
+    commit(book, leases, [claim.settle(None)])
+    await leases.aclose()  # handed back: nothing left to renew
+    await asyncio.sleep(0.05)
+    last = renewed()
+    await asyncio.sleep(0.25)
+    assert renewed() == last

@@ -249,6 +249,19 @@ def test_expire_releases_only_stale_reservations(ledger: Ledger) -> None:
     assert ledger.expire(timedelta(minutes=10), now=AT) == 0
 
 
+def test_expire_releases_a_lease_whose_heartbeat_stopped_within_minutes(ledger: Ledger) -> None:
+    day = rule({"window": "day", "maxCostUSD": 10})
+    dead = granted(ledger.reserve("team", "p", day, 1.0, 0, "lease-dead", AT - timedelta(minutes=5)))
+    live = granted(ledger.reserve("team", "p", day, 2.0, 0, "lease-live", AT - timedelta(minutes=5)))
+    ledger.renew([dead.id, live.id], now=AT - timedelta(minutes=5))
+    ledger.renew([live.id], now=AT - timedelta(seconds=20))
+    ledger.renew([live.id], now=AT - timedelta(seconds=10))  # a renewal moves the heartbeat, it adds no row
+    assert ledger.expire(timedelta(minutes=30), now=AT) == 1  # long before the stale expiry
+    assert ledger.in_flight("team", "p", DAY) == Usage(2.0, 0)
+    assert ledger.commit(live.id, 2.0, 0) is True
+    assert ledger.expire(timedelta(minutes=30), now=AT) == 0
+
+
 def test_inputs_are_checked(ledger: Ledger, tmp_path: Path) -> None:
     day = rule({"window": "day", "maxCostUSD": 1})
     with pytest.raises(ValueError, match="naive"):
