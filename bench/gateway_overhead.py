@@ -239,9 +239,10 @@ class Proc:
         return line
 
     def stop(self, grace: float = 60.0) -> None:
+        # SIGTERM to the leader only: sent to the whole group it also hit Serve's HAProxy mid-shutdown, and the
+        # HAProxy that Serve started again in its place outlived the run (seen once, holding its port).
         if self.p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.p.pid, signal.SIGTERM)
+            self.p.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.p.wait(grace)
         with contextlib.suppress(ProcessLookupError):
