@@ -109,6 +109,7 @@ def replica_ports(count: int) -> dict[str, int]:
             break
     return found
 
+
 def request_body(model: str, max_tokens: int, stream: bool) -> bytes:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
                             "max_tokens": max_tokens, "temperature": 0.7, "ignore_eos": True}

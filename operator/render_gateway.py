@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .api import AutonomousWorkflow, RoutingTable
+from .api.gateway import STORE_URL_ENV, THROUGHPUT_OPTIMIZED_ENV
 from .render_model import LABELS
 
 GATEWAY_IMAGE = "ghcr.io/pilothouse/pilothouse:0.1.0"
@@ -18,11 +19,6 @@ PORT = 8000
 ROUTING_FILE = "routing.json"
 MOUNT = "/etc/pilothouse/routing"
 KEYS_MOUNT = "/etc/pilothouse/api-keys"
-STORE_URL_ENV = "PILOTHOUSE_STORE_URL"  # read by `pilothouse serve --store-url` and by the gateway app
-THROUGHPUT_OPTIMIZED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-"""Serve's throughput-optimized preset with HAProxy on the Serve port, as ``pilothouse serve --throughput-optimized``
-sets it (``pilothouse.serving.serve``; the layers share only the API, a unit test keeps the two equal): HAProxy
-instead of Serve's Python proxy, 3x the requests per second (bench/README.md)."""
 
 
 def routing_configmap(workflow: str) -> str:

@@ -33,6 +33,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pilothouse.operator.api.gateway import STORE_URL_ENV
 from pilothouse.operator.api.routing import RoutingTable
 
 from . import reviews, tracing
@@ -225,7 +226,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
         tracing.configure(endpoint)
     source = TableSource(routing_path)
     keys = ApiKeys(api_keys)
-    dataplane = DataPlane(source, store_url or os.environ.get("PILOTHOUSE_STORE_URL"))
+    dataplane = DataPlane(source, store_url or os.environ.get(STORE_URL_ENV))
     review_queue = reviews.ReviewQueue(dataplane.store_url, dataplane.metrics)
 
     @contextlib.asynccontextmanager

@@ -183,7 +183,7 @@ class HotIndex:
     """
 
     def __init__(self, alias: str, *, metric: Metric, max_rows: int, client: Callable[[], MilvusClient],
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float) -> None:
         self.alias = alias
         self.metric = metric
         self.max_rows = max_rows
@@ -263,6 +263,6 @@ class HotIndex:
             self.rebuild()
         except MILVUS_FAILURES as exc:
             log.warning("hot index %s: rebuild failed, Milvus answers meanwhile: %s", self.alias,
-                        failure_text(exc, self.timeout_s or 0.0))
+                        failure_text(exc, self.timeout_s))
             with self._lock:
                 self._failed_at = time.monotonic()

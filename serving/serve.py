@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from pilothouse.operator.api.gateway import THROUGHPUT_OPTIMIZED_ENV
+
 from .gateway import MiB, build_app
 
 log = logging.getLogger(__name__)
@@ -78,16 +80,14 @@ def app_builder(args: dict[str, Any]) -> Application:
     return Gateway.bind(GatewayArgs.model_validate(args).model_dump())
 
 
-THROUGHPUT_OPTIMIZED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-
-
 def ray_env(*, throughput_optimized: bool = False) -> dict[str, str]:
     """Environment for the Ray processes (set before ``ray.init``: controller and replicas read it at import)."""
     if not throughput_optimized:
         return {}
     return {**THROUGHPUT_OPTIMIZED_ENV,
-            # Direct ingress holds a stopping ingress replica for 30 s (for external load balancers);
-            # there is none in front of a local gateway.
+            # Direct ingress holds a stopping ingress replica for 30 s, for load balancers outside Serve to
+            # notice. The only one here is Serve's own HAProxy, on the same machine (in a cluster, the same
+            # pod, taken out of its Service before it stops); without this, every stop took 30 s.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
