@@ -98,6 +98,11 @@ class Claim:
         return SettleOp(res.id, actual, LeaseCharge(self.row_id, res.namespace, res.policy, res.created_at))
 
 
+def _running_low(lease: Lease) -> bool:
+    """Less than ``PREFETCH_BELOW`` of the lease is free: time the next one was on its way."""
+    return lease.cost_left < lease.reservation.cost_usd * PREFETCH_BELOW
+
+
 def lease_size(rule: BudgetRule, worst_cost: float, worst_tokens: int) -> tuple[float, int] | None:
     """(USD, tokens) a lease for requests of this worst case should hold, or None when one is not worth it."""
     cost, tokens = worst_cost * REQUESTS_PER_LEASE, worst_tokens * REQUESTS_PER_LEASE
@@ -121,6 +126,7 @@ class Leases:
         self._by_id: dict[str, Lease] = {}
         self._acquiring: dict[tuple[str, str], asyncio.Future[Lease | None]] = {}
         self._denied_until: dict[tuple[str, str], float] = {}
+        self._last_claim: dict[tuple[str, str], float] = {}  # monotonic: a policy whose leases are in use
         self._tasks: set[asyncio.Future[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -148,9 +154,10 @@ class Leases:
                 lease.cost_left -= worst_cost
                 lease.tokens_left -= worst_tokens
                 lease.in_flight += 1
-                lease.last_used = now
-                if lease.cost_left < lease.reservation.cost_usd * PREFETCH_BELOW and key not in self._acquiring \
-                        and now >= self._denied_until.get(key, 0.0):
+                lease.last_used = self._last_claim[key] = now
+                if _running_low(lease) and key not in self._acquiring and now >= self._denied_until.get(key, 0.0) \
+                        and not any(not other.closed and now < other.deadline and not _running_low(other)
+                                    for other in self._open[key]):  # the next one is here already
                     self._start_acquiring(key, rule, worst_cost, worst_tokens, at)
                 return Claim(lease, reservation_id(request_id, rule.policy), worst_cost, worst_tokens)
         return None
@@ -245,11 +252,18 @@ class Leases:
                             exc_info=True)
 
     def _watch(self, lease: Lease) -> None:
-        """Stop claims at the lease's deadline, and close it once idle for ``IDLE_S``."""
+        """Stop claims at the lease's deadline, and close it once its policy is idle for ``IDLE_S``.
+
+        Idle is per policy, not per lease: the next lease, reserved while the current one runs low,
+        takes no claim until that one is full, and must not go back meanwhile only to be reserved again.
+        """
+        key = (lease.reservation.namespace, lease.reservation.policy)
+
         async def watch() -> None:
             while not lease.closed:
                 now = time.monotonic()
-                idle_at = lease.last_used + IDLE_S if lease.quiet else now + IDLE_S
+                last = max(lease.last_used, self._last_claim.get(key, 0.0))
+                idle_at = last + IDLE_S if lease.quiet else now + IDLE_S
                 wake = min(lease.deadline, idle_at)
                 if now >= wake:
                     self._close(lease)

@@ -13,6 +13,7 @@ import pytest_asyncio
 import sqlalchemy as sa
 
 from pilothouse.operator.api.ledger import leases as ledger_leases
+from pilothouse.operator.api.ledger import ledger
 from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.serving import budget_lease
 from pilothouse.serving.budget_lease import MAX_SHARE, REQUESTS_PER_LEASE, Leases, lease_size
@@ -66,6 +67,29 @@ async def test_claims_come_from_one_reservation_and_each_charge_is_its_own_row(b
     assert book.spend("team", "p", SINCE) == (pytest.approx(10 * WORST[0] / 2), 500)
     assert book.in_flight("team", "p", SINCE).cost_usd == pytest.approx(lease_cost - 10 * WORST[0] / 2)
     await leases.aclose()  # quiet: handed back
+    assert book.in_flight("team", "p", SINCE) == (0.0, 0)
+
+
+async def test_steady_traffic_reserves_one_lease_per_lease_worth_of_requests(book: Ledger) -> None:
+    """The next lease is reserved once, when the current one runs low, and waits its turn instead of going
+    back idle: each reservation and return is a ledger write, and every spare lease holds headroom."""
+    leases = leases_for(book)
+    requests = 3 * REQUESTS_PER_LEASE
+    ids = iter(range(requests))
+
+    async def client() -> None:
+        for i in ids:
+            claim = await leases.claim("team", rule(1000.0), *WORST, f"r{i}", NOW)
+            assert claim is not None
+            await asyncio.sleep(0)  # the request is in flight: the event loop runs other tasks
+            commit(book, leases, [claim.settle(WORST)])
+
+    await asyncio.gather(*(client() for _ in range(32)))
+    await leases.aclose()
+    with book.engine.connect() as conn:
+        reserved = conn.execute(sa.select(sa.func.count()).where(ledger.c.id.like("lease-%"))).scalar()
+    assert reserved == 4  # three used up, and the one reserved while the third ran low
+    assert book.spend("team", "p", SINCE) == (pytest.approx(requests * WORST[0]), requests * WORST[1])
     assert book.in_flight("team", "p", SINCE) == (0.0, 0)
 
 
