@@ -275,17 +275,14 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
             return openai_error(503, f"No RoutingTable is loaded yet: {source.last_error}", code="not_ready")
         return JSONResponse(models_list(source.current()))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await dataplane.handle(request, CHAT)
+    # The request path as plain Starlette routes: the data plane reads the body itself, so FastAPI's
+    # dependency solving had nothing to do but cost 11 us a request (an empty endpoint: 22.5 vs 11.6 us).
+    for path, kind in (("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETIONS),
+                       ("/v1/embeddings", EMBEDDINGS)):
+        async def endpoint(request: Request, kind: str = kind) -> Response:
+            return await dataplane.handle(request, kind)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await dataplane.handle(request, COMPLETIONS)
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await dataplane.handle(request, EMBEDDINGS)
+        app.add_route(path, endpoint, methods=["POST"])
 
     app.include_router(reviews.router(review_queue))
 
