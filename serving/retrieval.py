@@ -202,6 +202,7 @@ class MilvusRetriever:
             with self._lock:  # Milvus was not asked: a non-counting failure only frees a probe slot
                 self._breaker.record_failure(ErrorClass.CANCELLED)
             return self._degraded(query, top_k, filter, "embedding_failed", f"query embedding failed: {exc}")
+        client: MilvusClient | None = None
         try:
             client = self._milvus()
             hits = self._hot_search(client, query, vector, top_k, mode, filter)
@@ -209,17 +210,21 @@ class MilvusRetriever:
             if hits is None:
                 hits = self._milvus_search(client, query, vector, top_k, mode, filter)
         except MILVUS_FAILURES as exc:
-            reason = self._failed(exc)
+            reason = self._failed(exc, client)
             return self._degraded(query, top_k, filter, reason,
                                   f"Milvus at {self.milvus_uri}: {failure_text(exc, self._timeout_s)}")
         with self._lock:
             self._breaker.record_success()
         return RetrievalResult(hits=hits, mode=mode, hot=hot)
 
-    def _failed(self, exc: BaseException) -> str:
-        """Connection-level failures (see :func:`unreachable`) trip the breaker at once."""
-        down = unreachable(exc)
+    def _failed(self, exc: BaseException, client: MilvusClient | None) -> str:
+        """Connection-level failures (see :func:`unreachable`) trip the breaker at once.
+
+        A call whose client another call's outage closed meanwhile fails with a cancelled or closed
+        channel: that is the same outage, not a Milvus error of its own.
+        """
         with self._lock:
+            down = unreachable(exc) or (client is not None and client is not self._client)
             self._breaker.record_failure(ErrorClass.CONNECTION if down else ErrorClass.SERVER, refused=down)
             if down and self._client is not None:
                 self._client.close()
