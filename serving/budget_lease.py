@@ -156,11 +156,14 @@ class Leases:
                 lease.in_flight += 1
                 lease.last_used = self._last_claim[key] = now
                 if _running_low(lease) and key not in self._acquiring and now >= self._denied_until.get(key, 0.0) \
-                        and not any(not other.closed and now < other.deadline and not _running_low(other)
-                                    for other in self._open[key]):  # the next one is here already
+                        and not self._has_next(key, now):
                     self._start_acquiring(key, rule, worst_cost, worst_tokens, at)
                 return Claim(lease, reservation_id(request_id, rule.policy), worst_cost, worst_tokens)
         return None
+
+    def _has_next(self, key: tuple[str, str], now: float) -> bool:
+        """An open lease of the policy that still takes claims and is not running low: the next one is here."""
+        return any(not lease.closed and now < lease.deadline and not _running_low(lease) for lease in self._open[key])
 
     def _start_acquiring(self, key: tuple[str, str], rule: BudgetRule, worst_cost: float, worst_tokens: int,
                          at: datetime) -> asyncio.Future[Lease | None]:

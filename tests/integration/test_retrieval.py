@@ -6,10 +6,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
-from pymilvus import MilvusClient
+from pymilvus import MilvusClient, MilvusException
 from typer.testing import CliRunner
 
 from pilothouse.cli import app
@@ -179,6 +181,29 @@ def test_milvus_down_answers_from_the_keyword_copy_flagged_degraded(env: Setup, 
 
     back = retriever.search("parking permits", top_k=2, mode="hybrid")  # the probe reopens the Lite file
     assert (back.mode, back.degraded) == ("hybrid", False) and back.hits[0].metadata["source"] == "office.txt"
+
+
+def test_a_call_failed_by_another_calls_outage_counts_as_that_outage(env: Setup, corpus: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent searches share one client; the first to find Milvus down closes it, and a call still in
+    flight on it ends in pymilvus' retry wrapper as a MilvusException CANCELLED (seen in the paused-Milvus
+    drill): the same outage, counted as unreachable, not as a Milvus error of its own."""
+    env.ingestor.ingest([corpus])
+    retriever = env.retriever()
+    assert not retriever.search("parking permits", top_k=2, mode="dense").degraded
+
+    def cancelled_meanwhile(client: MilvusClient, *_: object) -> NoReturn:
+        retriever._client = None  # another call's outage reset the shared client...
+        client.close()  # ...and closed it under this call
+        raise MilvusException(code=grpc.StatusCode.CANCELLED,
+                              message="[search] Retry timeout: 1.0s, StatusCode.CANCELLED, Channel closed!")
+
+    monkeypatch.setattr(retriever, "_milvus_search", cancelled_meanwhile)
+    down = retriever.search("parking permits", top_k=2, mode="dense")
+    assert (down.mode, down.degraded) == ("keyword-only", True) and down.hits[0].metadata["source"] == "office.txt"
+    assert [env.registry.get_sample_value("pilothouse_retrieval_degraded_total",
+                                          {"index": "handbook", "reason": reason})
+            for reason in ("milvus_unreachable", "milvus_error")] == [1.0, None]
 
 
 def test_an_unreachable_milvus_or_a_keyword_only_table_still_answers(env: Setup, corpus: Path) -> None:

@@ -80,21 +80,24 @@ def test_workflow_renders_routing_configmap_and_gateway(mode: str) -> None:
     assert configmap["metadata"]["labels"]["pilothouse.io/routing-revision"] == "1"
 
 
+def rendered_gateway(gateway: dict[str, Any]) -> dict[str, Any]:
+    """The gateway (Deployment or RayService) rendered for the example workflow with this ``spec.gateway``."""
+    doc = example("AutonomousWorkflow", "invoice-triage")
+    del doc["spec"]["budgetPolicyRef"]
+    doc["spec"]["gateway"] = gateway
+    wf = AutonomousWorkflow.model_validate(doc)
+    deps = Dependencies(models={"small": model("small")}, indexes={"invoice-docs": index("invoice-docs")},
+                        budgets={})
+    return render_gateway.render(wf, compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC)))[1]
+
+
 def test_the_gateway_serves_on_the_pod_address_through_haproxy() -> None:
     """What makes the rendered gateway reachable and fast: all interfaces (a Service and the kubelet's probes
     come in on the pod's address), HAProxy instead of Serve's Python proxy (the same settings as
     ``pilothouse serve --throughput-optimized``), and a writable /tmp under the read-only root for Ray."""
     from pilothouse.serving import serve
 
-    doc = example("AutonomousWorkflow", "invoice-triage")
-    del doc["spec"]["budgetPolicyRef"]
-    deps = Dependencies(models={"small": model("small")}, indexes={"invoice-docs": index("invoice-docs")},
-                        budgets={})
-    rendered = {}
-    for mode in ("deployment", "rayservice"):
-        doc["spec"]["gateway"] = {"mode": mode}
-        wf = AutonomousWorkflow.model_validate(doc)
-        rendered[mode] = render_gateway.render(wf, compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC)))[1]
+    rendered = {mode: rendered_gateway({"mode": mode}) for mode in ("deployment", "rayservice")}
     pod = rendered["deployment"]["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--host") + 1] == "0.0.0.0" and "--throughput-optimized" in args
@@ -111,14 +114,8 @@ def test_the_gateway_serves_on_the_pod_address_through_haproxy() -> None:
 @pytest.mark.parametrize("mode", ["deployment", "rayservice"])
 def test_the_gateway_gets_its_api_keys_and_store_from_secrets(mode: str) -> None:
     """Without them a cluster gateway takes every caller as tenant default and keeps its ledger in the pod."""
-    doc = example("AutonomousWorkflow", "invoice-triage")
-    del doc["spec"]["budgetPolicyRef"]
-    doc["spec"]["gateway"] = {"mode": mode, "apiKeysSecret": "gateway-keys",
-                              "storeUrlSecretRef": {"name": "pilothouse-store", "key": "url"}}
-    wf = AutonomousWorkflow.model_validate(doc)
-    deps = Dependencies(models={"small": model("small")}, indexes={"invoice-docs": index("invoice-docs")},
-                        budgets={})
-    app = render_gateway.render(wf, compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC)))[1]
+    app = rendered_gateway({"mode": mode, "apiKeysSecret": "gateway-keys",
+                            "storeUrlSecretRef": {"name": "pilothouse-store", "key": "url"}})
     pod = (app["spec"]["template"]["spec"] if mode == "deployment"
            else app["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"])
     container = pod["containers"][0]
