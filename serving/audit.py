@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy.dialects import postgresql, sqlite
 
 from . import stores
 from .group_commit import GroupCommitter
+from .prepared import Prepared
 
 if TYPE_CHECKING:
     from .ledger import Ledger, SettleOp
@@ -186,6 +186,13 @@ audit_records = sa.Table(
 )
 
 
+_INSERT = Prepared("INSERT INTO audit_records (id, ts, tenant, workflow, kind, trace_id, written_at, record) "
+                   "VALUES (:id, :ts, :tenant, :workflow, :kind, :trace_id, :written_at, :record) "
+                   "ON CONFLICT (id) DO NOTHING",
+                   ts=audit_records.c.ts.type, written_at=audit_records.c.written_at.type)
+"""The group commit's insert (``prepared``: the writer thread's hot path); a retried write cannot duplicate a row."""
+
+
 def _row(record: AuditRecord) -> dict[str, Any]:
     return {"id": record.id, "ts": record.ts, "tenant": record.tenant, "workflow": record.workflow,
             "kind": record.kind, "trace_id": record.trace_id, "record": record.model_dump_json(exclude_none=True)}
@@ -205,8 +212,6 @@ class AuditLog:
     def __init__(self, url: str, *, create: bool = True, busy_timeout_s: float = 30.0, **engine_options: Any) -> None:
         self.engine, self.backend = stores.open_engine(url, purpose="audit log", busy_timeout_s=busy_timeout_s,
                                                        synchronous="FULL", create_dir=create, **engine_options)
-        dialect = sqlite if self.backend == "sqlite" else postgresql
-        self._insert_stmt: Any = dialect.insert(audit_records).on_conflict_do_nothing(index_elements=["id"])
         self._writer = stores.writer(self.engine)
         self._count_lock = threading.Lock()
         self.transactions = 0
@@ -243,8 +248,7 @@ class AuditLog:
         params = [{**row, "written_at": written_at} for row in rows]
         with stores.begin_write(self._writer) as conn:
             done = also(conn) if also is not None else None
-            inserted = conn.execute(self._insert_stmt, params[0] if len(params) == 1 else params,
-                                    execution_options={"preserve_rowcount": True}).rowcount if params else 0
+            inserted = _INSERT.execute(conn, params)
         with self._count_lock:
             self.transactions += 1
         return inserted, done

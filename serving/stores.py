@@ -22,7 +22,10 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from .prepared import Prepared
+
 _BEGIN_OPTION = "pilothouse_sqlite_begin"
+_BEGIN = {mode: Prepared(f"BEGIN {mode}") for mode in ("DEFERRED", "IMMEDIATE")}  # every write transaction's first
 
 
 def open_engine(url: str, *, purpose: str, busy_timeout_s: float, synchronous: Literal["NORMAL", "FULL"],
@@ -51,7 +54,7 @@ def open_engine(url: str, *, purpose: str, busy_timeout_s: float, synchronous: L
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN_OPTION, 'DEFERRED')}")
+        _BEGIN[conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")].execute(conn, [{}])
 
     return engine, backend
 

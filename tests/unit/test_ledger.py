@@ -285,8 +285,9 @@ async def test_async_wrappers_run_off_the_event_loop(ledger: Ledger) -> None:
 
 
 def test_writers_begin_immediate_and_readers_deferred(sqlite_ledger: Ledger) -> None:
-    seen: list[str] = []
-    sa.event.listen(sqlite_ledger.engine, "before_cursor_execute", lambda _c, _cur, stmt, *_: seen.append(stmt))
+    seen: list[str] = []  # what SQLite itself was asked to run, whichever layer sent it
+    sqlite_ledger.engine.dispose()
+    sa.event.listen(sqlite_ledger.engine, "connect", lambda dbapi, _: dbapi.set_trace_callback(seen.append))
     got = granted(sqlite_ledger.reserve("team", "p", rule({"window": "day", "maxCostUSD": 1}), 0.5, 5, "r1", AT))
     sqlite_ledger.commit(got.id, 0.5, 5)
     sqlite_ledger.spend("team", "p", DAY)

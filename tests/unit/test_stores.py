@@ -75,3 +75,24 @@ def test_writers_in_one_process_take_turns_without_the_busy_handler(tmp_path: Pa
     assert errors == []
     with engines[0].connect() as conn:
         assert conn.exec_driver_sql("SELECT COUNT(*) FROM t").scalar() == 300
+
+
+def test_a_group_commit_that_finds_the_file_locked_past_the_busy_timeout_is_retried(tmp_path: Path) -> None:
+    """The writers' statements run on the driver's cursor (``prepared``), not through ``Connection.execute``;
+    SQLite's "database is locked" must still surface as SQLAlchemy's OperationalError, which the retry
+    recognises: the record lands once, after the other process lets go, instead of failing the request."""
+    from pilothouse.serving.audit import AuditRecord
+
+    path = tmp_path / "shared.db"
+    log = AuditLog(f"sqlite:///{path}", busy_timeout_s=0.02)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    releaser = threading.Timer(0.3, other.execute, args=("COMMIT",))
+    releaser.start()
+    started = time.monotonic()
+    assert log.append(AuditRecord(id="r1", tenant="team"))
+    assert time.monotonic() - started >= 0.25  # it did meet the lock, and waited it out
+    releaser.join()
+    assert [r.id for r in log.tail()] == ["r1"]
+    log.close()
+    other.close()
