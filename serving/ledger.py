@@ -274,6 +274,8 @@ _TS = sa.DateTime(timezone=True)
 
 
 class _Row(NamedTuple):
+    """A ``budget_ledger`` row as the batch reads it."""
+
     id: str
     namespace: str
     policy: str
@@ -281,6 +283,9 @@ class _Row(NamedTuple):
     cost_usd: float
     tokens: int
     created_at: datetime
+
+
+_ROWS_CHUNK = 1024  # ids per SELECT: far below SQLite's and PostgreSQL's bound-parameter limits
 
 
 @functools.cache
@@ -291,13 +296,19 @@ def _sql_rows(n: int, lock: bool) -> Prepared:
 
 
 def _rows_by_id(conn: sa.Connection, ids: Sequence[str], *, lock: bool = False) -> list[_Row]:
-    """The ledger rows of ``ids``; ``lock``: FOR UPDATE (PostgreSQL). The list is padded to a power of two by
-    repeating an id, so a dozen statements serve every batch size."""
-    if not ids:
-        return []
-    n = 1 << (len(ids) - 1).bit_length()
-    padded = [*ids, *[ids[-1]] * (n - len(ids))]
-    return [_Row(*row) for row in _sql_rows(n, lock).rows(conn, {f"id_{i}": rid for i, rid in enumerate(padded)})]
+    """The ledger rows of ``ids``, locked FOR UPDATE with ``lock`` (PostgreSQL; pass ``ids`` sorted, so every
+    batch takes its row locks in id order).
+
+    At most ``_ROWS_CHUNK`` ids per statement, each list padded to a power of two by repeating an id, so
+    eleven statements serve every batch size."""
+    found: list[_Row] = []
+    for at in range(0, len(ids), _ROWS_CHUNK):
+        chunk = ids[at:at + _ROWS_CHUNK]
+        n = 1 << (len(chunk) - 1).bit_length()
+        params = {f"id_{i}": rid for i, rid in enumerate([*chunk, *[chunk[-1]] * (n - len(chunk))])}
+        found += (_Row(*row) for row in _sql_rows(n, lock).rows(conn, params))
+    return found
+
 
 _SQL_SETTLE = Prepared("UPDATE budget_ledger SET state = :new_state, cost_usd = :new_cost, tokens = :new_tokens "
                        "WHERE id = :rid")

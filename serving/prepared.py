@@ -58,9 +58,6 @@ class Prepared:
         self.columns = dict(columns or {})
         self._forms: dict[tuple[str, str, str], _Form] = {}
 
-    def __str__(self) -> str:
-        return str(self.clause)
-
     def _form(self, dialect: Dialect) -> _Form:
         key = (dialect.name, dialect.driver, dialect.paramstyle)
         form = self._forms.get(key)

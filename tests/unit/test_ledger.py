@@ -249,6 +249,19 @@ def test_expire_releases_only_stale_reservations(ledger: Ledger) -> None:
     assert ledger.expire(timedelta(minutes=10), now=AT) == 0
 
 
+def test_expire_releases_more_stale_reservations_than_one_statement_reads(ledger: Ledger) -> None:
+    """A gateway that crashed under load leaves thousands of reservations; every one comes back, in one call,
+    whatever the database's limit on bound parameters."""
+    day = rule({"window": "day", "maxCostUSD": 1e6})
+    old = AT - timedelta(minutes=30)
+    ops = [ReserveOp("team", "p", day, 0.5, 5, f"crashed-{i:04d}", old) for i in range(2500)]
+    assert all(isinstance(r, Reservation) for r in ledger.apply(ops))
+    assert ledger.in_flight("team", "p", DAY) == Usage(1250.0, 12500)
+    assert ledger.expire(timedelta(minutes=10), now=AT) == 2500
+    assert ledger.in_flight("team", "p", DAY) == Usage(0.0, 0)
+    assert ledger.expire(timedelta(minutes=10), now=AT) == 0
+
+
 def test_expire_releases_a_lease_whose_heartbeat_stopped_within_minutes(ledger: Ledger) -> None:
     day = rule({"window": "day", "maxCostUSD": 10})
     dead = granted(ledger.reserve("team", "p", day, 1.0, 0, "lease-dead", AT - timedelta(minutes=5)))
