@@ -326,6 +326,8 @@ class DataPlane:
         await stores.writer.write(record)
 
     def render_metrics(self) -> Response:
+        """``GET /metrics``. The circuit gauges are written here, from every breaker's state at the scrape, rather
+        than on every request (a breaker moves between states on a clock too: open -> half-open)."""
         self.sync_tables()
         for name, breaker in self.breakers.items():
             self.metrics.circuit(name, breaker.gauge)
@@ -693,9 +695,7 @@ class DataPlane:
         """Record a failure (breaker, audit, metrics); the next attempt, or None to give up."""
         name = backend.model_deployment
         failure = exc.failure
-        breaker = self.breaker(name)
-        breaker.record_failure(failure.error_class, refused=failure.refused)
-        self.metrics.circuit(name, breaker.gauge)
+        self.breaker(name).record_failure(failure.error_class, refused=failure.refused)
         ctx.attempts.append(RoutingAttempt(backend=name, error_class=failure.error_class.value,
                                            message=failure.message[:500], latency_ms=latency_s * 1000))
         ctx.backend_latency_s += latency_s
@@ -707,9 +707,7 @@ class DataPlane:
         return p.attempts[p.index(nxt)]
 
     def _succeeded(self, ctx: _Ctx, backend: Backend, reason: str, latency_s: float) -> None:
-        breaker = self.breaker(backend.model_deployment)
-        breaker.record_success()
-        self.metrics.circuit(backend.model_deployment, breaker.gauge)
+        self.breaker(backend.model_deployment).record_success()
         ctx.backend, ctx.reason = backend, reason
         ctx.backend_latency_s += latency_s
         ctx.attempts.append(RoutingAttempt(backend=backend.model_deployment, latency_ms=latency_s * 1000))
@@ -877,9 +875,7 @@ class DataPlane:
 
     def _stream_failed(self, ctx: _Ctx, backend: Backend, error: BackendError, latency_s: float) -> None:
         name = backend.model_deployment
-        breaker = self.breaker(name)
-        breaker.record_failure(error.error_class, refused=error.failure.refused)
-        self.metrics.circuit(name, breaker.gauge)
+        self.breaker(name).record_failure(error.error_class, refused=error.failure.refused)
         ctx.attempts.append(RoutingAttempt(backend=name, error_class=error.error_class.value,
                                            message=error.failure.message[:500], latency_ms=latency_s * 1000))
         ctx.backend_latency_s += latency_s
