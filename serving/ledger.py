@@ -439,11 +439,12 @@ class Ledger:
         at = _utc(now or datetime.now(UTC))
         cutoff, lease_cutoff = at - older_than, at - lease_stale
         with self._write() as conn:
-            stale = conn.execute(sa.select(ledger.c.id).where(ledger.c.state == RESERVED, ledger.c.created_at < cutoff)
-                                 ).scalars().all()
-            abandoned = conn.execute(sa.select(ledger.c.id).join(leases, leases.c.id == ledger.c.id).where(
-                ledger.c.state == RESERVED, leases.c.renewed_at < lease_cutoff)).scalars().all()
-            released = sum(self.settle_in(conn, [SettleOp(rid, None) for rid in sorted({*stale, *abandoned})]))
+            expired = conn.execute(
+                sa.select(ledger.c.id).outerjoin(leases, leases.c.id == ledger.c.id)
+                .where(ledger.c.state == RESERVED,
+                       sa.or_(ledger.c.created_at < cutoff, leases.c.renewed_at < lease_cutoff))
+                .order_by(ledger.c.id)).scalars().all()
+            released = sum(self.settle_in(conn, [SettleOp(rid, None) for rid in expired]))
             conn.execute(sa.delete(leases).where(leases.c.renewed_at < lease_cutoff))
         if released:
             log.warning("released %d stale reservations (created before %s, or leases not renewed since %s)",
