@@ -57,8 +57,13 @@ def _secret_env(wf: AutonomousWorkflow, table: RoutingTable) -> list[dict[str, A
             for name, ref in sorted(refs.items())]
 
 
+def _keys_file(wf: AutonomousWorkflow) -> str | None:
+    """Where the gateway reads its API keys: the ``apiKeysSecret`` mounted, or None (no authentication)."""
+    return KEYS_MOUNT if wf.spec.gateway.api_keys_secret else None
+
+
 def _mounts(wf: AutonomousWorkflow) -> list[dict[str, Any]]:
-    keys = [{"name": "api-keys", "mountPath": KEYS_MOUNT, "readOnly": True}] if wf.spec.gateway.api_keys_secret else []
+    keys = [{"name": "api-keys", "mountPath": path, "readOnly": True}] if (path := _keys_file(wf)) else []
     return [{"name": "routing", "mountPath": MOUNT, "readOnly": True}, *keys]
 
 
@@ -68,7 +73,7 @@ def _container(wf: AutonomousWorkflow, table: RoutingTable, image: str) -> dict[
         "image": image,
         # All interfaces: the Service and the kubelet's probes come in on the pod's address.
         "args": ["serve", "--routing", f"{MOUNT}/{ROUTING_FILE}", "--host", "0.0.0.0", "--port", str(PORT),
-                 "--throughput-optimized", *(["--api-keys", KEYS_MOUNT] if wf.spec.gateway.api_keys_secret else [])],
+                 "--throughput-optimized", *(["--api-keys", path] if (path := _keys_file(wf)) else [])],
         "ports": [{"name": "http", "containerPort": PORT}],
         "env": _secret_env(wf, table),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
@@ -111,8 +116,7 @@ def render(wf: AutonomousWorkflow, table: RoutingTable, *, image: str = GATEWAY_
     else:
         serve = {"applications": [{
             "name": "gateway", "route_prefix": "/", "import_path": "pilothouse.serving.serve:app_builder",
-            "args": {"routing": f"{MOUNT}/{ROUTING_FILE}",
-                     **({"api_keys": KEYS_MOUNT} if wf.spec.gateway.api_keys_secret else {})},
+            "args": {"routing": f"{MOUNT}/{ROUTING_FILE}", **({"api_keys": path} if (path := _keys_file(wf)) else {})},
             "deployments": [{"name": "Gateway", "num_replicas": wf.spec.gateway.replicas}],
         }]}
         env = [{"name": k, "value": v} for k, v in THROUGHPUT_OPTIMIZED_ENV.items()] + _secret_env(wf, table)

@@ -56,7 +56,6 @@ from functools import cached_property
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from pilothouse.operator.api.budget_policy import Window
 from pilothouse.operator.api.ledger import leases, ledger, metadata, totals, window_bounds
@@ -330,6 +329,9 @@ _SQL_ADD_TOTALS = Prepared(
     "reserved_usd = budget_totals.reserved_usd + excluded.reserved_usd, "
     "reserved_tokens = budget_totals.reserved_tokens + excluded.reserved_tokens", window_start=_TS)
 
+_SQL_RENEW = Prepared("INSERT INTO budget_leases (id, renewed_at) VALUES (:id, :renewed_at) "
+                      "ON CONFLICT (id) DO UPDATE SET renewed_at = excluded.renewed_at", renewed_at=_TS)
+
 
 class Ledger:
     """Writes the budget ledger over SQLAlchemy: SQLite (a file path URL) by default, PostgreSQL by URL.
@@ -457,10 +459,8 @@ class Ledger:
         if not lease_ids:
             return
         at = _utc(now or datetime.now(UTC))
-        insert = (sqlite if self.backend == "sqlite" else postgresql).insert(leases)
-        upsert = insert.on_conflict_do_update(index_elements=["id"], set_={"renewed_at": insert.excluded.renewed_at})
         with self._write() as conn:
-            conn.execute(upsert, [{"id": lease_id, "renewed_at": at} for lease_id in sorted(lease_ids)])
+            _SQL_RENEW.execute(conn, [{"id": lease_id, "renewed_at": at} for lease_id in sorted(lease_ids)])
 
     async def arenew(self, lease_ids: Sequence[str]) -> None:
         await asyncio.to_thread(self.renew, lease_ids)
@@ -612,11 +612,9 @@ class Ledger:
             _add(deltas, row.namespace, row.policy, _stored(row.created_at), committed=committed,
                  reserved=(-reserved_cost, -reserved_tokens))
             results[i] = True
-        if charged:
-            _SQL_INSERT_CHARGE.execute(conn, charged)
-        updates += lease_updates.values()
-        if updates:  # the rows are locked (FOR UPDATE, or SQLite's write lock): their state was read under it
-            _SQL_SETTLE.execute(conn, updates)
+        _SQL_INSERT_CHARGE.execute(conn, charged)
+        # The rows are locked (FOR UPDATE, or SQLite's write lock): their state was read under it.
+        _SQL_SETTLE.execute(conn, [*updates, *lease_updates.values()])
 
     def _reserve(self, conn: sa.Connection, reserves: Sequence[tuple[int, ReserveOp]],
                  results: list[Reservation | Denied | bool | None], deltas: dict[TotalsKey, list[float]]) -> None:
@@ -642,8 +640,7 @@ class Ledger:
             _add(deltas, op.namespace, op.policy, op.at, reserved=(op.worst_cost_usd, op.worst_tokens))
             results[i] = held[rid] = Reservation(rid, op.namespace, op.policy, op.worst_cost_usd, op.worst_tokens,
                                                  op.at)
-        if inserts:
-            _SQL_INSERT.execute(conn, inserts)
+        _SQL_INSERT.execute(conn, inserts)
 
     @staticmethod
     def _load_totals(conn: sa.Connection, keys: set[TotalsKey]) -> dict[TotalsKey, tuple[float, ...]]:
@@ -660,11 +657,10 @@ class Ledger:
     @staticmethod
     def _apply_totals(conn: sa.Connection, deltas: dict[TotalsKey, list[float]]) -> None:
         """Add the batch's changes to the running totals, in key order (PostgreSQL row locks alike everywhere)."""
-        if deltas:
-            _SQL_ADD_TOTALS.execute(conn, [
-                {"namespace": namespace, "policy": policy, "window": window, "window_start": start,
-                 "cu": cu, "ct": int(ct), "ru": ru, "rt": int(rt)}
-                for (namespace, policy, window, start), (cu, ct, ru, rt) in sorted(deltas.items())])
+        _SQL_ADD_TOTALS.execute(conn, [
+            {"namespace": namespace, "policy": policy, "window": window, "window_start": start,
+             "cu": cu, "ct": int(ct), "ru": ru, "rt": int(rt)}
+            for (namespace, policy, window, start), (cu, ct, ru, rt) in sorted(deltas.items())])
 
     def _sum(self, namespace: str, policy: str, state: str, since: datetime, until: datetime | None) -> Usage:
         query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.cost_usd), 0.0),
