@@ -4,7 +4,9 @@ kmock 0.8 stores objects and serves watches, but (DESIGN.md §9) it does not gen
 resourceVersion, generation or names from generateName, answers JSON-patch test failures with 500
 (a real server: 422), sends error bodies as ``application/json; charset=utf-8`` (lightkube only
 raises ApiError on exactly ``application/json``), replays every object on watch whatever
-resourceVersion is asked, and snapshots before subscribing (events written in between are lost).
+resourceVersion is asked, snapshots before subscribing (events written in between are lost), and
+marks an object with finalizers for deletion without a new resourceVersion (a watch resumed after that
+event never sees it, and kopf never finalizes the object).
 Each of those makes kopf misbehave in ways a real cluster never would; this subclass fixes them.
 It also forgets each request once served: kmock keeps every request and walks that log to route
 the next one (O(requests²) per run), which made the emulator, not the operator, the bottleneck
@@ -76,6 +78,8 @@ class Emulator(kmock.KubernetesEmulator):
                 data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
                 if request.subresource != "status" and any(str(op.get("path", "")).startswith("/spec") for op in data):
                     data.append({"op": "add", "path": "/metadata/generation", "value": generation + 1})
+        elif request.resource is not None and request.action == kmock.action.DELETE and request.name is not None:
+            await self._mark_for_deletion((request.resource, request.namespace, request.name))
         try:
             return await super()._handle(request)
         except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
@@ -86,6 +90,19 @@ class Emulator(kmock.KubernetesEmulator):
             for payload in self._payloads:
                 if len(payload._requests) > 64:
                     del payload._requests[:]
+
+    async def _mark_for_deletion(self, key: tuple[Any, str | None, str]) -> None:
+        """kmock's own marking, with the new resourceVersion a real API server gives it, in one lock hold;
+        kmock then finds the object marked and only answers the DELETE."""
+        async with self._lock:
+            found = self._objects[key] if key in self._objects else None  # noqa: SIM401 (no .get on kmock views)
+            if found is None or found.deleted:
+                return
+            meta = found.get("metadata", {})
+            if meta.get("finalizers") and not meta.get("deletionTimestamp"):
+                found.patch({"metadata": {"deletionTimestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+                                          "resourceVersion": self._next_rv()}})
+                await self._buses[key[0]].put({"type": "MODIFIED", "object": found.raw})
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         response = await super()._render_error(exc)
