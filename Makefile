@@ -23,7 +23,8 @@ run: setup  ## install, then run the main job on embedded defaults (Milvus Lite,
 	$(BIN)/pilothouse run examples/invoice-triage/
 
 test: setup pg  ## unit + integration suites (kopf operator against the Kubernetes emulator, Milvus Lite, PostgreSQL)
-	$(PY) -m pytest
+	# The slowest tests are listed at the end: a CI log then shows which waits run close to their timeouts.
+	$(PY) -m pytest --durations=25
 
 # The PostgreSQL variants of the ledger/audit/idempotency tests start a throwaway server from the installed
 # binaries (tests/pg.py). On a fresh Debian machine as root (CI) install them; anywhere else, or when the

@@ -265,8 +265,11 @@ def _register_kind(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Reso
     @kopf.on.resume(*args, registry=registry, id="reconcile")
     @kopf.on.create(*args, registry=registry, id="reconcile")
     @kopf.on.update(*args, registry=registry, id="reconcile")
-    async def reconcile(body: kopf.Body, **_: Any) -> None:
-        await sync(kind, body, rt, force_apply=True)
+    async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
+        # The first attempt re-applies every child (drift since the last pass is corrected); a retry after an
+        # API error applies only what has not landed since, so a flaky API server sees one write per child,
+        # not all of them again on each attempt (and an attempt need not land them all at once to progress).
+        await sync(kind, body, rt, force_apply=retry == 0)
 
     interval = rt.config.resync_interval if kind is AutonomousWorkflow else rt.config.health_interval
 
