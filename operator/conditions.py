@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from .api.common import now
 
-ConditionType = Literal["Ready", "Progressing", "Degraded"]
+ConditionType = Literal["Ready", "Progressing", "Degraded", "EphemeralStore"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def merge(old: list[dict[str, Any]], observed: list[Observation], generation: in
             "lastTransitionTime": stamp if changed else prev["lastTransitionTime"],
             **({"observedGeneration": generation} if generation is not None else {}),
         }
-    order = ("Ready", "Progressing", "Degraded")
+    order = ("Ready", "Progressing", "Degraded", "EphemeralStore")
     return sorted(by_type.values(), key=lambda c: order.index(c["type"]) if c["type"] in order else 99)
 
 

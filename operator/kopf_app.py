@@ -90,7 +90,7 @@ def _raw(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
 
 
 async def _reconcile_workflow(wf: AutonomousWorkflow, env: ClusterEnv, config: OperatorConfig) -> Outcome:
-    return await workflow.reconcile(wf, env, gateway_image=config.gateway_image)
+    return await workflow.reconcile(wf, env, gateway_image=config.gateway_image, in_cluster=True)
 
 
 def _reconciler(kind: type[Resource], config: OperatorConfig) -> Callable[[Any, ClusterEnv], Awaitable[Outcome]]:

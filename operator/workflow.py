@@ -8,7 +8,7 @@ from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, VectorIndex
 from .api.common import now
 from .conditions import Observation
 from .env import Env, Outcome
-from .render_gateway import endpoint, render
+from .render_gateway import endpoint, render, store_observation
 from .routing import Dependencies, check_refs, compile_table
 
 
@@ -21,7 +21,10 @@ async def dependencies(env: Env, namespace: str) -> Dependencies:
     )
 
 
-async def reconcile(wf: AutonomousWorkflow, env: Env, *, gateway_image: str | None = None) -> Outcome:
+async def reconcile(wf: AutonomousWorkflow, env: Env, *, gateway_image: str | None = None,
+                    in_cluster: bool = False) -> Outcome:
+    """``in_cluster``: the rendered gateway runs as pods, whose storage is reported (EphemeralStore); locally
+    (``pilothouse run``) the gateway's store is a file on this machine and nothing is rendered."""
     deps = await dependencies(env, wf.namespace)
     problems = check_refs(wf, deps)
     if problems:
@@ -63,6 +66,7 @@ async def reconcile(wf: AutonomousWorkflow, env: Env, *, gateway_image: str | No
             Observation("Degraded", table.degraded, "DegradedMode" if table.degraded else "Healthy",
                         message if table.degraded else ""),
             Observation("Progressing", False, "Stable", ""),
+            *([store_observation(wf)] if in_cluster else []),
         ],
         children=render(wf, table, **kwargs),
         routing_table=table,

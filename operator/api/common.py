@@ -58,8 +58,9 @@ class ConditionStatus(StrEnum):
 class Condition(ApiModel):
     """A Kubernetes-style condition: the latest observation of one aspect of the object."""
 
-    type: Literal["Ready", "Progressing", "Degraded"] = Field(
-        description="Aspect observed: Ready, Progressing or Degraded."
+    type: Literal["Ready", "Progressing", "Degraded", "EphemeralStore"] = Field(
+        description="Aspect observed: Ready, Progressing or Degraded; on an AutonomousWorkflow in a cluster also "
+        "EphemeralStore (True: its gateway pods keep their ledger and audit trail in their own /tmp)."
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(

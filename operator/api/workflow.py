@@ -236,7 +236,8 @@ class Gateway(ApiModel):
         description="Secret key (this namespace) holding the SQLAlchemy URL of the store the gateway's ledger, "
         "audit and idempotency keys write: the PostgreSQL the operator reads spend from (--store-url), shared "
         "by every replica. Empty: each gateway pod keeps a SQLite file in its /tmp, so budget caps apply per "
-        "pod and the operator reports no spend.",
+        "pod, the operator reports no spend and a replaced pod's audit records are lost (condition "
+        "EphemeralStore=True).",
     )
 
 

@@ -117,10 +117,15 @@ async def test_example_manifests_reconcile_to_ready(emulator, kube, operator, op
                           and w.get("routingRevision") == routing["revision"] and w)
     assert wf["endpoint"].endswith(":8000/v1") and wf["phase"] == "Ready"
     assert obj(emulator, "apps/v1/deployments", "invoice-triage-gateway") is not None
+    # The example sets no shared store: its gateway pods keep their own ledgers and audit trails, and say so.
+    ephemeral = next(c for c in wf["conditions"] if c["type"] == "EphemeralStore")
+    assert (ephemeral["status"], ephemeral["reason"]) == ("True", "PodLocalStore")
 
-    events = [e for e in emulator.objects if e[0] == kmock.resource("v1/events")]
-    reasons = {emulator.objects[e].raw.get("reason") for e in events}
+    events = [emulator.objects[e].raw for e in emulator.objects if e[0] == kmock.resource("v1/events")]
+    reasons = {e.get("reason") for e in events}
     assert {"ServeRunning", "EndpointHealthy", "CollectionReady"} <= reasons
+    assert "PodLocalStore" in {e["reason"] for e in events if e.get("type") == "Warning"
+                               and e["involvedObject"]["kind"] == "AutonomousWorkflow"}
 
 
 async def test_unhealthy_model_switches_routing_to_fallback_and_back(emulator, kube, operator,
