@@ -266,9 +266,9 @@ def _register_kind(registry: kopf.OperatorRegistry, rt: Runtime, kind: type[Reso
     @kopf.on.create(*args, registry=registry, id="reconcile")
     @kopf.on.update(*args, registry=registry, id="reconcile")
     async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
-        # The first attempt re-applies every child (drift since the last pass is corrected); a retry after an
-        # API error applies only what has not landed since, so a flaky API server sees one write per child,
-        # not all of them again on each attempt (and an attempt need not land them all at once to progress).
+        # The first attempt re-applies every child (drift since the last pass is corrected); a retry (after an
+        # API error or a wait) applies only what has changed or not landed since, so a flaky API server sees
+        # one write per child, not all of them again on each attempt, and each attempt makes progress.
         await sync(kind, body, rt, force_apply=retry == 0)
 
     interval = rt.config.resync_interval if kind is AutonomousWorkflow else rt.config.health_interval

@@ -24,7 +24,7 @@ async def dependencies(env: Env, namespace: str) -> Dependencies:
 async def reconcile(wf: AutonomousWorkflow, env: Env, *, gateway_image: str | None = None,
                     in_cluster: bool = False) -> Outcome:
     """``in_cluster``: the rendered gateway runs as pods, whose storage is reported (EphemeralStore); locally
-    (``pilothouse run``) the gateway's store is a file on this machine and nothing is rendered."""
+    (``pilothouse run``) the gateway's store is a file on this machine and the rendered children are unused."""
     deps = await dependencies(env, wf.namespace)
     problems = check_refs(wf, deps)
     if problems:
