@@ -3,8 +3,9 @@
 ``pilothouse operator`` runs as a real process against the emulator. ``ChaosEmulator`` answers a
 seeded fraction of the writes with 500 InternalError, or with 409 Conflict where a real server can
 (create, put; never a merge patch), before touching anything, as an overloaded or racing API server
-would, drops the connection of a seeded fraction of single-object reads without an answer (a
-keep-alive connection the server closed, a reset under load), and ends every watch stream after a
+would, drops the connection of the first single-object read and of a seeded fraction of the rest
+without an answer (a keep-alive connection the server closed, a reset under load; the first one for
+sure, as a fast run makes only a handful of such reads), and ends every watch stream after a
 seeded 0.3 to 1.5 seconds, as load balancers and API-server restarts do. The example manifests
 are applied (by a client that retries like kubectl), the operator is killed with SIGKILL as soon as
 its first child exists and started again, and then everything must converge under the same chaos:
@@ -71,7 +72,7 @@ class ChaosEmulator(Emulator):
             raise kmock.KubernetesError(status=status, reason="Conflict" if status == 409 else "InternalError",
                                         message=f"injected {status} (chaos drill)")
         if (self.chaos and request.resource is not None and request.action == kmock.action.FETCH
-                and request._raw_request is not None and self.rng.random() < DROP_RATE):
+                and request._raw_request is not None and (not self.dropped_reads or self.rng.random() < DROP_RATE)):
             transport = request._raw_request.transport
             if transport is not None:
                 self.dropped_reads += 1
