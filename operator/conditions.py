@@ -7,11 +7,9 @@ share them and tests need no cluster.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, get_args
 
-from .api.common import now
-
-ConditionType = Literal["Ready", "Progressing", "Degraded", "EphemeralStore"]
+from .api.common import ConditionType, now
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ def merge(old: list[dict[str, Any]], observed: list[Observation], generation: in
             "lastTransitionTime": stamp if changed else prev["lastTransitionTime"],
             **({"observedGeneration": generation} if generation is not None else {}),
         }
-    order = ("Ready", "Progressing", "Degraded", "EphemeralStore")
+    order = get_args(ConditionType)
     return sorted(by_type.values(), key=lambda c: order.index(c["type"]) if c["type"] in order else 99)
 
 

@@ -12,7 +12,6 @@ import yaml
 
 from .api import AutonomousWorkflow, RoutingTable
 from .api.gateway import STORE_URL_ENV, THROUGHPUT_OPTIMIZED_ENV
-from .conditions import Observation
 from .render_model import LABELS
 
 GATEWAY_IMAGE = "ghcr.io/pilothouse/pilothouse:0.1.0"
@@ -56,18 +55,6 @@ def _secret_env(wf: AutonomousWorkflow, table: RoutingTable) -> list[dict[str, A
         refs[STORE_URL_ENV] = wf.spec.gateway.store_url_secret_ref
     return [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
             for name, ref in sorted(refs.items())]
-
-
-def store_observation(wf: AutonomousWorkflow) -> Observation:
-    """Whether the gateway's ledger and audit trail outlive its pods: a user who set no shared store
-    learns it from the status, before a replaced pod takes its audit records with it."""
-    if wf.spec.gateway.store_url_secret_ref is not None:
-        return Observation("EphemeralStore", False, "SharedStore", "")
-    return Observation("EphemeralStore", True, "PodLocalStore", (
-        "spec.gateway.storeUrlSecretRef is not set: each gateway pod keeps its ledger and audit trail in a "
-        "SQLite file in its own /tmp, so budget caps apply per pod, the operator reports no spend, and a "
-        "replaced pod's audit records are lost; set it to a Secret key holding the URL of the PostgreSQL "
-        "the operator reads (--store-url)"))
 
 
 def _keys_file(wf: AutonomousWorkflow) -> str | None:

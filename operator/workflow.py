@@ -8,7 +8,7 @@ from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, VectorIndex
 from .api.common import now
 from .conditions import Observation
 from .env import Env, Outcome
-from .render_gateway import endpoint, render, store_observation
+from .render_gateway import endpoint, render
 from .routing import Dependencies, check_refs, compile_table
 
 
@@ -66,8 +66,20 @@ async def reconcile(wf: AutonomousWorkflow, env: Env, *, gateway_image: str | No
             Observation("Degraded", table.degraded, "DegradedMode" if table.degraded else "Healthy",
                         message if table.degraded else ""),
             Observation("Progressing", False, "Stable", ""),
-            *([store_observation(wf)] if in_cluster else []),
+            *([_store_observation(wf)] if in_cluster else []),
         ],
         children=render(wf, table, **kwargs),
         routing_table=table,
     )
+
+
+def _store_observation(wf: AutonomousWorkflow) -> Observation:
+    """Whether the gateway's ledger and audit trail outlive its pods: a user who set no shared store
+    learns it from the status, before a replaced pod takes its audit records with it."""
+    if wf.spec.gateway.store_url_secret_ref is not None:
+        return Observation("EphemeralStore", False, "SharedStore", "")
+    return Observation("EphemeralStore", True, "PodLocalStore", (
+        "spec.gateway.storeUrlSecretRef is not set: each gateway pod keeps its ledger and audit trail in a "
+        "SQLite file in its own /tmp, so budget caps apply per pod, the operator reports no spend, and a "
+        "replaced pod's audit records are lost; set it to a Secret key holding the URL of the PostgreSQL "
+        "the operator reads (--store-url)"))

@@ -55,10 +55,14 @@ class ConditionStatus(StrEnum):
     UNKNOWN = "Unknown"
 
 
+ConditionType = Literal["Ready", "Progressing", "Degraded", "EphemeralStore"]
+"""Every condition type, in the order a status lists them."""
+
+
 class Condition(ApiModel):
     """A Kubernetes-style condition: the latest observation of one aspect of the object."""
 
-    type: Literal["Ready", "Progressing", "Degraded", "EphemeralStore"] = Field(
+    type: ConditionType = Field(
         description="Aspect observed: Ready, Progressing or Degraded; on an AutonomousWorkflow in a cluster also "
         "EphemeralStore (True: its gateway pods keep their ledger and audit trail in their own /tmp)."
     )

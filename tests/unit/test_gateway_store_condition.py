@@ -34,11 +34,12 @@ async def test_a_gateway_without_a_shared_store_is_reported_and_the_fix_named(tm
     assert "spec.gateway.storeUrlSecretRef is not set" in found.message and "audit" in found.message
 
 
-@pytest.mark.parametrize(("gateway", "in_cluster"), [(SHARED, True), ({}, False)], ids=["shared-store", "local"])
+@pytest.mark.parametrize(("gateway", "in_cluster", "expected"), [
+    (SHARED, True, (False, "SharedStore")),
+    ({}, False, None),  # pilothouse run: the store is a file on this machine, nothing is applied
+], ids=["shared-store", "local"])
 async def test_a_shared_store_or_a_local_run_is_not_ephemeral(tmp_path: Path, gateway: dict[str, Any],
-                                                              in_cluster: bool) -> None:
+                                                              in_cluster: bool,
+                                                              expected: tuple[bool, str] | None) -> None:
     found = await store_condition(tmp_path, gateway, in_cluster=in_cluster)
-    if in_cluster:
-        assert found is not None and (found.status, found.reason) == (False, "SharedStore")
-    else:  # pilothouse run: the store is a file on this machine, nothing is rendered
-        assert found is None
+    assert (found and (found.status, found.reason)) == expected
