@@ -21,6 +21,7 @@ There is no update API; ``purge`` deletes whole records past their retention.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -239,14 +240,19 @@ class AuditLog:
         or -1 where the driver does not count an executemany."""
         return self.insert_rows_with(rows)[0] if rows else 0
 
+    def held_writer(self) -> stores.HeldConnection:
+        """A write connection for one thread to keep (the group-commit writer's); pass it to ``insert_rows_with``."""
+        return stores.HeldConnection(self._writer)
+
     @stores.retry_when_locked
-    def insert_rows_with(self, rows: Sequence[dict[str, Any]],
-                         also: Callable[[sa.Connection], T] | None = None) -> tuple[int, T | None]:
+    def insert_rows_with(self, rows: Sequence[dict[str, Any]], also: Callable[[sa.Connection], T] | None = None,
+                         held: stores.HeldConnection | None = None) -> tuple[int, T | None]:
         """Insert rows and first run ``also`` in the same write transaction: the gateway settles the budget of
-        the requests these records describe there, so a request's record and its ledger commit are one write."""
+        the requests these records describe there, so a request's record and its ledger commit are one write.
+        ``held``: the calling thread's kept connection, else one from the pool."""
         written_at = datetime.now(UTC)
         params = [{**row, "written_at": written_at} for row in rows]
-        with stores.begin_write(self._writer) as conn:
+        with held.begin() if held is not None else stores.begin_write(self._writer) as conn:
             done = also(conn) if also is not None else None
             inserted = _INSERT.execute(conn, params)
         with self._count_lock:
@@ -343,6 +349,7 @@ class AuditWriter:
     def __init__(self, log: AuditLog, *, ledger: Ledger | None = None, max_batch: int = 2000) -> None:
         self.log = log
         self.ledger = ledger
+        self._held = log.held_writer()  # used by the committer thread only
         self._committer: GroupCommitter[tuple[dict[str, Any], SettleOp | None], bool | None] = GroupCommitter(
             self._insert, name="pilothouse-audit-writer", max_batch=max_batch)
 
@@ -357,16 +364,21 @@ class AuditWriter:
 
     async def write(self, record: AuditRecord, settle: SettleOp | None = None) -> bool | None:
         """None, or with ``settle`` whether it moved the reservation (see ``Ledger.commit``)."""
+        return await self.put(record, settle)
+
+    def put(self, record: AuditRecord, settle: SettleOp | None = None) -> asyncio.Future[bool | None]:
+        """``write`` as the future of its result (see ``GroupCommitter.put``)."""
         if settle is not None and self.ledger is None:
             raise ValueError("this audit writer has no ledger to settle budgets in")
-        return await self._committer.submit((_row(record), settle))  # serialized here: a bad record fails its caller
+        return self._committer.put((_row(record), settle))  # serialized here: a bad record fails its caller
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Stop taking records, commit everything queued, stop the thread. Idempotent."""
         self._committer.close(timeout_s)
+        self._held.close()
 
     async def aclose(self, timeout_s: float | None = 30.0) -> None:
-        await self._committer.aclose(timeout_s)
+        await asyncio.to_thread(self.close, timeout_s)
 
     def _insert(self, items: Sequence[tuple[dict[str, Any], SettleOp | None]]) -> list[bool | None]:
         settles = [(i, op) for i, (_, op) in enumerate(items) if op is not None]
@@ -375,7 +387,7 @@ class AuditWriter:
         def settle(conn: sa.Connection) -> list[bool]:
             return ledger.settle_in(conn, [op for _, op in settles]) if ledger is not None and settles else []
 
-        _, settled = self.log.insert_rows_with([row for row, _ in items], settle)
+        _, settled = self.log.insert_rows_with([row for row, _ in items], settle, self._held)
         results: list[bool | None] = [None] * len(items)
         for (i, _), moved in zip(settles, settled or [], strict=True):
             results[i] = moved

@@ -36,7 +36,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -629,9 +629,9 @@ class DataPlane:
             self._spent(ctx, op)
 
     @staticmethod
-    def _writing(stores: Stores, write: Coroutine[Any, Any, _T], op: SettleOp | None) -> asyncio.Future[_T]:
-        """The write as a task that, however it ends, tells a budget lease its charge is no longer pending,
-        even if the request awaiting it is cancelled first."""
+    def _writing(stores: Stores, write: Awaitable[_T], op: SettleOp | None) -> asyncio.Future[_T]:
+        """The write as a future (a coroutine becomes a task) that, however it ends, tells a budget lease its
+        charge is no longer pending, even if the request awaiting it is cancelled first."""
         task = asyncio.ensure_future(write)
         if op is not None and op.lease is not None:
             task.add_done_callback(lambda _: stores.leases.written(op))
@@ -908,7 +908,7 @@ class DataPlane:
             output=output, output_hash=output_hash, status_code=status,
             latency_ms=(time.perf_counter() - ctx.started) * 1000)
         try:
-            await asyncio.shield(self._writing(stores, stores.writer.write(record, settle), settle))
+            await asyncio.shield(self._writing(stores, stores.writer.put(record, settle), settle))
         except Exception as exc:
             log.exception("audit record %s could not be written", ctx.request_id)
             raise AuditUnavailable(str(exc)) from exc

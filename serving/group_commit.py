@@ -50,12 +50,17 @@ class GroupCommitter(Generic[Item, Result]):
         self._thread.start()
 
     async def submit(self, item: Item) -> Result:
+        return await self.put(item)
+
+    def put(self, item: Item) -> asyncio.Future[Result]:
+        """``submit`` without the coroutine: the future its result will land in. A caller that needs the write
+        as a future of its own (to shield it, to add callbacks) saves wrapping a coroutine in a Task."""
         if self._closed:
             raise RuntimeError(f"{self._thread.name} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._queue.put((item, loop, future))
-        return await future
+        return future
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Stop taking items, apply everything queued, stop the thread. Idempotent."""
@@ -65,9 +70,6 @@ class GroupCommitter(Generic[Item, Result]):
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error("%s did not finish within %ss; queued items may be lost", self._thread.name, timeout_s)
-
-    async def aclose(self, timeout_s: float | None = 30.0) -> None:
-        await asyncio.to_thread(self.close, timeout_s)
 
     def _run(self) -> None:
         stopping = False

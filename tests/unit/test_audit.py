@@ -233,7 +233,7 @@ async def test_close_flushes_everything_queued(url: str, log: AuditLog) -> None:
 
 
 async def test_a_failed_commit_fails_every_waiter(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(_rows: object, _also: object = None) -> tuple[int, None]:
+    def broken(_rows: object, _also: object = None, _held: object = None) -> tuple[int, None]:
         raise sa.exc.OperationalError("INSERT", {}, Exception("disk I/O error"))
 
     monkeypatch.setattr(log, "insert_rows_with", broken)

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+from pilothouse.serving import stores
 from pilothouse.serving.audit import AuditLog
 from pilothouse.serving.idempotency import IdempotencyStore
 from pilothouse.serving.ledger import Ledger
@@ -96,3 +98,50 @@ def test_a_group_commit_that_finds_the_file_locked_past_the_busy_timeout_is_retr
     assert [r.id for r in log.tail()] == ["r1"]
     log.close()
     other.close()
+
+
+def _locked() -> Exception:
+    return sa.exc.OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked"))
+
+
+@pytest.mark.parametrize(("failures", "error", "calls", "succeeds"), [
+    (2, "locked", 3, True),                                   # retried until the lock is free
+    (100, "locked", stores.LOCKED_ATTEMPTS, False),           # bounded: the last busy error reaches the caller
+    (1, "disk I/O error", 1, False),                          # any other error: at once, never replayed
+])
+def test_retry_when_locked_replays_only_busy_errors_and_gives_up(failures: int, error: str, calls: int,
+                                                                 succeeds: bool) -> None:
+    attempts: list[int] = []
+
+    @stores.retry_when_locked
+    def write(value: str) -> str:
+        attempts.append(1)
+        if len(attempts) <= failures:
+            raise _locked() if error == "locked" else sa.exc.OperationalError("INSERT", {}, Exception(error))
+        return value
+
+    if succeeds:
+        assert write("done") == "done"
+    else:
+        with pytest.raises(sa.exc.OperationalError, match=error):
+            write("done")
+    assert len(attempts) == calls
+
+
+def test_a_held_connection_is_reused_and_replaced_once_it_fails(tmp_path: Path) -> None:
+    """The audit writer keeps one connection for all its batches; one that broke (a PostgreSQL restart)
+    is invalidated by SQLAlchemy, and the next batch gets a new one instead of failing forever."""
+    log = AuditLog(f"sqlite:///{tmp_path / 'held.db'}")
+    held = log.held_writer()
+    try:
+        with held.begin() as first:
+            first.exec_driver_sql("SELECT 1")
+        with held.begin() as again:
+            assert again is first
+        first.invalidate()  # what SQLAlchemy does to a connection whose database went away
+        with held.begin() as replaced:
+            assert replaced is not first
+            assert replaced.exec_driver_sql("SELECT COUNT(*) FROM audit_records").scalar() == 0
+    finally:
+        held.close()
+        log.close()
