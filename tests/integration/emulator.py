@@ -6,7 +6,8 @@ resourceVersion, generation or names from generateName, answers JSON-patch test 
 raises ApiError on exactly ``application/json``), replays every object on watch whatever
 resourceVersion is asked, snapshots before subscribing (events written in between are lost), and
 marks an object with finalizers for deletion without a new resourceVersion (a watch resumed after that
-event never sees it, and kopf never finalizes the object).
+event never sees it, and kopf never finalizes the object), and sends a deletion with the version of the
+object's last update and keeps no record of it (a watch resumed after the deletion never hears of it).
 Each of those makes kopf misbehave in ways a real cluster never would; this subclass fixes them.
 It also forgets each request once served: kmock keeps every request and walks that log to route
 the next one (O(requests²) per run), which made the emulator, not the operator, the bottleneck
@@ -18,24 +19,52 @@ from __future__ import annotations
 import datetime
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp.web
+import attrs
 import jsonpatch
 import jsonpointer
 import kmock
 import yaml
+from kmock._internal import aiobus
 
 from pilothouse.operator.api import GROUP, KINDS, VERSION
 
 VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 
 
+@attrs.mutable(weakref_slot=True)
+class _DeletionBus(aiobus.Bus[Any]):
+    """One resource's event bus; every DELETED event put on it goes through ``on_delete`` first."""
+
+    on_delete: Callable[[dict[str, Any]], dict[str, Any]] = attrs.field(kw_only=True)
+
+    async def put(self, item: Any) -> None:
+        await super().put(self.on_delete(item) if item.get("type") == "DELETED" else item)
+
+
+class _Buses(dict[Any, aiobus.Bus[Any]]):
+    def __init__(self, on_delete: Callable[[Any, dict[str, Any]], dict[str, Any]]) -> None:
+        super().__init__()
+        self.on_delete = on_delete
+
+    def __missing__(self, resource: Any) -> aiobus.Bus[Any]:
+        bus = self[resource] = _DeletionBus(on_delete=lambda event: self.on_delete(resource, event))
+        return bus
+
+
 class Emulator(kmock.KubernetesEmulator):
     _rv = [1000]
     served = 0
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._buses = _Buses(self._deleted)
+        self.tombstones: dict[Any, list[dict[str, Any]]] = {}
+        """Every deleted object as its DELETED event carried it, per resource: the watch history of deletions."""
 
     def declare_kinds(self) -> None:
         """Built-in kinds, the Pilothouse CRDs and KubeRay's RayService (kopf waits for what is undeclared)."""
@@ -56,7 +85,8 @@ class Emulator(kmock.KubernetesEmulator):
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
-                meta["name"] = meta["generateName"] + secrets.token_hex(3)
+                meta["name"] = self._generate_name(request.resource, request.namespace or meta.get("namespace"),
+                                                   meta["generateName"])
             if request.namespace and not meta.get("namespace"):
                 meta["namespace"] = request.namespace
             meta.setdefault("uid", str(uuid.uuid4()))
@@ -91,6 +121,15 @@ class Emulator(kmock.KubernetesEmulator):
                 if len(payload._requests) > 64:
                     del payload._requests[:]
 
+    def _generate_name(self, resource: Any, namespace: str | None, prefix: str) -> str:
+        """A name from ``generateName`` that no live object has: API servers since Kubernetes 1.31 retry on a
+        collision rather than answer 409 (six hex digits collided about once per few thousand kopf Events)."""
+        while True:
+            name = prefix + secrets.token_hex(3)
+            key = (resource, namespace, name)
+            if key not in self._objects or self._objects[key].deleted:
+                return name
+
     async def _mark_for_deletion(self, key: tuple[Any, str | None, str]) -> None:
         """kmock's own marking, with the new resourceVersion a real API server gives it, in one lock hold;
         kmock then finds the object marked and only answers the DELETE."""
@@ -103,6 +142,14 @@ class Emulator(kmock.KubernetesEmulator):
                 found.patch({"metadata": {"deletionTimestamp": datetime.datetime.now(datetime.UTC).isoformat(),
                                           "resourceVersion": self._next_rv()}})
                 await self._buses[key[0]].put({"type": "MODIFIED", "object": found.raw})
+
+    def _deleted(self, resource: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """A deletion, as a real API server records it: a resourceVersion of its own, kept for resumed watches.
+        kmock publishes it under its lock, so a watch's snapshot sees the tombstone and the event together."""
+        raw = event["object"]
+        stamped = {**raw, "metadata": {**raw.get("metadata", {}), "resourceVersion": self._next_rv()}}
+        self.tombstones.setdefault(resource, []).append(stamped)
+        return {**event, "object": stamped}
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         response = await super()._render_error(exc)
@@ -122,17 +169,25 @@ class Emulator(kmock.KubernetesEmulator):
         bus = self._buses[request.resource]
         get_objs = self._KubernetesEmulator__get_objs  # type: ignore[attr-defined]
         check = self._KubernetesEmulator__check  # type: ignore[attr-defined]
+        def version(raw: dict[str, Any]) -> int:
+            return int(raw.get("metadata", {}).get("resourceVersion") or 0)
+
+        def wanted(raw: dict[str, Any]) -> bool:
+            meta = raw.get("metadata", {})
+            return bool(check(request, request.resource, meta.get("namespace"), meta.get("name"), strict=False))
+
         async with self._lock:  # writers publish under this lock: snapshot and mark are atomic
-            objs = [o for o in get_objs(request, strict=False) if not o.deleted]
-            if since_n is not None:
-                objs = [o for o in objs if int(o.get("metadata", {}).get("resourceVersion") or 0) > since_n]
-            events = [{"type": "ADDED", "object": o.raw} for o in objs]
+            events = [{"type": "ADDED", "object": o.raw} for o in get_objs(request, strict=False) if not o.deleted]
+            if since_n is not None:  # resumed: what changed after that version, deletions included, in order
+                events = [e for e in events if version(e["object"]) > since_n]
+                events += [{"type": "DELETED", "object": raw} for raw in self.tombstones.get(request.resource, ())
+                           if version(raw) > since_n and wanted(raw)]
+                events.sort(key=lambda e: version(e["object"]))
             mark = await bus.mark()
         for event in events:
             yield event
         async for event in bus.stream(since=mark):
-            meta = event.get("object", {}).get("metadata", {})
-            if check(request, request.resource, meta.get("namespace"), meta.get("name"), strict=False):
+            if wanted(event.get("object", {})):
                 yield event
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import lightkube
+import pytest
 from lightkube.resources.core_v1 import ConfigMap
 
+from . import emulator as emulator_module
 from .emulator import Emulator
 
 
@@ -30,3 +32,35 @@ async def test_a_watch_resumed_after_a_delete_sees_the_object_marked_for_deletio
     # The object is still there, held by its finalizer, and a read agrees with the watch.
     current = await kube.get(ConfigMap, "held", namespace="default")
     assert current.metadata.resourceVersion == marked.metadata.resourceVersion
+
+
+async def test_a_watch_resumed_after_a_deletion_replays_it_once(emulator: Emulator,
+                                                                kube: lightkube.AsyncClient) -> None:
+    """A deletion has a resourceVersion of its own: a watch resumed from before it hears of it (kopf then runs
+    what depends on the object being gone); one resumed from the deletion's own version does not hear it again."""
+    created = await kube.create(ConfigMap.from_dict({"metadata": {"name": "gone", "namespace": "default"}}))
+    before = created.metadata.resourceVersion
+    await kube.delete(ConfigMap, "gone", namespace="default")
+
+    async def first_event(since: str) -> tuple[str, ConfigMap]:
+        async for kind, obj in kube.watch(ConfigMap, namespace="default", resource_version=since):
+            return kind, obj
+        raise AssertionError("the watch ended without an event")
+
+    kind, deleted = await asyncio.wait_for(first_event(before), 10)
+    assert (kind, deleted.metadata.name) == ("DELETED", "gone")
+    assert int(deleted.metadata.resourceVersion) > int(before)
+    await kube.create(ConfigMap.from_dict({"metadata": {"name": "next", "namespace": "default"}}))
+    kind, after = await asyncio.wait_for(first_event(deleted.metadata.resourceVersion), 10)
+    assert (kind, after.metadata.name) == ("ADDED", "next")
+
+
+async def test_generate_name_retries_a_taken_name_instead_of_answering_conflict(
+        emulator: Emulator, kube: lightkube.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf names its Events with generateName; at a thousand objects six random hex digits collided, and the
+    emulator answered 409 where an API server (1.31+) draws another name."""
+    draws = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
+    monkeypatch.setattr(emulator_module.secrets, "token_hex", lambda _n: next(draws))
+    names = [(await kube.create(ConfigMap.from_dict({"metadata": {"generateName": "evt-", "namespace": "default"}})))
+             .metadata.name for _ in range(2)]
+    assert names == ["evt-aaaaaa", "evt-bbbbbb"]
