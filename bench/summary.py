@@ -55,6 +55,13 @@ def _max_rps(target: str) -> Getter:
     return get
 
 
+def _paired_ratio(docs: dict[str, dict[str, Any]]) -> Any:
+    """Median pilothouse / pass-through max-RPS ratio over alternating c=256 windows (``--pairs``)."""
+    paired = docs.get("gateway_overhead", {}).get("paired_max_rps", {})
+    chosen = paired.get(_gateway_target(docs, "pilothouse"))
+    return chosen.get("median_ratio") if isinstance(chosen, dict) else None
+
+
 def _outside_engine(target: str) -> Getter:
     """Mean ms a non-streamed c=4 request spent outside vLLM's own clock (client's mean - engine's mean)."""
     def get(docs: dict[str, dict[str, Any]]) -> Any:
@@ -74,6 +81,7 @@ FIGURES: dict[str, Getter] = {
     "gateway.max_rps.litellm": _max_rps("litellm"),
     "gateway.max_rps.serve_passthrough": _max_rps("serve passthrough"),
     "gateway.max_rps.direct": _max_rps("direct"),
+    "gateway.max_rps_ratio.paired_median": _paired_ratio,
     "failover.client_errors": _get("failover", "client_errors"),
     "failover.reroute_ms": _get("failover", "reroute_ms"),
     "failover.return_ms": _get("failover", "return_ms"),
