@@ -98,6 +98,9 @@ FIGURES: dict[str, Getter] = {
     "engine.outside_engine_mean_ms.c4.direct": _outside_engine("direct"),
     "engine.outside_engine_mean_ms.c4.gateway": _outside_engine("gateway"),
     "cache.semantic_lookup_p50_ms": _get("semantic_cache", "summary", "lookup_p50_ms"),
+    "audit.commit_cpu_us_per_record.batch1.kept": _get("audit_writer", "summary", "kept_batch1_us"),
+    "audit.commit_cpu_us_per_record.batch1.pool": _get("audit_writer", "summary", "pool_batch1_us"),
+    "audit.commit_cpu_us_per_record.batch1.raw_sqlite3": _get("audit_writer", "summary", "raw_batch1_us"),
 }
 
 

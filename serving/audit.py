@@ -194,7 +194,8 @@ _INSERT = Prepared("INSERT INTO audit_records (id, ts, tenant, workflow, kind, t
 """The group commit's insert (``prepared``: the writer thread's hot path); a retried write cannot duplicate a row."""
 
 
-def _row(record: AuditRecord) -> dict[str, Any]:
+def as_row(record: AuditRecord) -> dict[str, Any]:
+    """The record as the ``audit_records`` row ``AuditLog.insert_rows`` takes (serialised once, by the caller)."""
     return {"id": record.id, "ts": record.ts, "tenant": record.tenant, "workflow": record.workflow,
             "kind": record.kind, "trace_id": record.trace_id, "record": record.model_dump_json(exclude_none=True)}
 
@@ -233,7 +234,7 @@ class AuditLog:
 
     def append(self, record: AuditRecord) -> bool:
         """Write one record in its own transaction; False when its id was already there."""
-        return self.insert_rows([_row(record)]) == 1
+        return self.insert_rows([as_row(record)]) == 1
 
     def insert_rows(self, rows: Sequence[dict[str, Any]]) -> int:
         """Insert prepared rows in one transaction; returns how many were new (duplicates are skipped),
@@ -370,7 +371,7 @@ class AuditWriter:
         """``write`` as the future of its result (see ``GroupCommitter.put``)."""
         if settle is not None and self.ledger is None:
             raise ValueError("this audit writer has no ledger to settle budgets in")
-        return self._committer.put((_row(record), settle))  # serialized here: a bad record fails its caller
+        return self._committer.put((as_row(record), settle))  # serialized here: a bad record fails its caller
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Stop taking records, commit everything queued, stop the thread. Idempotent."""
