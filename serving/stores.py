@@ -91,12 +91,12 @@ def begin_write(engine: sa.Engine) -> Iterator[sa.Connection]:
 class HeldConnection:
     """A write connection that one thread keeps across its transactions: a group-commit writer's.
 
-    ``begin_write`` checks a connection out of the pool and returns it for every transaction, and that
-    round trip (the pool's events, the reset on return) cost ~40 us of CPU per transaction: a one-record
-    audit batch took 104 us per commit that way and 67 us on a connection kept open (SQLite, synchronous
-    FULL). Under steady load the audit writer commits a batch every few requests, so it paid this nearly
-    once per request. A connection that failed (a PostgreSQL restart) is invalidated by SQLAlchemy; the
-    next transaction opens a new one. Not thread-safe: one thread owns it.
+    ``begin_write`` checks a connection out of the pool and returns it for every transaction (the pool's
+    events, the reset on return): a one-record audit commit cost 111 us of CPU that way and 85 us on a kept
+    connection, against sqlite3's own 68 (``bench/audit_writer.py``, synchronous FULL). Under steady load the
+    audit writer commits one or two records at a time, so it paid the difference nearly once per request.
+    A connection that failed (a PostgreSQL restart) is invalidated by SQLAlchemy; the next transaction opens
+    a new one. Not thread-safe: one thread owns it.
     """
 
     def __init__(self, engine: sa.Engine) -> None:
