@@ -34,14 +34,12 @@ from typing import Any
 
 import machine
 
-from pilothouse.serving.audit import AuditLog, AuditRecord, RoutingDecision, TokenUsage, as_row
+from pilothouse.serving.audit import INSERT_SQL, AuditLog, AuditRecord, RoutingDecision, TokenUsage, as_row
 from pilothouse.serving.dataplane import new_id
 
 RESULTS = Path(__file__).resolve().parent / "results" / "audit_writer.json"
 BATCHES = (1, 2, 4, 16, 64)
 ROUNDS = 3
-RAW_INSERT = ("INSERT INTO audit_records (id, ts, tenant, workflow, kind, trace_id, written_at, record) "
-              "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
 
 Write = Callable[[Sequence[dict[str, Any]]], object]
 
@@ -64,8 +62,7 @@ def raw_writer(path: Path) -> Write:
     def write(rows: Sequence[dict[str, Any]]) -> None:
         written_at = datetime.now(UTC).isoformat()
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(RAW_INSERT, [(r["id"], r["ts"].isoformat(), r["tenant"], r["workflow"], r["kind"],
-                                       r["trace_id"], written_at, r["record"]) for r in rows])
+        conn.executemany(INSERT_SQL, [{**r, "ts": r["ts"].isoformat(), "written_at": written_at} for r in rows])
         conn.execute("COMMIT")
     return write
 

@@ -537,13 +537,12 @@ def bench(args: argparse.Namespace) -> None:
             if args.ablation:
                 urls["pilothouse, no budget"] = f"http://127.0.0.1:{port}/nb/v1/chat/completions"
             for target, url in urls.items():
-                model = BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
-                wait_http(url, 60, method="POST", body=chat_body(model))
+                wait_http(url, 60, method="POST", body=chat_body(model_for(target)))
             pids = {pid: label(title) for pid, title in proc_tree(ray_proc.p.pid).items()}
             pids[backend.p.pid] = "backend"
             console.print(f"Ray Serve{suffix} up in {notes[f'ray_start_s{suffix}']} s: {urls}")
             for target, url in urls.items():
-                model = BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
+                model = model_for(target)
                 row: dict[str, Any] = {}
                 for c in levels:
                     if c == 32 and target == "pilothouse" and args.profile:
@@ -584,6 +583,11 @@ def bench(args: argparse.Namespace) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def model_for(target: str) -> str:
+    """The model a Ray target is asked for: the pass-through forwards the backend's own, the gateways route."""
+    return BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
+
+
 def alternate(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
     """Max-RPS windows at c=256, the pass-through and the gateway taking turns (which one goes first alternates).
 
@@ -596,7 +600,7 @@ def alternate(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.pairs):
         rps: dict[str, float | None] = {}
         for target in targets if i % 2 == 0 else targets[::-1]:
-            r = load(urls[target], BACKEND_MODEL if target == "serve passthrough" else "wf/extract", 256, args)
+            r = load(urls[target], model_for(target), 256, args)
             rps[target] = r["rps"] if r.get("errors") == 0 else None  # a window with errors sustains nothing
         base, got = rps["serve passthrough"], rps["pilothouse"]
         rounds.append({**rps, "ratio": round(got / base, 3) if base and got is not None else None})

@@ -187,10 +187,11 @@ audit_records = sa.Table(
 )
 
 
-_INSERT = Prepared("INSERT INTO audit_records (id, ts, tenant, workflow, kind, trace_id, written_at, record) "
-                   "VALUES (:id, :ts, :tenant, :workflow, :kind, :trace_id, :written_at, :record) "
-                   "ON CONFLICT (id) DO NOTHING",
-                   ts=audit_records.c.ts.type, written_at=audit_records.c.written_at.type)
+INSERT_SQL = ("INSERT INTO audit_records (id, ts, tenant, workflow, kind, trace_id, written_at, record) "
+              "VALUES (:id, :ts, :tenant, :workflow, :kind, :trace_id, :written_at, :record) "
+              "ON CONFLICT (id) DO NOTHING")
+"""The one insert of a record (named parameters, as SQLAlchemy's text and sqlite3 both take them)."""
+_INSERT = Prepared(INSERT_SQL, ts=audit_records.c.ts.type, written_at=audit_records.c.written_at.type)
 """The group commit's insert (``prepared``: the writer thread's hot path); a retried write cannot duplicate a row."""
 
 

@@ -62,15 +62,9 @@ class ChaosEmulator(Emulator):
         self.dropped_watches = 0
 
     async def _handle(self, request: kmock.Request) -> Any:
-        # A real API server answers a merge PATCH with 409 only under a resourceVersion precondition,
-        # which neither kopf nor the operator sends; creates and PUTs do meet conflicts. The first of
-        # those always does, as the first read is always dropped: a fast run makes few of either.
-        conflicts = request.method.value != "PATCH"
-        first_conflict = conflicts and not self.injected[409]
         if (self.chaos and request.resource is not None and request.action in (kmock.action.CREATE,
                                                                                kmock.action.UPDATE)
-                and (first_conflict or self.rng.random() < FAILURE_RATE)):
-            status = 409 if first_conflict else self.rng.choice([409, 500]) if conflicts else 500
+                and (status := self._injected_status(request)) is not None):
             self.injected[status] += 1
             raise kmock.KubernetesError(status=status, reason="Conflict" if status == 409 else "InternalError",
                                         message=f"injected {status} (chaos drill)")
@@ -81,6 +75,18 @@ class ChaosEmulator(Emulator):
                 self.dropped_reads += 1
                 transport.close()  # the client reads EOF where it expected a status line
         return await super()._handle(request)
+
+    def _injected_status(self, request: kmock.Request) -> int | None:
+        """The error a write meets, or None. A real API server answers a merge PATCH with 409 only under a
+        resourceVersion precondition, which neither kopf nor the operator sends; creates and PUTs do meet
+        conflicts. The first of those always does, as the first read is always dropped: a fast run makes
+        few of either."""
+        can_conflict = request.method.value != "PATCH"
+        if can_conflict and not self.injected[409]:
+            return 409
+        if self.rng.random() >= FAILURE_RATE:
+            return None
+        return self.rng.choice([409, 500]) if can_conflict else 500
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()

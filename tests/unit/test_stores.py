@@ -7,6 +7,7 @@ file: a deferred ``create_all`` that read the schema before that writer committe
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -104,13 +105,15 @@ def _locked() -> Exception:
     return sa.exc.OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked"))
 
 
-@pytest.mark.parametrize(("failures", "error", "calls", "succeeds"), [
-    (2, "locked", 3, True),                                   # retried until the lock is free
-    (100, "locked", stores.LOCKED_ATTEMPTS, False),           # bounded: the last busy error reaches the caller
-    (1, "disk I/O error", 1, False),                          # any other error: at once, never replayed
-])
-def test_retry_when_locked_replays_only_busy_errors_and_gives_up(failures: int, error: str, calls: int,
-                                                                 succeeds: bool) -> None:
+@pytest.mark.parametrize(("failures", "error", "calls", "outcome"), [
+    (2, "locked", 3, contextlib.nullcontext()),  # retried until the lock is free
+    (100, "locked", stores.LOCKED_ATTEMPTS,      # bounded: the last busy error reaches the caller
+     pytest.raises(sa.exc.OperationalError, match="locked")),
+    (1, "disk I/O error", 1,                     # any other error: at once, never replayed
+     pytest.raises(sa.exc.OperationalError, match="disk I/O error")),
+], ids=["retried", "bounded", "not-busy"])
+def test_retry_when_locked_replays_only_busy_errors_and_gives_up(
+        failures: int, error: str, calls: int, outcome: contextlib.AbstractContextManager[Any]) -> None:
     attempts: list[int] = []
 
     @stores.retry_when_locked
@@ -120,11 +123,8 @@ def test_retry_when_locked_replays_only_busy_errors_and_gives_up(failures: int, 
             raise _locked() if error == "locked" else sa.exc.OperationalError("INSERT", {}, Exception(error))
         return value
 
-    if succeeds:
+    with outcome:
         assert write("done") == "done"
-    else:
-        with pytest.raises(sa.exc.OperationalError, match=error):
-            write("done")
     assert len(attempts) == calls
 
 
