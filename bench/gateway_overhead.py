@@ -17,7 +17,8 @@ Concurrency 1 runs a fixed number of requests; concurrency 32 (and 256 with ``--
 duration after a warm-up. Results: a rich table and ``bench/results/gateway_overhead.json``.
 ``--throughput-optimized both`` repeats the Ray targets in Serve's throughput-optimized mode with HAProxy on the
 Serve port (``serve.ray_env``), the gateway's production configuration. ``--profile`` samples the gateway
-replica and the Serve proxy with py-spy during a c=32 run and groups the samples by component.
+replica and the Serve proxy with py-spy during a c=32 run and groups the samples by component. ``--replicas N``
+gives the pass-through and the gateway N replicas each (default 1).
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for options).
 """
@@ -201,12 +202,18 @@ def role_ray(config_path: str) -> None:
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]})
-        serve.run(PassThrough.bind(), name="passthrough", route_prefix="/pt", blocking=False)
+        replicas = cfg["replicas"]  # both targets alike: the floor scales as the gateway does
+        serve.run(PassThrough.options(num_replicas=replicas).bind(), name="passthrough", route_prefix="/pt",
+                  blocking=False)
+
+        def gateway_app(args: gateway.GatewayArgs) -> Any:  # what serve.app_builder deploys, with this run's replicas
+            return gateway.Gateway.options(num_replicas=replicas).bind(args.model_dump())
+
         args = gateway.GatewayArgs(routing=cfg["routing"], api_keys=cfg["keys"], store_url=cfg["store_url"])
-        serve.run(gateway.app_builder(args.model_dump()), name=gateway.APP_NAME, route_prefix="/", blocking=False)
+        serve.run(gateway_app(args), name=gateway.APP_NAME, route_prefix="/", blocking=False)
         if cfg.get("routing_nobudget"):  # ablation: the same gateway with no BudgetPolicy rule (no ledger work)
             nb = args.model_copy(update={"routing": cfg["routing_nobudget"]})
-            serve.run(gateway.app_builder(nb.model_dump()), name="nobudget", route_prefix="/nb", blocking=False)
+            serve.run(gateway_app(nb), name="nobudget", route_prefix="/nb", blocking=False)
         print(json.dumps({"ready": True}), flush=True)
         while not stop:
             time.sleep(0.2)
@@ -425,12 +432,13 @@ def write_fixtures(folder: Path, backend_url: str, **backend: Any) -> dict[str, 
 
 
 def start_ray(folder: Path, fixtures: dict[str, Any], backend_url: str, tp: bool,
-              ablation: bool) -> tuple[Proc, int]:
+              ablation: bool, replicas: int = 1) -> tuple[Proc, int]:
     port = free_port()
     cfg = folder / f"ray-{'tp' if tp else 'default'}.json"
     if not ablation:
         fixtures = {k: v for k, v in fixtures.items() if k != "routing_nobudget"}
-    cfg.write_text(json.dumps({**fixtures, "backend": backend_url, "port": port, "throughput_optimized": tp}))
+    cfg.write_text(json.dumps({**fixtures, "backend": backend_url, "port": port, "throughput_optimized": tp,
+                               "replicas": replicas}))
     proc = Proc([PY, __file__, "--role", "ray", "--config", str(cfg)], log=folder / f"ray-{tp}.log")
     proc.readline(180)
     return proc, port
@@ -492,6 +500,8 @@ def main() -> None:
                         help="with --c256: that many more c=256 windows per Ray target, pass-through and pilothouse "
                              "alternating, for a max-RPS ratio this machine's drift does not decide")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="replicas of the pass-through and of the gateway alike (default 1)")
     args = parser.parse_args()
     if args.role == "backend":
         role_backend(args.port, args.model or BACKEND_MODEL)
@@ -529,7 +539,7 @@ def bench(args: argparse.Namespace) -> None:
         for tp in modes:
             suffix = " (tp)" if tp else ""
             t0 = time.perf_counter()
-            ray_proc, port = start_ray(folder, fixtures, backend_url, tp, args.ablation)
+            ray_proc, port = start_ray(folder, fixtures, backend_url, tp, args.ablation, args.replicas)
             procs.append(ray_proc)
             notes[f"ray_start_s{suffix}"] = round(time.perf_counter() - t0, 1)
             urls = {"serve passthrough": f"http://127.0.0.1:{port}/pt/v1/chat/completions",
@@ -680,7 +690,7 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                   "c1_requests": args.c1_requests, "concurrency": levels,
                   "pilothouse": "API keys, budget rule (day cap 1e9 USD, ledger reserve+commit), audit, metrics on; "
                                 "cache off (temperature 0.7); SQLite store",
-                  "throughput_optimized": args.throughput_optimized},
+                  "throughput_optimized": args.throughput_optimized, "replicas": args.replicas},
         "results": results, "max_rps_without_errors": max_rps, "cpu_seconds": cpu, "profile": profile,
         "paired_max_rps": paired, "notes": notes, "total_s": round(total_s, 1),
     }

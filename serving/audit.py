@@ -254,9 +254,16 @@ class AuditLog:
         ``held``: the calling thread's kept connection, else one from the pool."""
         written_at = datetime.now(UTC)
         params = [{**row, "written_at": written_at} for row in rows]
-        with held.begin() if held is not None else stores.begin_write(self._writer) as conn:
+
+        def write(conn: sa.Connection) -> tuple[int, T | None]:
             done = also(conn) if also is not None else None
-            inserted = _INSERT.execute(conn, params)
+            return _INSERT.execute(conn, params), done
+
+        if held is not None:
+            inserted, done = held.run(write)
+        else:
+            with stores.begin_write(self._writer) as conn:
+                inserted, done = write(conn)
         with self._count_lock:
             self.transactions += 1
         return inserted, done

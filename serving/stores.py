@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,9 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_
 from .prepared import Prepared
 
 _BEGIN_OPTION = "pilothouse_sqlite_begin"
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
 _BEGIN = {mode: Prepared(f"BEGIN {mode}") for mode in ("DEFERRED", "IMMEDIATE")}  # every write transaction's first
 
 
@@ -35,7 +39,9 @@ def open_engine(url: str, *, purpose: str, busy_timeout_s: float, synchronous: L
     parsed = sa.make_url(url)
     backend = parsed.get_backend_name()
     if backend == "postgresql":
-        return sa.create_engine(parsed, **engine_options), backend
+        # A server restart, an idle timeout or a pooler's reset leaves pooled connections dead: test each one as it
+        # is checked out (one round trip), or every dead one fails the read or write that draws it, once.
+        return sa.create_engine(parsed, **{"pool_pre_ping": True, **engine_options}), backend
     if backend != "sqlite":
         raise ValueError(f"{purpose} supports sqlite and postgresql URLs, not {backend!r}")
     if create_dir and parsed.database and parsed.database != ":memory:":
@@ -95,24 +101,48 @@ class HeldConnection:
     events, the reset on return): a one-record audit commit cost 111 us of CPU that way and 85 us on a kept
     connection, against sqlite3's own 68 (``bench/audit_writer.py``, synchronous FULL). Under steady load the
     audit writer commits one or two records at a time, so it paid the difference nearly once per request.
-    A connection that failed (a PostgreSQL restart) is invalidated by SQLAlchemy; the next transaction opens
-    a new one. Not thread-safe: one thread owns it.
+    Not thread-safe: one thread owns it.
     """
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._conn: sa.Connection | None = None
+        self.reconnects = 0
+        """Transactions run again on a new connection because the kept one had died before they committed."""
 
-    @contextlib.contextmanager
-    def begin(self) -> Iterator[sa.Connection]:
-        """A write transaction, queued like ``begin_write``'s, on the kept connection."""
+    def run(self, work: Callable[[sa.Connection], _T]) -> _T:
+        """``work(conn)`` in one write transaction (queued like ``begin_write``'s) on the kept connection.
+
+        A PostgreSQL restart, an idle timeout or a pooler's reset closes the connection between batches, and
+        the next batch finds out at its first statement. Its rollback then invalidates the connection, and the
+        batch is run once more on a new one: it never reached the server, so its callers are not failed for a
+        connection they never used. A failure at the commit itself is raised, never replayed: that commit may
+        have landed, and a replay would count its budget charges twice.
+        """
+        replayed = False
+        while True:
+            conn = self._connection()
+            committing = False
+            try:
+                with _queue(self.engine), conn.begin():
+                    result = work(conn)
+                    committing = True
+                return result
+            except sa.exc.DBAPIError:
+                if committing or replayed or not conn.invalidated:
+                    raise
+                replayed = True
+                self.reconnects += 1
+                log.warning("the kept %s connection was closed under it; writing the batch on a new one",
+                            self.engine.url.get_backend_name())
+
+    def _connection(self) -> sa.Connection:
         conn = self._conn
         if conn is None or conn.closed or conn.invalidated:
             if conn is not None:
                 conn.close()
             conn = self._conn = self.engine.connect()
-        with _queue(self.engine), conn.begin():
-            yield conn
+        return conn
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -143,7 +173,6 @@ def _is_locked(exc: BaseException) -> bool:
 
 
 _P = ParamSpec("_P")
-_T = TypeVar("_T")
 LOCKED_ATTEMPTS = 8
 _retry_locked = retry(retry=retry_if_exception(_is_locked), stop=stop_after_attempt(LOCKED_ATTEMPTS - 1),
                       wait=wait_random_exponential(multiplier=0.02, max=1.0), reraise=True)

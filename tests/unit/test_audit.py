@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.serving import audit as audit_module
 from pilothouse.serving.audit import (
     ActionTaken,
@@ -29,6 +30,8 @@ from pilothouse.serving.audit import (
     content_hash,
     redact,
 )
+from pilothouse.serving.ledger import LeaseCharge, Ledger, Reservation, SettleOp, Usage
+from tests.pg import throwaway_postgres_database
 
 AT = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 PROMPT = [{"role": "user", "content": "Invoice 4711 from ACME, IBAN DE89 3704 0044 0532 0130 00"}]
@@ -243,6 +246,41 @@ async def test_a_failed_commit_fails_every_waiter(log: AuditLog, monkeypatch: py
         assert all(isinstance(r, sa.exc.OperationalError) for r in results)
     finally:
         await writer.aclose()
+
+
+async def test_writes_go_on_after_postgresql_drops_every_connection(postgres_url: str) -> None:
+    """A PostgreSQL restart, an idle timeout or a pooler's reset closes the gateway's connections under it.
+    The writer's kept connection is then dead, but no batch was sent on it: the next batch runs again on a new
+    connection instead of failing its requests (503), and its budget charges are counted once."""
+    with throwaway_postgres_database(postgres_url, "audit_drop") as url, AuditLog(url) as log:
+        ledger = Ledger(url)
+        writer = AuditWriter(log, ledger=ledger)
+        day = BudgetRule.model_validate({"policy": "p", "state": "Ok", "action": "reject",
+                                         "limits": [{"window": "day", "maxCostUSD": 100}]})
+        lease = ledger.reserve("team", "p", day, 50.0, 5000, "lease-1", AT)
+        assert isinstance(lease, Reservation)
+
+        def charged(record_id: str) -> Awaitable[bool | None]:
+            charge = LeaseCharge(f"{record_id}/p", "team", "p", lease.created_at)
+            return writer.write(record(record_id), SettleOp(lease.id, (0.5, 50), charge))
+
+        try:
+            assert await charged("before")
+            killer = sa.create_engine(url)
+            try:
+                with killer.connect() as conn:
+                    dropped = conn.execute(sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar_one()
+            finally:
+                killer.dispose()
+            assert dropped >= 1  # the writer's kept connection among them
+            assert await asyncio.gather(*(charged(f"after-{i}") for i in range(5))) == [True] * 5
+            assert count(url) == 6
+            assert ledger.spend("team", "p", AT.replace(hour=0, minute=0)) == Usage(3.0, 300)  # 6 x 0.5, once each
+        finally:
+            await writer.aclose()
+            ledger.close()
 
 
 async def test_a_cancelled_waiter_still_gets_its_record_written(url: str, log: AuditLog) -> None:

@@ -134,14 +134,51 @@ def test_a_held_connection_is_reused_and_replaced_once_it_fails(tmp_path: Path) 
     log = AuditLog(f"sqlite:///{tmp_path / 'held.db'}")
     held = log.held_writer()
     try:
-        with held.begin() as first:
-            first.exec_driver_sql("SELECT 1")
-        with held.begin() as again:
-            assert again is first
+        first = held.run(lambda conn: conn)
+        assert held.run(lambda conn: conn) is first
         first.invalidate()  # what SQLAlchemy does to a connection whose database went away
-        with held.begin() as replaced:
-            assert replaced is not first
-            assert replaced.exec_driver_sql("SELECT COUNT(*) FROM audit_records").scalar() == 0
+        assert held.run(lambda conn: conn.exec_driver_sql("SELECT COUNT(*) FROM audit_records").scalar()) == 0
+        assert held.run(lambda conn: conn) is not first
+    finally:
+        held.close()
+        log.close()
+
+
+LOST = "server closed the connection unexpectedly"
+
+
+@pytest.mark.parametrize(("fails", "dead", "outcome", "runs"), [
+    # the connection died before the batch reached the server: it runs again on a new one
+    ("before commit", True, contextlib.nullcontext(), 2),
+    # a live connection refused the batch (a constraint, a full disk): that error, at once
+    ("before commit", False, pytest.raises(sa.exc.OperationalError, match=LOST), 1),
+    # the commit may have landed: a replay could charge budgets twice
+    ("at commit", True, pytest.raises(sa.exc.OperationalError, match=LOST), 1),
+])
+def test_a_held_connection_replays_a_batch_only_when_it_died_before_the_commit(
+        tmp_path: Path, fails: str, dead: bool, outcome: contextlib.AbstractContextManager[Any], runs: int) -> None:
+    log = AuditLog(f"sqlite:///{tmp_path / 'held.db'}")
+    held = log.held_writer()
+    attempts: list[sa.Connection] = []
+
+    def fail(conn: sa.Connection) -> None:
+        if dead:
+            conn.invalidate()  # what SQLAlchemy's rollback does to a connection whose server went away
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception(LOST))
+
+    def work(conn: sa.Connection) -> str:
+        attempts.append(conn)
+        if len(attempts) == 1:
+            if fails == "before commit":
+                fail(conn)
+            sa.event.listen(conn, "commit", fail, once=True)
+        return "written"
+
+    try:
+        with outcome:
+            assert held.run(work) == "written"
+        assert len(attempts) == runs
+        assert held.reconnects == runs - 1
     finally:
         held.close()
         log.close()
