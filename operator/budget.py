@@ -16,6 +16,7 @@ from .api import BudgetPolicy, BudgetState
 from .api.budget_policy import WindowSpend
 from .api.ledger import ledger, metadata, window_bounds
 from .conditions import Observation
+from .store import open_store
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,7 @@ class SqlSpendReader:
     """Reads the ledger table from SQLite (default) or PostgreSQL (by URL)."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url)
-        metadata.create_all(self.engine)
+        self.engine = open_store(url, metadata)
 
     def spend(self, namespace: str, policy: str, since: datetime) -> Spend:
         query = sa.select(sa.func.coalesce(sa.func.sum(ledger.c.cost_usd), 0.0),

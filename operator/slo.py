@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from .api.runs import COMPENSATED, COMPLETED, FAILED, REJECTED, REVIEW, metadata, runs
 from .api.workflow import SloStatus
+from .store import open_store
 
 COUNTED = (COMPLETED, REJECTED, FAILED, COMPENSATED, REVIEW)
 FINISHED = (COMPLETED, REJECTED, FAILED, COMPENSATED)
@@ -37,8 +38,7 @@ class SloReader:
     """Reads the run tables from SQLite (default) or PostgreSQL (by URL)."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url)
-        metadata.create_all(self.engine)
+        self.engine = open_store(url, metadata)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -193,3 +193,16 @@ def throwaway_postgres_database(server_url: str, prefix: str = "test") -> Iterat
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+def drop_connections(url: str) -> int:
+    """Close every other connection to ``url``'s database from the server side, as a restart, an idle timeout or
+    a pooler's reset does; how many it closed."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar_one())
+    finally:
+        engine.dispose()

@@ -12,6 +12,8 @@ from pilothouse.operator.api import BudgetPolicy, BudgetState
 from pilothouse.operator.api.budget_policy import Window
 from pilothouse.operator.api.ledger import ledger
 from pilothouse.operator.budget import SqlSpendReader, evaluate, window_bounds
+from pilothouse.operator.slo import SloReader
+from tests.pg import drop_connections, throwaway_postgres_database
 
 AT = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 
@@ -72,3 +74,20 @@ def test_reader_works_on_an_existing_store(tmp_path: Path) -> None:
     SqlSpendReader(url)
     again = SqlSpendReader(url)  # create_all must be idempotent: the gateway may have made the table
     assert sa.inspect(again.engine).has_table("budget_ledger")
+
+
+def test_the_operator_reads_on_after_postgresql_drops_its_connections(postgres_url: str) -> None:
+    """A PostgreSQL restart closes the operator's pooled connections: the next budget and SLO reads must
+    succeed on new ones, not fail the status update that drew a dead connection."""
+    with throwaway_postgres_database(postgres_url, "operator_reads") as url:
+        reader, slo = SqlSpendReader(url), SloReader(url)
+        try:
+            spend(reader, ("p", 2.0, 0, AT, "committed"))
+            assert evaluate(policy(maxCostUSD=10), reader, AT).windows[0].spent_usd == 2.0
+            assert slo.figures("team", "wf", now=AT).runs == 0
+            assert drop_connections(url) >= 2  # the pooled connection of each reader
+            assert evaluate(policy(maxCostUSD=10), reader, AT).windows[0].spent_usd == 2.0
+            assert slo.figures("team", "wf", now=AT).runs == 0
+        finally:
+            reader.engine.dispose()
+            slo.close()
