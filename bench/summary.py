@@ -2,7 +2,8 @@
 
 Runs compare over time by these names (issue 5); each benchmark keeps its full JSON beside it. A figure
 whose benchmark has not been run (or could not measure it, e.g. LiteLLM not installed) is listed under
-``missing`` instead of being guessed.
+``missing`` instead of being guessed, and ``sources`` says when each result file was measured: a figure
+from an optional benchmark that ``make bench`` does not run (``engine_tp``) keeps the date of its own run.
 
 Run: ``.venv/bin/python bench/summary.py`` (``make bench`` runs it last).
 """
@@ -111,7 +112,8 @@ def summarise(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "machine": {**machine.describe(), "note": "2-core, 24 GiB CI-class VM, no GPU" if os.cpu_count() == 2 else ""},
         "figures": {k: v for k, v in figures.items() if v is not None},
         "missing": sorted(k for k, v in figures.items() if v is None),
-        "sources": sorted(docs),
+        # when each result was measured: make bench re-runs its own; an optional one (engine_tp) may be older
+        "sources": {name: docs[name].get("when") for name in sorted(docs)},
     }
 
 
