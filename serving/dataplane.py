@@ -82,6 +82,7 @@ from .refusals import CTX_STATE
 from .router import Plan, Rejection, next_after_failure, plan, worst_case_cost
 from .semantic_cache import HIT_HEADER_VALUE as SEMANTIC_HIT
 from .semantic_cache import Probe, SemanticCache, open_semantic_cache
+from .stores import UNREACHABLE
 from .table_source import TableSource
 
 log = logging.getLogger(__name__)
@@ -356,17 +357,26 @@ class DataPlane:
             self._start_span(ctx, request)
         if not ctx.trace_id:
             ctx.trace_id = trace_id(request.headers.get("traceparent"))
-        if ctx.span is None:
-            return await self._handle(ctx, request, parsed, raw)
         try:
             response = await self._handle(ctx, request, parsed, raw)
+        except UNREACHABLE as exc:
+            response = self._store_unreachable(ctx, exc)
         except BaseException as exc:
-            ctx.outcome = ctx.outcome or type(exc).__name__
-            self._end_span(ctx, 500)
+            if ctx.span is not None:
+                ctx.outcome = ctx.outcome or type(exc).__name__
+                self._end_span(ctx, 500)
             raise
-        if not isinstance(response, StreamingResponse):  # a stream's span ends with the stream
+        if ctx.span is not None and not isinstance(response, StreamingResponse):  # a stream's ends with the stream
             self._end_span(ctx, response.status_code)
         return response
+
+    def _store_unreachable(self, ctx: _Ctx, exc: Exception) -> Response:
+        """The store could not be reached before the request was dispatched (its budget reservation, its
+        Idempotency-Key): nothing was charged or acknowledged, so the caller may simply retry."""
+        log.warning("request %s refused: the store is unreachable (%s)", ctx.request_id, type(exc).__name__)
+        self._observe(ctx, "store_unavailable")
+        return openai_error(503, "The gateway's store (budget ledger, audit) is unreachable; nothing was charged or "
+                            "acknowledged. Retry later.", code="store_unavailable", headers=ctx.headers)
 
     async def _handle(self, ctx: _Ctx, request: Request, parsed: Any, raw: bytes) -> Response:
         path, started = ctx.path, ctx.started
@@ -503,7 +513,11 @@ class DataPlane:
     async def _abandon(self, ctx: _Ctx, stores: Stores) -> None:
         if ctx.idempotency_row is not None:
             row, ctx.idempotency_row = ctx.idempotency_row, None
-            await asyncio.shield(stores.idempotency.aabandon(row))
+            try:
+                await asyncio.shield(stores.idempotency.aabandon(row))
+            except UNREACHABLE:  # the caller is told why the request failed; the key stays pending until purged
+                log.warning("request %s: its Idempotency-Key could not be released, the store is unreachable",
+                            ctx.request_id)
 
     async def _serve(self, ctx: _Ctx, stores: Stores, stream: bool, max_tokens: int) -> Response:
         assert ctx.table is not None and ctx.route is not None

@@ -32,6 +32,7 @@ OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.0
 """Fine at the low end: the gateway's goal is a few milliseconds of added latency (issue 3)."""
 
 OUTCOMES = frozenset({"ok", "cache_hit", "budget_rejected", "invalid_request", "unauthorized", "no_backend",
+                      "store_unavailable",
                       *(e.value for e in ErrorClass)})
 """Fixed vocabulary of ``outcome``: success, the gateway's own refusals, or the final error class."""
 REASONS = frozenset({"circuit_open", "unhealthy", "budget_downgrade", *(e.value for e in ErrorClass)})

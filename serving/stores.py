@@ -29,6 +29,10 @@ _BEGIN_OPTION = "pilothouse_sqlite_begin"
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
+UNREACHABLE: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.TimeoutError)
+"""The store cannot take a read or write now (server down or restarting, connections refused, the pool exhausted,
+a SQLite file still locked after the retries): a reason to answer 503 and retry later, not a bug (500)."""
+
 _BEGIN = {mode: Prepared(f"BEGIN {mode}") for mode in ("DEFERRED", "IMMEDIATE")}  # every write transaction's first
 
 

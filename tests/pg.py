@@ -110,6 +110,25 @@ class TempPostgres:
         self._run("initdb", "-D", str(self.data), "-U", RUN_AS, "-A", "trust", "-E", "UTF8", "--no-locale",
                   "--no-sync")
         self.port = free_port()
+        self._launch()
+        admin = sa.make_url(self.url).set(database="postgres")
+        engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f'CREATE DATABASE "{DATABASE}"')
+        finally:
+            engine.dispose()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server as an administrator would (``pg_ctl stop -m fast``: every session is ended and its
+        transaction rolled back), stay down ``down_s``, and start it again on the same data and port."""
+        assert self.process is not None
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "30")
+        self.process.wait(timeout=30)
+        time.sleep(down_s)
+        self._launch()
+
+    def _launch(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(self.bindir / "postgres"), "-D", str(self.data), "-k", str(self.socket_dir),
@@ -118,13 +137,6 @@ class TempPostgres:
                 cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, **self.as_user)
         self._wait_ready()
-        admin = sa.make_url(self.url).set(database="postgres")
-        engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                conn.exec_driver_sql(f'CREATE DATABASE "{DATABASE}"')
-        finally:
-            engine.dispose()
 
     def _wait_ready(self) -> None:
         import psycopg
