@@ -923,8 +923,9 @@ class DataPlane:
             latency_ms=(time.perf_counter() - ctx.started) * 1000)
         try:
             await asyncio.shield(self._writing(stores, stores.writer.put(record, settle), settle))
-        except Exception as exc:
-            log.exception("audit record %s could not be written", ctx.request_id)
+        except Exception as exc:  # a store outage: the writer logged the batch's traceback once, not one per request
+            log.error("audit record %s could not be written (%s)", ctx.request_id, type(exc).__name__,
+                      exc_info=not isinstance(exc, UNREACHABLE))
             raise AuditUnavailable(str(exc)) from exc
         if settle is not None:
             self._spent(ctx, settle)

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .audit import AuditRecord, RoutingDecision, content_hash
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS
+from .stores import UNREACHABLE
 
 if TYPE_CHECKING:
     from .dataplane import _Ctx
@@ -141,5 +142,6 @@ class AuditRefusals:
                              tenant=str(state.get("tenant", UNAUTHENTICATED)), model=_model(body), **answer)
         try:
             await self.write(record)
-        except Exception:
-            log.exception("the audit record of refused request %s could not be written", record.id)
+        except Exception as exc:  # a store outage: the writer logged the batch's traceback once, not one per request
+            log.error("the audit record of refused request %s could not be written (%s)", record.id, type(exc).__name__,
+                      exc_info=not isinstance(exc, UNREACHABLE))
