@@ -371,8 +371,8 @@ class DataPlane:
         return response
 
     def _store_unreachable(self, ctx: _Ctx, exc: Exception) -> Response:
-        """The store could not be reached before the request was dispatched (its budget reservation, its
-        Idempotency-Key): nothing was charged or acknowledged, so the caller may simply retry."""
+        """The store could not be reached for this request's budget reservation, Idempotency-Key or settlement (a
+        failed audit write is ``AuditUnavailable``): nothing was charged or acknowledged, so the caller may retry."""
         log.warning("request %s refused: the store is unreachable (%s)", ctx.request_id, type(exc).__name__)
         self._observe(ctx, "store_unavailable")
         return openai_error(503, "The gateway's store (budget ledger, audit) is unreachable; nothing was charged or "
