@@ -274,13 +274,15 @@ class DataPlane:
             await semantic.aclose()
 
     async def maintain(self, interval_s: float = 60.0, stale_after: timedelta = STALE_RESERVATION) -> None:
-        """Until cancelled: release reservations a crashed replica left behind, and old idempotency keys."""
+        """Until cancelled: release reservations and Idempotency-Key claims that requests which died (a crashed
+        replica, a store outage) left behind, and drop old idempotency keys."""
         while True:
             await asyncio.sleep(interval_s)
             if self._stores is None:
                 continue
             try:
                 await self._stores.ledger.aexpire(stale_after)
+                await asyncio.to_thread(self._stores.idempotency.release_stale, stale_after)
                 await asyncio.to_thread(self._stores.idempotency.purge, IDEMPOTENCY_RETENTION)
             except Exception:
                 log.exception("store maintenance failed")
@@ -515,7 +517,7 @@ class DataPlane:
             row, ctx.idempotency_row = ctx.idempotency_row, None
             try:
                 await asyncio.shield(stores.idempotency.aabandon(row))
-            except UNREACHABLE:  # the caller is told why the request failed; the key stays pending until purged
+            except UNREACHABLE:  # the caller is told why the request failed; maintain() releases the key later
                 log.warning("request %s: its Idempotency-Key could not be released, the store is unreachable",
                             ctx.request_id)
 

@@ -10,7 +10,9 @@ claim back (``abandon``) so a retry of a failed request is tried again. Outcomes
 * ``Conflict``: same key with a different body (409), or the first request is still running (409).
 
 The body is compared by its SHA-256 over the raw request bytes. Rows are durable (SQLite WAL with
-``synchronous=FULL``, or PostgreSQL); ``purge`` drops keys older than their retention.
+``synchronous=FULL``, or PostgreSQL); ``purge`` drops keys older than their retention, and
+``release_stale`` gives back claims whose request died before completing or abandoning them (the gateway's
+upkeep, after its stale-reservation expiry), so a retry is dispatched instead of answered 409 for a day.
 """
 
 from __future__ import annotations
@@ -109,6 +111,17 @@ class IdempotencyStore:
         with self.engine.begin() as conn:
             conn.execute(idempotency_keys.delete().where(idempotency_keys.c.id == rid,
                                                          idempotency_keys.c.state == PENDING))
+
+    def release_stale(self, older_than: timedelta, now: datetime | None = None) -> int:
+        """Give back claims still ``pending`` after ``older_than``: their request died before it could complete or
+        abandon them (a crashed replica, a store outage at the time). Until then a retry with the key is told the
+        first request is still in progress; after it, the retry is dispatched. ``older_than`` must be far above
+        the longest request, or a slow request's retry would run twice (the gateway uses its stale-reservation
+        expiry, 30 minutes)."""
+        cutoff = (now or datetime.now(UTC)) - older_than
+        with self.engine.begin() as conn:
+            return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.state == PENDING,
+                                                                idempotency_keys.c.created_at < cutoff)).rowcount
 
     def purge(self, older_than: timedelta) -> int:
         cutoff = datetime.now(UTC) - older_than
