@@ -2,8 +2,8 @@
 
 One Ray Serve instance holds one engine (the tiny Llama of ``serving/tiny_model.py``, deployed by
 ``engines.vllm.deploy_local_engines`` exactly as ``pilothouse run`` does) and the Pilothouse gateway
-(``serve.app_builder``). Both targets are reached over HTTP through the same Serve proxy, by the same
-load generator (aiohttp, its own process), asking the same engine replica:
+(``serve.application``, what ``app_builder`` deploys). Both targets are reached over HTTP through the same
+Serve proxy, by the same load generator (aiohttp, its own process), asking the same engine replica:
 
 - **direct**: vLLM's own OpenAI server (``vllm.entrypoints.openai.api_server.build_app``, what
   ``ray.serve.llm`` serves in its direct-streaming mode) mounted as the engine replica's HTTP face at
@@ -180,10 +180,10 @@ def role_ray(config_path: str) -> None:
         files = write_fixtures(Path(cfg["folder"]), endpoints[ENGINE], modelDeployment=ENGINE, model=ENGINE,
                                engine="vllm", contextWindow=MAX_MODEL_LEN, maxTokens=512)
         args = gateway.GatewayArgs(routing=files["routing"], api_keys=files["keys"], store_url=files["store_url"])
-        serve.run(gateway.app_builder(args.model_dump()), name=gateway.APP_NAME, route_prefix="/", blocking=False)
+        serve.run(gateway.application(args), name=gateway.APP_NAME, route_prefix="/", blocking=False)
         if cfg["ablation"]:  # the same gateway without its BudgetPolicy rule (no ledger), and no gateway at all
             nb = args.model_copy(update={"routing": files["routing_nobudget"]})
-            serve.run(gateway.app_builder(nb.model_dump()), name=NOBUDGET_APP, route_prefix="/nb", blocking=False)
+            serve.run(gateway.application(nb), name=NOBUDGET_APP, route_prefix="/nb", blocking=False)
             serve.run(HandlePassThrough.bind(endpoints[ENGINE]), name=PASSTHROUGH_APP, route_prefix="/hp",
                       blocking=False)
         apps = {"direct": handle.parse(endpoints[ENGINE])[0], "gateway": gateway.APP_NAME,

@@ -6,9 +6,9 @@ Every piece runs in its own process, all on loopback:
 - ``ray``: one Ray + Serve holding two applications behind the same HTTP proxy: a bare pass-through
   (FastAPI ingress forwarding the body to the backend with one pooled aiohttp session, the client the
   gateway's external engine uses: the floor of our stack) at ``/pt`` and the Pilothouse gateway
-  (``serve.app_builder``) at ``/`` with API keys, a BudgetPolicy rule with a high cap (the ledger
-  reserves and commits), audit and metrics on. Requests use
-  ``temperature 0.7``, so the response cache never applies;
+  (``serve.application``, what ``app_builder`` deploys) at ``/`` with API keys, a BudgetPolicy rule with a
+  high cap (the ledger reserves and commits), audit and metrics on. Requests use ``temperature 0.7``, so the
+  response cache never applies;
 - ``litellm``: ``litellm --config`` with one model pointing at the backend, master key on, no database
   (so no budgets, no spend logs), no callbacks, when the ``litellm`` CLI is installed;
 - ``load``: the load generator (aiohttp client, one process per measurement).
@@ -206,14 +206,11 @@ def role_ray(config_path: str) -> None:
         serve.run(PassThrough.options(num_replicas=replicas).bind(), name="passthrough", route_prefix="/pt",
                   blocking=False)
 
-        def gateway_app(args: gateway.GatewayArgs) -> Any:  # what serve.app_builder deploys, with this run's replicas
-            return gateway.Gateway.options(num_replicas=replicas).bind(args.model_dump())
-
         args = gateway.GatewayArgs(routing=cfg["routing"], api_keys=cfg["keys"], store_url=cfg["store_url"])
-        serve.run(gateway_app(args), name=gateway.APP_NAME, route_prefix="/", blocking=False)
+        serve.run(gateway.application(args, replicas=replicas), name=gateway.APP_NAME, route_prefix="/", blocking=False)
         if cfg.get("routing_nobudget"):  # ablation: the same gateway with no BudgetPolicy rule (no ledger work)
             nb = args.model_copy(update={"routing": cfg["routing_nobudget"]})
-            serve.run(gateway_app(nb), name="nobudget", route_prefix="/nb", blocking=False)
+            serve.run(gateway.application(nb, replicas=replicas), name="nobudget", route_prefix="/nb", blocking=False)
         print(json.dumps({"ready": True}), flush=True)
         while not stop:
             time.sleep(0.2)

@@ -245,7 +245,7 @@ async def local_stack(bundle: manifests.Bundle, state_dir: Path, *, port: int | 
                 table = env.table_path(wf.namespace, wf.name)
                 if table.exists():
                     args = gateway.GatewayArgs(routing=str(table.resolve()), store_url=store_url(state_dir))
-                    serve.run(gateway.app_builder(args.model_dump()), name=f"gateway-{wf.name}",
+                    serve.run(gateway.application(args), name=f"gateway-{wf.name}",
                               route_prefix="/", blocking=False)
                     break  # one gateway owns "/"; local mode runs one workflow per folder
             yield stack

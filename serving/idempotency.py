@@ -118,15 +118,16 @@ class IdempotencyStore:
         first request is still in progress; after it, the retry is dispatched. ``older_than`` must be far above
         the longest request, or a slow request's retry would run twice (the gateway uses its stale-reservation
         expiry, 30 minutes)."""
-        cutoff = (now or datetime.now(UTC)) - older_than
-        with self.engine.begin() as conn:
-            return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.state == PENDING,
-                                                                idempotency_keys.c.created_at < cutoff)).rowcount
+        return self._delete_older(older_than, now, idempotency_keys.c.state == PENDING)
 
     def purge(self, older_than: timedelta) -> int:
-        cutoff = datetime.now(UTC) - older_than
+        return self._delete_older(older_than, None)
+
+    def _delete_older(self, older_than: timedelta, now: datetime | None, *where: sa.ColumnElement[bool]) -> int:
+        cutoff = (now or datetime.now(UTC)) - older_than
         with self.engine.begin() as conn:
-            return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.created_at < cutoff)).rowcount
+            deleted = conn.execute(idempotency_keys.delete().where(idempotency_keys.c.created_at < cutoff, *where))
+        return deleted.rowcount
 
     async def aclaim(self, tenant: str, key: str, raw_body: bytes, request_id: str) -> Claimed | Stored | Conflict:
         return await asyncio.to_thread(self.claim, tenant, key, raw_body, request_id)

@@ -77,7 +77,14 @@ class Gateway:
 
 def app_builder(args: dict[str, Any]) -> Application:
     """``import_path: pilothouse.serving.serve:app_builder`` with ``args: {routing: FILE, api_keys: FILE?}``."""
-    return Gateway.bind(GatewayArgs.model_validate(args).model_dump())
+    return application(GatewayArgs.model_validate(args))
+
+
+def application(args: GatewayArgs, *, replicas: int | None = None) -> Application:
+    """The gateway deployment bound to ``args``, for callers that hold them typed; ``replicas`` None leaves the
+    count to Serve's default or the serve config (a RayService sets it per deployment, which overrides code)."""
+    deployment = Gateway if replicas is None else Gateway.options(num_replicas=replicas)
+    return deployment.bind(args.model_dump())
 
 
 def ray_env(*, throughput_optimized: bool = False) -> dict[str, str]:
@@ -94,7 +101,7 @@ def ray_env(*, throughput_optimized: bool = False) -> dict[str, str]:
 def start(args: GatewayArgs, *, host: str, port: int) -> None:
     """Start Serve's HTTP proxy on ``host:port`` and deploy the gateway; Ray must be initialised."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app_builder(args.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(application(args), name=APP_NAME, route_prefix="/", blocking=False)
 
 
 def run(routing: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,

@@ -111,8 +111,6 @@ class HeldConnection:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._conn: sa.Connection | None = None
-        self.reconnects = 0
-        """Transactions run again on a new connection because the kept one had died before they committed."""
 
     def run(self, work: Callable[[sa.Connection], _T]) -> _T:
         """``work(conn)`` in one write transaction (queued like ``begin_write``'s) on the kept connection.
@@ -136,7 +134,6 @@ class HeldConnection:
                 if committing or replayed or not conn.invalidated:
                     raise
                 replayed = True
-                self.reconnects += 1
                 log.warning("the kept %s connection was closed under it; writing the batch on a new one",
                             self.engine.url.get_backend_name())
 
