@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .openai_schema import openai_error
+from .openai_schema import openai_error, route_path
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Authenticate:
         self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.protected):
+        if scope["type"] != "http" or not route_path(scope).startswith(self.protected):
             await self.app(scope, receive, send)
             return
         tenant = ANONYMOUS

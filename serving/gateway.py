@@ -39,9 +39,8 @@ from pilothouse.operator.api.routing import RoutingTable
 from . import reviews, tracing
 from .auth import ApiKeys, Authenticate
 from .dataplane import REQUEST_ID_HEADER, DataPlane, new_id, trace_id
-from .engines import CHAT, COMPLETIONS, EMBEDDINGS
 from .engines.external import close_shared_client
-from .openai_schema import openai_error, validate_chat, validate_completion, validate_embedding
+from .openai_schema import openai_endpoint, openai_error, validate_chat, validate_completion, validate_embedding
 from .refusals import AuditRefusals
 from .table_source import TableSource
 
@@ -147,6 +146,34 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class OpenAIEndpoints:
+    """ASGI middleware: the three OpenAI POST endpoints straight to the data plane, past Starlette's router.
+
+    Why not routes: on the request path Starlette's exception middleware, router, route matching and
+    per-request exit stacks cost the gateway replica's event loop ~7% of its time per request at c=256
+    (py-spy under Ray Serve, ``bench/gateway_overhead.py``), and do nothing the data plane needs: it reads
+    the body itself and answers every error it knows as an OpenAI error object. What it does not know
+    (a bug) still reaches ``ServerErrorMiddleware`` and the app's handler for ``Exception``: an OpenAI-style
+    500. Everything else (probes, ``/v1/models``, reviews, metrics) goes to the app as before.
+    """
+
+    def __init__(self, app: ASGIApp, dataplane: DataPlane) -> None:
+        self.app = app
+        self.dataplane = dataplane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = openai_endpoint(scope)
+        if kind is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            response: Response = openai_error(405, f"Method not allowed for URL: {scope['method']} {scope['path']}.",
+                                              code="method_not_allowed", headers={"allow": "POST"})
+        else:
+            response = await self.dataplane.handle(Request(scope, receive, send), kind)
+        await response(scope, receive, send)
 
 
 def models_list(table: RoutingTable) -> dict[str, Any]:
@@ -275,15 +302,6 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
             return openai_error(503, f"No RoutingTable is loaded yet: {source.last_error}", code="not_ready")
         return JSONResponse(models_list(source.current()))
 
-    # The request path as plain Starlette routes: the data plane reads the body itself, so FastAPI's
-    # dependency solving had nothing to do but cost 11 us a request (an empty endpoint: 22.5 vs 11.6 us).
-    for path, kind in (("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETIONS),
-                       ("/v1/embeddings", EMBEDDINGS)):
-        async def endpoint(request: Request, kind: str = kind) -> Response:
-            return await dataplane.handle(request, kind)
-
-        app.add_route(path, endpoint, methods=["POST"])
-
     app.include_router(reviews.router(review_queue))
 
     @app.get("/metrics")
@@ -291,6 +309,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
         return dataplane.render_metrics()
 
     _install_error_handlers(app)
+    app.add_middleware(OpenAIEndpoints, dataplane=dataplane)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Authenticate, keys=keys)
     # added last = runs first: it sees the refusals of the two guards above, too

@@ -16,11 +16,14 @@ Only the first problem is reported, like OpenAI does; ``param`` names it as Open
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
+
+from .engines import CHAT, COMPLETIONS, EMBEDDINGS
 
 __all__ = [
     "ChatMessage",
@@ -317,6 +320,26 @@ def _explain(err: ErrorDetails) -> JSONResponse:
 
 def _no_constants(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_ENDPOINTS = {"/v1" + kind: kind for kind in (CHAT, COMPLETIONS, EMBEDDINGS)}
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """An ASGI request's path below the app's mount point: Ray Serve (like uvicorn's ``--root-path``) keeps
+    the route prefix in ``path`` and names it in ``root_path``, so ``/team/v1/models`` is ``/v1/models``
+    for an app served at ``/team``. Every guard that matches paths must match this one."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        return path[len(root):]
+    return path
+
+
+def openai_endpoint(scope: Mapping[str, Any]) -> str | None:
+    """The OpenAI endpoint an ASGI HTTP request is for (``engines.CHAT`` / ``COMPLETIONS`` / ``EMBEDDINGS``),
+    or None."""
+    return _ENDPOINTS.get(route_path(scope)) if scope["type"] == "http" else None
 
 
 def parse_request(raw: bytes, model: type[Req]) -> Req | JSONResponse:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .audit import AuditRecord, RoutingDecision, content_hash
-from .engines import CHAT, COMPLETIONS, EMBEDDINGS
+from .openai_schema import openai_endpoint
 from .stores import UNREACHABLE
 
 if TYPE_CHECKING:
@@ -83,17 +83,15 @@ class AuditRefusals:
     """
 
     def __init__(self, app: ASGIApp, write: Callable[[AuditRecord], Coroutine[Any, Any, None]],
-                 new_id: Callable[[], str], trace_id: Callable[[str | None], str], id_header: str,
-                 prefix: str = "/v1") -> None:
+                 new_id: Callable[[], str], trace_id: Callable[[str | None], str], id_header: str) -> None:
         self.app = app
         self.write = write
         self.new_id = new_id
         self.trace_id = trace_id
         self.id_header = id_header.lower().encode("latin-1")
-        self.paths = frozenset(prefix + p for p in (CHAT, COMPLETIONS, EMBEDDINGS))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths or scope["method"] != "POST":
+        if openai_endpoint(scope) is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()

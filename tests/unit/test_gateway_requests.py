@@ -92,7 +92,7 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def gateway(tmp_path: Path, table: RoutingTable) -> AsyncIterator[Gateway]:
+async def gateway(tmp_path: Path, table: RoutingTable, root_path: str = "") -> AsyncIterator[Gateway]:
     routing = tmp_path / "routing.json"
     routing.write_text(table.model_dump_json(by_alias=True))
     keys = tmp_path / "keys.json"
@@ -100,8 +100,8 @@ async def gateway(tmp_path: Path, table: RoutingTable) -> AsyncIterator[Gateway]
     store_url = f"sqlite:///{tmp_path}/store.db"
     app = build_app(str(routing), api_keys=str(keys), store_url=store_url)
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
+        transport = httpx.ASGITransport(app=app, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://gateway{root_path}", timeout=30) as client:
             yield Gateway(app, client, store_url)
 
 
@@ -532,6 +532,22 @@ async def test_requests_answered_before_routing_have_an_audit_record_too(tmp_pat
         assert len(replays) == 1 and first.headers["x-pilothouse-request-id"] in replays[0].routing.reason
         # One record per request, none twice: 9 answers above plus the first idempotent request.
         assert len(everything) == len({r.id for r in everything}) == len(answers) + 1
+
+
+async def test_below_a_route_prefix_the_openai_endpoints_answer_and_audit_as_at_the_root(tmp_path: Path,
+                                                                                          fakes: Any) -> None:
+    """Ray Serve mounts an app at its route prefix: the ASGI ``path`` keeps the prefix and ``root_path`` names it."""
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback), root_path="/team") as gw:
+        ok = await gw.post(chat())
+        assert ok.status_code == 200 and ok.json()["model"] == "org/small"
+        refused = await gw.client.post("/v1/chat/completions", json=chat())
+        assert refused.status_code == 401
+        assert gw.audit(ok).status_code == 200 and gw.audit(refused).status_code == 401
+        wrong = await gw.client.get("/v1/chat/completions", headers=A)
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        assert wrong.json()["error"]["code"] == "method_not_allowed"
+        assert (await gw.client.get("/v1/models", headers=A)).json()["data"][0]["id"] == "wf/extract"
 
 
 async def test_a_budget_lease_admits_requests_without_a_ledger_write_each(tmp_path: Path, fakes: Any) -> None:
