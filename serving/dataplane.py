@@ -564,7 +564,7 @@ class DataPlane:
     async def _cached(self, ctx: _Ctx, stores: Stores, hit: CachedResponse, header: str, reason: str) -> Response:
         """Answer from a cache: free, audited like any answer, marked in ``x-pilothouse-cache``."""
         ctx.cache_hit, ctx.usage, ctx.reason = True, hit.usage, reason
-        ctx.output = _output(ctx.path, hit.body)
+        ctx.output = _output(ctx.path, json.loads(hit.body))  # a cached answer parsed when it was first given
         await self._audit(ctx, stores, 200)
         self._observe(ctx, "cache_hit")
         return Response(hit.body, media_type="application/json",
@@ -751,7 +751,7 @@ class DataPlane:
             if usage.estimated and not usage.prompt_tokens:
                 usage = Usage(ctx.prompt_tokens, usage.completion_tokens, estimated=True)
             ctx.usage = usage
-            ctx.output = _output(ctx.path, result.body)
+            ctx.output = _output(ctx.path, result.data)
             self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
             charge = cost_usd(backend, usage, ctx.prompt_tokens)  # once: for the ledger and the header
             await self._audit(ctx, stores, 200, self._settlement(ctx, usage, charge))
@@ -960,12 +960,8 @@ class AuditUnavailable(Exception):
     """The audit record could not be made durable: the request must not be acknowledged as a success."""
 
 
-def _output(path: str, body: bytes) -> Any:
-    """What the audit keeps of an answer: the messages / texts; an embedding is kept as its hash only."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace")
+def _output(path: str, data: Any) -> Any:
+    """What the audit keeps of an answer (parsed): the messages / texts; an embedding is kept as its hash only."""
     if path == EMBEDDINGS or not isinstance(data, dict):
         return {"embeddings": len(data.get("data", [])) if isinstance(data, dict) else 0}
     out = []

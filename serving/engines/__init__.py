@@ -14,10 +14,8 @@ gateway's fallback loop, budget commit and audit record never care which engine 
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Protocol
 
 from pilothouse.serving.errors import ErrorClass, Failure
@@ -80,23 +78,16 @@ class BackendError(Exception):
                 f"first_token_sent={self.first_token_sent})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EngineResult:
-    """A complete (non-streamed) 200 answer. ``body`` is forwarded as is; ``data`` parses it on demand."""
+    """A complete (non-streamed) 200 answer. ``body`` is forwarded as is; ``data`` is the same answer parsed."""
 
     body: bytes
+    data: dict[str, Any]
     usage: Usage
     latency_s: float
     status_code: int = 200
     content_type: str = "application/json"
-
-    @cached_property
-    def data(self) -> dict[str, Any]:
-        """The parsed body. Lazy: the hot path forwards ``body`` and needs only ``usage``."""
-        parsed = json.loads(self.body)
-        if not isinstance(parsed, dict):
-            raise ValueError("response body is not a JSON object")
-        return parsed
 
 
 class EngineStream(Protocol):

@@ -17,10 +17,10 @@ Why it looks like this:
   timeout, and its read timeout starts once the body is written: a backend that stops reading a
   body larger than the socket buffers (the gateway caps bodies at 1 MiB by default) holds the
   call until our own caller gives up.
-* **Bytes through, not JSON round-trips.** A complete answer is forwarded as the backend's bytes;
-  only its ``usage`` is read, from the tail of the document when that can be done safely
-  (:func:`usage_from_body`), and a streamed answer's chunks are yielded exactly as they arrive,
-  scanned for usage only after they were handed on.
+* **Bytes through, not JSON round-trips.** A complete answer is forwarded as the backend's bytes,
+  parsed once on the side for its ``usage`` and what the audit keeps (:func:`usage_from_body`); a
+  streamed answer's chunks are yielded exactly as they arrive, scanned for usage only after they
+  were handed on.
 * **Classify once.** Every failure becomes a ``BackendError`` with the class from
   ``errors.classify``, so fallback, breaker and audit agree.
 """
@@ -111,50 +111,15 @@ def _status_failure(status_code: int, body: bytes | None) -> Failure:
     return Failure(ErrorClass.SERVER, f"HTTP {status_code}: unexpected status", status_code=status_code)
 
 
-_WS = b" \t\r\n"
-_USAGE_KEY = b'"usage"'
 _NO_USAGE = Usage(estimated=True)
 
 
-def _tail_usage(body: bytes) -> tuple[bool, Usage | None]:
-    """Read the top-level ``usage`` from the end of the document without parsing the rest.
+def usage_from_body(body: bytes) -> tuple[Usage, dict[str, Any]]:
+    """Usage of a complete answer, and the parsed body. ValueError if malformed.
 
-    Returns (found, usage); found=False means "could not decide here, parse the whole body". The
-    last ``"usage"`` is taken only if it is provably a key of the top-level object: preceded by
-    ``{`` or ``,`` (so its quote opens a string rather than closing one, and a string followed by
-    ``:`` is a key), and followed by a value and then nothing but more members and exactly one
-    closing brace. A ``"usage"`` nested deeper would need more closers after it.
+    Parsed whole, once: the data plane reads what the audit keeps of the answer from the same parse. A
+    missing or null usage gives an empty ``estimated`` usage: the gateway then uses its own count.
     """
-    i = body.rfind(_USAGE_KEY)
-    if i < 0:
-        return False, None
-    j = i - 1
-    while j >= 0 and body[j] in _WS:
-        j -= 1
-    if j < 0 or body[j] not in b"{,":
-        return False, None
-    try:
-        tail = body[i + len(_USAGE_KEY):].decode().lstrip()
-        if not tail.startswith(":"):
-            return False, None
-        tail = tail[1:].lstrip()
-        value, end = json.JSONDecoder().raw_decode(tail)
-        rest = tail[end:].strip()
-        if rest != "}" and not (rest.startswith(",") and isinstance(json.loads("{" + rest[1:]), dict)):
-            return False, None
-    except ValueError:  # UnicodeDecodeError is a ValueError
-        return False, None
-    return True, Usage.from_openai(value)
-
-
-def usage_from_body(body: bytes) -> tuple[Usage, dict[str, Any] | None]:
-    """Usage of a complete answer, and the parsed body if it had to be parsed. ValueError if malformed.
-
-    A missing or null usage gives an empty ``estimated`` usage: the gateway then uses its own count.
-    """
-    found, usage = _tail_usage(body)
-    if found:
-        return usage or _NO_USAGE, None
     data = json.loads(body)
     if not isinstance(data, dict):
         raise ValueError("response body is not a JSON object")
@@ -403,10 +368,7 @@ class ExternalEngine:
         except ValueError as exc:
             raise BackendError(Failure(ErrorClass.SERVER, f"malformed response body: {exc}",
                                        status_code=200)) from exc
-        result = EngineResult(content, usage, latency, content_type=content_type)
-        if data is not None:
-            result.__dict__["data"] = data  # already parsed: seed the cached_property
-        return result
+        return EngineResult(content, data, usage, latency, content_type=content_type)
 
     async def stream(self, path: str, body: Mapping[str, Any], *, timeout_s: float | None = None,
                      headers: Mapping[str, str] | None = None) -> ExternalStream:

@@ -195,10 +195,7 @@ class HandleEngine:
             usage, data = usage_from_body(content)
         except ValueError as exc:
             raise BackendError(Failure(ErrorClass.SERVER, f"malformed response body: {exc}", status_code=200)) from exc
-        result = EngineResult(content, usage, latency)
-        if data is not None:
-            result.__dict__["data"] = data
-        return result
+        return EngineResult(content, data, usage, latency)
 
     async def stream(self, path: str, body: Mapping[str, Any]) -> HandleStream:
         """Start a stream; returns once the engine accepted the request (errors before that raise here)."""
