@@ -23,7 +23,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pilothouse.operator.api.gateway import STORE_URL_ENV
@@ -40,7 +41,14 @@ from . import reviews, tracing
 from .auth import ApiKeys, Authenticate
 from .dataplane import REQUEST_ID_HEADER, DataPlane, new_id, trace_id
 from .engines.external import close_shared_client
-from .openai_schema import openai_endpoint, openai_error, validate_chat, validate_completion, validate_embedding
+from .openai_schema import (
+    OPENAI_PATHS,
+    openai_endpoint,
+    openai_error,
+    validate_chat,
+    validate_completion,
+    validate_embedding,
+)
 from .refusals import AuditRefusals
 from .table_source import TableSource
 
@@ -149,31 +157,26 @@ class BodyLimit:
 
 
 class OpenAIEndpoints:
-    """ASGI middleware: the three OpenAI POST endpoints straight to the data plane, past Starlette's router.
+    """ASGI middleware: POSTs to the three OpenAI endpoints go straight to ``endpoint``, past Starlette's router.
 
-    Why not routes: on the request path Starlette's exception middleware, router, route matching and
-    per-request exit stacks cost the gateway replica's event loop ~7% of its time per request at c=256
-    (py-spy under Ray Serve, ``bench/gateway_overhead.py``), and do nothing the data plane needs: it reads
-    the body itself and answers every error it knows as an OpenAI error object. What it does not know
-    (a bug) still reaches ``ServerErrorMiddleware`` and the app's handler for ``Exception``: an OpenAI-style
-    500. Everything else (probes, ``/v1/models``, reviews, metrics) goes to the app as before.
+    Why: on the request path Starlette's exception middleware, router and per-request exit stacks cost
+    the gateway replica's event loop ~7% of its time per request at c=256 (py-spy under Ray Serve,
+    ``bench/gateway_overhead.py``), and do nothing the data plane needs: it reads the body itself and
+    answers every error it knows as an OpenAI error object. What it does not know (a bug) still reaches
+    ``ServerErrorMiddleware`` and the app's handler for ``Exception``: an OpenAI-style 500. Everything
+    else, other methods on these paths included (405), goes to the app.
     """
 
-    def __init__(self, app: ASGIApp, dataplane: DataPlane) -> None:
+    def __init__(self, app: ASGIApp, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
         self.app = app
-        self.dataplane = dataplane
+        self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = openai_endpoint(scope)
-        if kind is None:
-            await self.app(scope, receive, send)
-            return
-        if scope["method"] != "POST":
-            response: Response = openai_error(405, f"Method not allowed for URL: {scope['method']} {scope['path']}.",
-                                              code="method_not_allowed", headers={"allow": "POST"})
+        if scope["type"] == "http" and scope["method"] == "POST" and openai_endpoint(scope) is not None:
+            response = await self.endpoint(Request(scope, receive, send))
+            await response(scope, receive, send)
         else:
-            response = await self.dataplane.handle(Request(scope, receive, send), kind)
-        await response(scope, receive, send)
+            await self.app(scope, receive, send)
 
 
 def models_list(table: RoutingTable) -> dict[str, Any]:
@@ -302,6 +305,13 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
             return openai_error(503, f"No RoutingTable is loaded yet: {source.last_error}", code="not_ready")
         return JSONResponse(models_list(source.current()))
 
+    async def openai(request: Request) -> Response:
+        return await dataplane.handle(request, openai_endpoint(request.scope) or "")
+
+    # Answered by OpenAIEndpoints before the router; routes as well, and first, because Ray Serve names each
+    # request's route for its metrics (and tells its proxies the app's paths) from the route table: a path
+    # it cannot find there is labelled with the route prefix, after a walk over every route, twice.
+    app.router.routes[:0] = [Route(path, openai, methods=["POST"]) for path in OPENAI_PATHS]
     app.include_router(reviews.router(review_queue))
 
     @app.get("/metrics")
@@ -309,7 +319,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
         return dataplane.render_metrics()
 
     _install_error_handlers(app)
-    app.add_middleware(OpenAIEndpoints, dataplane=dataplane)
+    app.add_middleware(OpenAIEndpoints, endpoint=openai)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Authenticate, keys=keys)
     # added last = runs first: it sees the refusals of the two guards above, too

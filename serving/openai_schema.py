@@ -322,7 +322,8 @@ def _no_constants(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_ENDPOINTS = {"/v1" + kind: kind for kind in (CHAT, COMPLETIONS, EMBEDDINGS)}
+OPENAI_PATHS = {"/v1" + kind: kind for kind in (CHAT, COMPLETIONS, EMBEDDINGS)}
+"""The OpenAI endpoints' paths (below the app's mount point), each with its ``engines`` name."""
 
 
 def route_path(scope: Mapping[str, Any]) -> str:
@@ -339,7 +340,7 @@ def route_path(scope: Mapping[str, Any]) -> str:
 def openai_endpoint(scope: Mapping[str, Any]) -> str | None:
     """The OpenAI endpoint an ASGI HTTP request is for (``engines.CHAT`` / ``COMPLETIONS`` / ``EMBEDDINGS``),
     or None."""
-    return _ENDPOINTS.get(route_path(scope)) if scope["type"] == "http" else None
+    return OPENAI_PATHS.get(route_path(scope)) if scope["type"] == "http" else None
 
 
 def parse_request(raw: bytes, model: type[Req]) -> Req | JSONResponse:

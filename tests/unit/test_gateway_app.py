@@ -303,6 +303,17 @@ def test_unknown_urls_wrong_methods_and_bugs_are_openai_errors(gateway: Callable
     assert err["type"] == "server_error" and "bug" not in err["message"]  # no internals leak
 
 
+def test_ray_serve_names_the_openai_endpoints_routes_for_its_metrics(routing: Path) -> None:
+    """Serve labels its request metrics with the route it finds in the app's route table (else the route prefix)."""
+    from ray.serve._private.thirdparty.get_asgi_route_name import get_asgi_route_name
+
+    app = build_app(str(routing))
+    paths = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    for path in paths:
+        assert get_asgi_route_name(app, {"type": "http", "method": "POST", "path": path, "root_path": ""}) == path
+    assert [route.path for route in app.routes[:3]] == paths  # first: found without a walk over the others
+
+
 def test_validate_chat_is_the_function_the_request_path_uses() -> None:
     parsed = validate_chat(CHAT)
     assert not isinstance(parsed, JSONResponse) and parsed.messages[0].content == "hi"
