@@ -91,6 +91,7 @@ _T = TypeVar("_T")
 DEFAULT_STORE_URL = "sqlite:///.pilothouse/pilothouse.db"
 STALE_RESERVATION = timedelta(minutes=30)  # far above the longest request (timeouts x attempts + queue)
 IDEMPOTENCY_RETENTION = timedelta(hours=24)
+MAX_UNRELEASED = 10_000  # Idempotency-Key claims kept in memory for the next upkeep to release (row ids: ~1 MB)
 REQUEST_ID_HEADER = "x-pilothouse-request-id"
 CACHE_HEADER = "x-pilothouse-cache"
 REPLAY_HEADER = "x-pilothouse-idempotent-replay"
@@ -247,6 +248,8 @@ class DataPlane:
         self._stores: Stores | None = None
         self._lock = asyncio.Lock()
         self._tables_seen = -1
+        self._unreleased: set[str] = set()
+        """Idempotency-Key claims a store outage kept failed requests from giving back; the next upkeep does."""
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def stores(self) -> Stores:
@@ -274,13 +277,19 @@ class DataPlane:
             await semantic.aclose()
 
     async def maintain(self, interval_s: float = 60.0, stale_after: timedelta = STALE_RESERVATION) -> None:
-        """Until cancelled: release reservations and Idempotency-Key claims that requests which died (a crashed
-        replica, a store outage) left behind, and drop old idempotency keys."""
+        """Until cancelled: release reservations and Idempotency-Key claims that requests which died left behind,
+        and drop old idempotency keys. A key a store outage kept a failed request from giving back is released
+        by the first upkeep after the store is back (its retries meanwhile are told the request is in progress);
+        what a crashed replica held, once ``stale_after`` old."""
         while True:
             await asyncio.sleep(interval_s)
             if self._stores is None:
                 continue
             try:
+                if self._unreleased:
+                    keys = list(self._unreleased)
+                    await self._stores.idempotency.aabandon(*keys)
+                    self._unreleased.difference_update(keys)
                 await self._stores.ledger.aexpire(stale_after)
                 await asyncio.to_thread(self._stores.idempotency.release_stale, stale_after)
                 await asyncio.to_thread(self._stores.idempotency.purge, IDEMPOTENCY_RETENTION)
@@ -517,9 +526,11 @@ class DataPlane:
             row, ctx.idempotency_row = ctx.idempotency_row, None
             try:
                 await asyncio.shield(stores.idempotency.aabandon(row))
-            except UNREACHABLE:  # the caller is told why the request failed; maintain() releases the key later
+            except UNREACHABLE:  # the caller is told why the request failed; the next upkeep releases the key
                 log.warning("request %s: its Idempotency-Key could not be released, the store is unreachable",
                             ctx.request_id)
+                if len(self._unreleased) < MAX_UNRELEASED:  # beyond: release_stale's expiry still frees them
+                    self._unreleased.add(row)
 
     async def _serve(self, ctx: _Ctx, stores: Stores, stream: bool, max_tokens: int) -> Response:
         assert ctx.table is not None and ctx.route is not None

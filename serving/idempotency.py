@@ -107,9 +107,10 @@ class IdempotencyStore:
             conn.execute(idempotency_keys.update().where(idempotency_keys.c.id == rid)
                          .values(state=DONE, status_code=status_code, content_type=content_type, body=body))
 
-    def abandon(self, rid: str) -> None:
+    def abandon(self, *rids: str) -> None:
+        """Give back claims whose request will not answer, so a retry with the key is dispatched."""
         with self.engine.begin() as conn:
-            conn.execute(idempotency_keys.delete().where(idempotency_keys.c.id == rid,
+            conn.execute(idempotency_keys.delete().where(idempotency_keys.c.id.in_(rids),
                                                          idempotency_keys.c.state == PENDING))
 
     def release_stale(self, older_than: timedelta, now: datetime | None = None) -> int:
@@ -135,5 +136,5 @@ class IdempotencyStore:
     async def acomplete(self, rid: str, status_code: int, content_type: str, body: bytes) -> None:
         await asyncio.to_thread(self.complete, rid, status_code, content_type, body)
 
-    async def aabandon(self, rid: str) -> None:
-        await asyncio.to_thread(self.abandon, rid)
+    async def aabandon(self, *rids: str) -> None:
+        await asyncio.to_thread(self.abandon, *rids)

@@ -431,6 +431,42 @@ async def test_an_audit_store_failure_is_a_503_not_an_ack(tmp_path: Path, fakes:
             ledger.close()
 
 
+async def test_a_key_a_store_outage_kept_from_release_is_released_once_the_store_is_back(tmp_path: Path,
+                                                                                          fakes: Any) -> None:
+    """The store failed the audit write and then the key's release: the key stays claimed; retries are told the
+    request is in progress until the next upkeep after the store is back releases it, not for half an hour."""
+    primary, fallback = fakes
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        plane = gw.app.state.dataplane
+        stores = await plane.stores()
+        down = sa.exc.OperationalError("INSERT", {}, ConnectionError("server closed the connection unexpectedly"))
+
+        def unreachable(*_: Any, **__: Any) -> Any:
+            raise down
+
+        key = {"Idempotency-Key": "order-7"}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stores.audit, "insert_rows_with", unreachable)
+            patch.setattr(stores.idempotency, "abandon", unreachable)
+            failed = await gw.post(chat(), headers=key)
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "audit_unavailable"
+        retry = await gw.post(chat(), headers=key)
+        assert retry.status_code == 409 and "in progress" in retry.json()["error"]["message"]
+        async def dispatched() -> httpx.Response | None:
+            answer = await gw.post(chat(), headers=key)
+            return answer if answer.status_code != 409 else None
+
+        upkeep = asyncio.create_task(plane.maintain(interval_s=0.2))
+        try:
+            answered = await eventually(dispatched, timeout=5.0)
+        finally:
+            upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upkeep
+        assert answered.status_code == 200 and "x-pilothouse-idempotent-replay" not in answered.headers
+        assert primary.requests == 2  # the failed attempt and the retry: the key answered for neither
+
+
 async def test_a_client_that_leaves_mid_stream_leaves_no_reservation(tmp_path: Path, fakes: Any) -> None:
     primary, fallback = fakes
     primary.token_interval(0.05)
