@@ -18,7 +18,9 @@ duration after a warm-up. Results: a rich table and ``bench/results/gateway_over
 ``--throughput-optimized both`` repeats the Ray targets in Serve's throughput-optimized mode with HAProxy on the
 Serve port (``serve.ray_env``), the gateway's production configuration. ``--profile`` samples the gateway
 replica and the Serve proxy with py-spy during a c=32 run and groups the samples by component. ``--replicas N``
-gives the pass-through and the gateway N replicas each (default 1).
+gives the pass-through and the gateway N replicas each (default 1). ``--c256 --pairs N`` adds N alternating
+c=256 windows of the pass-through and the gateway (the max-RPS ratio the goal is judged by), each with its
+replicas' CPU per request on the event-loop thread and on the other threads (from ``/proc``).
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for options).
 """
@@ -143,7 +145,8 @@ def role_load(url: str, model: str, concurrency: int, requests: int, duration: f
             elapsed = time.perf_counter() - t0
         latencies.sort()
         n = len(latencies)
-        return {"ok": n, "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(3)),
+        return {"ok": n, "errors": sum(errors.values()), "sent": issued + warmup,
+                "error_kinds": dict(errors.most_common(3)),
                 "elapsed_s": round(elapsed, 3), "rps": round(n / elapsed, 1) if elapsed else 0.0,
                 "p50_ms": round(statistics.median(latencies), 2) if n else None,
                 "p99_ms": round(latencies[min(n - 1, int(n * 0.99))], 2) if n else None,
@@ -319,6 +322,38 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pids: list[int]) -> dict[tuple[int, int], float]:
+    """CPU seconds of every thread of these processes, by (pid, tid), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[tuple[int, int], float] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                    used[(pid, int(tid))] = (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def loop_and_rest(before: dict[tuple[int, int], float], after: dict[tuple[int, int], float],
+                  pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds of each process's busiest thread, summed; of all its other threads) between two readings.
+
+    A replica's busiest thread under load is the one running its event loop: the request path is Python on
+    one loop, so that thread's CPU per request bounds the replica's requests per second, whatever the rest do.
+    """
+    loop = rest = 0.0
+    for pid in pids:
+        deltas = [after[k] - before.get(k, 0.0) for k in after if k[0] == pid]
+        if deltas:
+            loop += max(deltas)
+            rest += sum(deltas) - max(deltas)
+    return loop, rest
+
+
+REPLICA = {"serve passthrough": "passthrough replica", "pilothouse": "gateway replica"}  # target -> label()
 
 
 def label(title: str) -> str:
@@ -563,7 +598,9 @@ def bench(args: argparse.Namespace) -> None:
                         row[f"c{c}"] = load(url, model, c, args)
                 results[target + suffix] = row
             if args.c256 and args.pairs:
-                paired[f"pilothouse{suffix}"] = alternate(urls, args)
+                replicas = {target: [pid for pid, name in pids.items() if name == REPLICA[target]] for target in
+                            ("serve passthrough", "pilothouse")}
+                paired[f"pilothouse{suffix}"] = alternate(urls, args, replicas)
             ray_proc.stop()
         if not args.no_litellm:
             try:
@@ -595,25 +632,45 @@ def model_for(target: str) -> str:
     return BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
 
 
-def alternate(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str, list[int]]) -> dict[str, Any]:
     """Max-RPS windows at c=256, the pass-through and the gateway taking turns (which one goes first alternates).
 
     This machine's speed drifts by tens of percent within minutes, and the sweep above measures each target's
     c=256 once, minutes apart: its ratio says as much about the drift as about the gateway. Here each window
     has the other target's beside it; the median of the pairs' ratios is the figure the goal is judged by.
+    Each window also records its replicas' CPU per request, event-loop thread and other threads apart
+    (``loop_and_rest``): what stands between the two targets' RPS.
     """
     targets = ["serve passthrough", "pilothouse"]
     rounds = []
     for i in range(args.pairs):
         rps: dict[str, float | None] = {}
+        loop_us: dict[str, float | None] = {}
+        rest_us: dict[str, float | None] = {}
         for target in targets if i % 2 == 0 else targets[::-1]:
+            before = thread_cpu(replicas[target])
             r = load(urls[target], model_for(target), 256, args)
+            loop, rest = loop_and_rest(before, thread_cpu(replicas[target]), replicas[target])
             rps[target] = r["rps"] if r.get("errors") == 0 else None  # a window with errors sustains nothing
+            sent = r.get("sent")
+            loop_us[target] = round(loop / sent * 1e6, 1) if sent else None
+            rest_us[target] = round(rest / sent * 1e6, 1) if sent else None
         base, got = rps["serve passthrough"], rps["pilothouse"]
-        rounds.append({**rps, "ratio": round(got / base, 3) if base and got is not None else None})
+        rounds.append({**rps, "ratio": round(got / base, 3) if base and got is not None else None,
+                       "event_loop_us_per_request": loop_us, "other_threads_us_per_request": rest_us})
     ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
+
+    def median_of(key: str) -> dict[str, float | None]:
+        out = {}
+        for target in targets:
+            values = [r[key][target] for r in rounds if r[key][target] is not None]
+            out[target] = round(statistics.median(values), 1) if values else None
+        return out
+
     return {"concurrency": 256, "rounds": rounds,
-            "median_ratio": round(statistics.median(ratios), 3) if ratios else None}
+            "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
+            "median_event_loop_us_per_request": median_of("event_loop_us_per_request"),
+            "median_other_threads_us_per_request": median_of("other_threads_us_per_request")}
 
 
 def profiled(url: str, model: str, args: argparse.Namespace, pids: dict[int, str], folder: Path,
@@ -674,6 +731,10 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                            for r in pairs["rounds"])
         console.print(f"{target} vs serve passthrough, alternating c=256 windows: {rounds}: ratios "
                       f"{[r['ratio'] for r in pairs['rounds']]}, median {pairs['median_ratio']}")
+        loop, rest = pairs["median_event_loop_us_per_request"], pairs["median_other_threads_us_per_request"]
+        console.print(f"  replica CPU per request (median of the windows): event loop {loop['serve passthrough']} "
+                      f"us pass-through, {loop['pilothouse']} us pilothouse; other threads "
+                      f"{rest['serve passthrough']} / {rest['pilothouse']} us")
     for k, v in notes.items():
         console.print(f"{k}: {v}")
     max_rps = {t: max((r.get(f"c{c}", {}).get("rps", 0.0) for c in levels

@@ -63,6 +63,16 @@ def _paired_ratio(docs: dict[str, dict[str, Any]]) -> Any:
     return chosen.get("median_ratio") if isinstance(chosen, dict) else None
 
 
+def _loop_us(target: str) -> Getter:
+    """Median event-loop CPU per request of the target's replicas over the alternating c=256 windows."""
+    def get(docs: dict[str, dict[str, Any]]) -> Any:
+        paired = docs.get("gateway_overhead", {}).get("paired_max_rps", {})
+        chosen = paired.get(_gateway_target(docs, "pilothouse"))
+        loop = chosen.get("median_event_loop_us_per_request") if isinstance(chosen, dict) else None
+        return loop.get(target) if isinstance(loop, dict) else None
+    return get
+
+
 def _outside_engine(target: str) -> Getter:
     """Mean ms a non-streamed c=4 request spent outside vLLM's own clock (client's mean - engine's mean)."""
     def get(docs: dict[str, dict[str, Any]]) -> Any:
@@ -83,6 +93,8 @@ FIGURES: dict[str, Getter] = {
     "gateway.max_rps.serve_passthrough": _max_rps("serve passthrough"),
     "gateway.max_rps.direct": _max_rps("direct"),
     "gateway.max_rps_ratio.paired_median": _paired_ratio,
+    "gateway.event_loop_us_per_request.c256.pilothouse": _loop_us("pilothouse"),
+    "gateway.event_loop_us_per_request.c256.serve_passthrough": _loop_us("serve passthrough"),
     "failover.client_errors": _get("failover", "client_errors"),
     "failover.reroute_ms": _get("failover", "reroute_ms"),
     "failover.return_ms": _get("failover", "return_ms"),
