@@ -9,7 +9,8 @@ are registered by the request path, with the router, budgets and engines.
 
 Guards run as ASGI middleware in this order, cheapest refusal first: API key (``auth.Authenticate``,
 before any body byte is read), then ``BodyLimit`` (413 on ``Content-Length`` alone, or as soon as
-a chunked body passes the limit; 400 on invalid UTF-8), then routing. Around them all,
+a chunked body passes the limit; 400 on invalid UTF-8), then ``OpenAIEndpoints`` hands the OpenAI POSTs to
+the data plane and everything else goes to FastAPI's router. Around them all,
 ``refusals.AuditRefusals`` writes the audit record of every OpenAI request answered without one. Every error, including
 404/405 and unexpected exceptions, is an OpenAI-style error object, so OpenAI SDKs raise their
 typed exceptions instead of failing to parse an HTML or ``{"detail": ...}`` body.
