@@ -56,19 +56,21 @@ def _max_rps(target: str) -> Getter:
     return get
 
 
+def _paired(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The alternating c=256 windows of pilothouse and the pass-through (``--pairs``), or {}."""
+    chosen = docs.get("gateway_overhead", {}).get("paired_max_rps", {}).get(_gateway_target(docs, "pilothouse"))
+    return chosen if isinstance(chosen, dict) else {}
+
+
 def _paired_ratio(docs: dict[str, dict[str, Any]]) -> Any:
-    """Median pilothouse / pass-through max-RPS ratio over alternating c=256 windows (``--pairs``)."""
-    paired = docs.get("gateway_overhead", {}).get("paired_max_rps", {})
-    chosen = paired.get(_gateway_target(docs, "pilothouse"))
-    return chosen.get("median_ratio") if isinstance(chosen, dict) else None
+    """Median pilothouse / pass-through max-RPS ratio over alternating c=256 windows."""
+    return _paired(docs).get("median_ratio")
 
 
 def _loop_us(target: str) -> Getter:
     """Median event-loop CPU per request of the target's replicas over the alternating c=256 windows."""
     def get(docs: dict[str, dict[str, Any]]) -> Any:
-        paired = docs.get("gateway_overhead", {}).get("paired_max_rps", {})
-        chosen = paired.get(_gateway_target(docs, "pilothouse"))
-        loop = chosen.get("median_event_loop_us_per_request") if isinstance(chosen, dict) else None
+        loop = _paired(docs).get("median_event_loop_us_per_request")
         return loop.get(target) if isinstance(loop, dict) else None
     return get
 

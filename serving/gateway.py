@@ -46,6 +46,7 @@ from .openai_schema import (
     OPENAI_PATHS,
     openai_endpoint,
     openai_error,
+    route_path,
     validate_chat,
     validate_completion,
     validate_embedding,
@@ -307,7 +308,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
         return JSONResponse(models_list(source.current()))
 
     async def openai(request: Request) -> Response:
-        return await dataplane.handle(request, openai_endpoint(request.scope) or "")
+        return await dataplane.handle(request, OPENAI_PATHS[route_path(request.scope)])
 
     # Answered by OpenAIEndpoints before the router; routes as well, and first, because Ray Serve names each
     # request's route for its metrics (and tells its proxies the app's paths) from the route table: a path
