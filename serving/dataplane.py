@@ -575,7 +575,10 @@ class DataPlane:
     async def _cached(self, ctx: _Ctx, stores: Stores, hit: CachedResponse, header: str, reason: str) -> Response:
         """Answer from a cache: free, audited like any answer, marked in ``x-pilothouse-cache``."""
         ctx.cache_hit, ctx.usage, ctx.reason = True, hit.usage, reason
-        ctx.output = _output(ctx.path, json.loads(hit.body))  # a cached answer parsed when it was first given
+        try:
+            ctx.output = _output(ctx.path, json.loads(hit.body))
+        except ValueError:  # an entry is an answer that parsed when it was given; a damaged one is kept as text
+            ctx.output = hit.body.decode(errors="replace")
         await self._audit(ctx, stores, 200)
         self._observe(ctx, "cache_hit")
         return Response(hit.body, media_type="application/json",
