@@ -329,7 +329,8 @@ OPENAI_PATHS = {"/v1" + kind: kind for kind in (CHAT, COMPLETIONS, EMBEDDINGS)}
 def route_path(scope: Mapping[str, Any]) -> str:
     """An ASGI request's path below the app's mount point: Ray Serve (like uvicorn's ``--root-path``) keeps
     the route prefix in ``path`` and names it in ``root_path``, so ``/team/v1/models`` is ``/v1/models``
-    for an app served at ``/team``. Every guard that matches paths must match this one."""
+    for an app served at ``/team``. Every guard that matches paths must match this one. (Starlette's router
+    does the same in ``starlette._utils.get_route_path``, which is private.)"""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
     if root and path.startswith(root + "/"):

@@ -31,8 +31,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from glob import glob
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
 import sqlalchemy as sa
 
 ENV_URL = "PILOTHOUSE_TEST_POSTGRES_URL"
@@ -181,13 +182,36 @@ def postgres_server() -> Iterator[str]:
     if url := os.environ.get(ENV_URL):
         yield url
         return
+    with temp_postgres() as server:
+        yield server.url
+
+
+_T = TypeVar("_T")
+
+
+@contextmanager
+def or_skip(server: contextlib.AbstractContextManager[_T]) -> Iterator[_T]:
+    """``server`` (``postgres_server()`` or ``temp_postgres()``) entered for a fixture, or the test skipped with
+    the reason when there is no PostgreSQL to run."""
+    with contextlib.ExitStack() as stack:
+        try:
+            entered = stack.enter_context(server)
+        except Unavailable as reason:
+            pytest.skip(str(reason))
+        yield entered
+
+
+@contextmanager
+def temp_postgres() -> Iterator[TempPostgres]:
+    """A PostgreSQL server of the caller's own, from the installed binaries (a drill that restarts it), stopped
+    and removed afterwards. Raises :class:`Unavailable` when there are no binaries or they cannot run here."""
     bindir = server_bindir()
     if bindir is None:
         raise Unavailable(NOT_INSTALLED)
     server = TempPostgres(bindir)
     try:
         server.start()
-        yield server.url
+        yield server
     finally:
         server.stop()
 

@@ -126,6 +126,19 @@ def usage_from_body(body: bytes) -> tuple[Usage, dict[str, Any]]:
     return Usage.from_openai(data.get("usage")) or _NO_USAGE, data
 
 
+def complete_result(status: int, content: bytes, latency_s: float,
+                    content_type: str = "application/json") -> EngineResult:
+    """A non-streamed answer, whichever engine brought it: its result, or the ``BackendError`` of a non-200
+    status or of a body that is not a JSON object."""
+    if status != 200:
+        raise BackendError(_status_failure(status, content))
+    try:
+        usage, data = usage_from_body(content)
+    except ValueError as exc:
+        raise BackendError(Failure(ErrorClass.SERVER, f"malformed response body: {exc}", status_code=200)) from exc
+    return EngineResult(content, data, usage, latency_s, content_type=content_type)
+
+
 class _SseScanner:
     """Follows an SSE stream on the side: usage, content deltas, ``[DONE]`` and in-band errors.
 
@@ -360,15 +373,7 @@ class ExternalEngine:
                 status, content_type = response.status, response.headers.get("content-type", "application/json")
         except Exception as exc:  # CancelledError is a BaseException and passes through unclassified
             raise BackendError(classify(exc)) from exc
-        latency = time.perf_counter() - started
-        if status != 200:
-            raise BackendError(_status_failure(status, content))
-        try:
-            usage, data = usage_from_body(content)
-        except ValueError as exc:
-            raise BackendError(Failure(ErrorClass.SERVER, f"malformed response body: {exc}",
-                                       status_code=200)) from exc
-        return EngineResult(content, data, usage, latency, content_type=content_type)
+        return complete_result(status, content, time.perf_counter() - started, content_type)
 
     async def stream(self, path: str, body: Mapping[str, Any], *, timeout_s: float | None = None,
                      headers: Mapping[str, str] | None = None) -> ExternalStream:

@@ -30,7 +30,7 @@ from pilothouse.operator.api.routing import Backend
 from pilothouse.serving.errors import ErrorClass, Failure, classify
 
 from . import EMBEDDINGS, PATHS, BackendError, EngineResult
-from .external import SseStream, usage_from_body
+from .external import SseStream, complete_result
 
 SCHEME = "serve://"
 DEFAULT_TIMEOUT_S = 60.0
@@ -187,15 +187,7 @@ class HandleEngine:
             status, content = await asyncio.wait_for(_awaited(handle.complete.remote(path, payload)), self.timeout_s)
         except Exception as exc:
             raise BackendError(classify_handle_error(exc)) from exc
-        latency = time.perf_counter() - started
-        if status != 200:
-            raise BackendError(classify((status, content)) if status >= 400 else
-                               Failure(ErrorClass.SERVER, f"HTTP {status}: unexpected status", status_code=status))
-        try:
-            usage, data = usage_from_body(content)
-        except ValueError as exc:
-            raise BackendError(Failure(ErrorClass.SERVER, f"malformed response body: {exc}", status_code=200)) from exc
-        return EngineResult(content, data, usage, latency)
+        return complete_result(status, content, time.perf_counter() - started)
 
     async def stream(self, path: str, body: Mapping[str, Any]) -> HandleStream:
         """Start a stream; returns once the engine accepted the request (errors before that raise here)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,7 +31,7 @@ from pilothouse.operator.api.ledger import ledger, totals
 from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.serving.audit import AuditLog
 from tests.fakes.openai_backend import FakeBackend
-from tests.pg import NOT_INSTALLED, TempPostgres, Unavailable, server_bindir
+from tests.pg import TempPostgres, or_skip, temp_postgres
 from tests.unit.test_gateway_requests import HELLO, A, make_table
 
 from .conftest import in_process_gateway
@@ -47,17 +48,9 @@ PER_REQUEST_LOGGERS = {"pilothouse.serving.dataplane", "pilothouse.serving.refus
 
 
 @pytest.fixture
-def server() -> TempPostgres:
-    bindir = server_bindir()
-    if bindir is None:
-        pytest.skip(NOT_INSTALLED)
-    try:
-        pg = TempPostgres(bindir)
-    except Unavailable as reason:
-        pytest.skip(str(reason))
-    pg.start()
-    yield pg
-    pg.stop()
+def server() -> Iterator[TempPostgres]:
+    with or_skip(temp_postgres()) as pg:
+        yield pg
 
 
 async def test_postgresql_restarted_under_load(tmp_path: Path, server: TempPostgres,
