@@ -316,24 +316,26 @@ def proc_tree(root: int) -> dict[int, str]:
     return {pid: titles.get(pid, "") for pid in tree}
 
 
-def cpu_seconds(pid: int) -> float:
+def _stat_cpu(stat: str) -> float:
+    """User + system CPU seconds from a ``/proc`` stat file (a process's or one of its threads'); 0 once gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    return _stat_cpu(f"/proc/{pid}/stat")
+
+
 def thread_cpu(pids: list[int]) -> dict[tuple[int, int], float]:
     """CPU seconds of every thread of these processes, by (pid, tid), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
     used: dict[tuple[int, int], float] = {}
     for pid in pids:
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(OSError):
-                    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-                    used[(pid, int(tid))] = (int(fields[11]) + int(fields[12])) / tick
+                used[(pid, int(tid))] = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
     return used
 
 
