@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 import yarl
 
 from pilothouse.operator.api.routing import Backend
@@ -48,6 +49,24 @@ CONNECT_TIMEOUT_S = 5.0
 POOL_TIMEOUT_S = 5.0
 DEFAULT_TIMEOUT_S = 60.0
 KEEPALIVE_EXPIRY_S = 4.0  # under uvicorn's (vLLM's) default 5 s keep-alive timeout
+
+
+def loads(data: bytes | str) -> Any:
+    """JSON through orjson (2.4 -> 0.6 us for a short answer, ``bench/gateway_overhead.py``'s), or through the
+    standard library where orjson refuses what it accepts (NaN, Infinity, a lone surrogate): read as before."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def dumps(payload: Any) -> bytes:
+    """JSON through orjson (2.3 -> 0.1 us for a short chat request), or through the standard library for what a body
+    it parsed may hold and orjson refuses: an integer beyond 64 bits, a lone surrogate."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        return json.dumps(payload).encode()
 
 
 def _timeout(read_s: float) -> aiohttp.ClientTimeout:
@@ -120,7 +139,7 @@ def usage_from_body(body: bytes) -> tuple[Usage, dict[str, Any]]:
     Parsed whole, once: the data plane reads what the audit keeps of the answer from the same parse. A
     missing or null usage gives an empty ``estimated`` usage: the gateway then uses its own count.
     """
-    data = json.loads(body)
+    data = loads(body)
     if not isinstance(data, dict):
         raise ValueError("response body is not a JSON object")
     return Usage.from_openai(data.get("usage")) or _NO_USAGE, data
@@ -178,7 +197,7 @@ class _SseScanner:
             self.done = True
             return
         try:
-            event = json.loads(data)
+            event = loads(data)
         except ValueError:
             return
         if not isinstance(event, dict):
@@ -355,7 +374,7 @@ class ExternalEngine:
     def _post(self, path: str, payload: dict[str, Any], timeout_s: float | None,
               headers: Mapping[str, str] | None) -> Awaitable[aiohttp.ClientResponse]:
         """The request, sent when awaited; the response comes with its headers read and its body not."""
-        return self._client.post(self._url(path), data=json.dumps(payload).encode(),
+        return self._client.post(self._url(path), data=dumps(payload),
                                  headers={**self._headers, **headers} if headers else self._headers,
                                  timeout=self._timeout if timeout_s is None else _timeout(timeout_s),
                                  proxy=self._proxy, allow_redirects=False)

@@ -28,6 +28,7 @@ from pilothouse.serving.engines.external import (
     ExternalStream,
     close_shared_client,
     create_client,
+    dumps,
     env_proxy,
     shared_client,
     usage_from_body,
@@ -208,6 +209,21 @@ async def test_shared_client_is_one_per_process() -> None:
 ])
 def test_usage_is_read_from_the_top_level_only(body: bytes, usage: Usage) -> None:
     assert usage_from_body(body)[0] == usage
+
+
+def test_an_answer_only_the_standard_json_reader_accepts_is_still_read() -> None:
+    """A backend's NaN logprob or lone surrogate: orjson refuses both, the answer was read before and still is."""
+    usage, data = usage_from_body(b'{"choices":[{"logprobs":{"content":[{"logprob":NaN}]},"text":"\\ud800"}],'
+                                  b'"usage":{"prompt_tokens":2,"completion_tokens":1}}')
+    assert usage == Usage(2, 1) and data["choices"][0]["text"] == "\ud800"
+
+
+async def test_a_request_orjson_cannot_write_reaches_the_backend_as_sent(engine: ExternalEngine,
+                                                                         fb: FakeBackend) -> None:
+    """What a client's JSON may hold and orjson refuses to write: an integer beyond 64 bits, a lone surrogate."""
+    await engine.complete("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**70})
+    assert fb.last_body["seed"] == 2**70
+    assert json.loads(dumps({"content": "hi \ud800"})) == {"content": "hi \ud800"}
 
 
 @pytest.mark.parametrize("body", [b"[1, 2]", b"not json", b'{"usage": {"prompt_tokens": 1}', b""])
