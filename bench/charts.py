@@ -84,7 +84,7 @@ def engine_path(doc: dict[str, Any]) -> Figure:
           "generated tokens/s", "tokens/s")
     goal = doc["summary"]["goal"]
     _bars(axes[1], [f"{v} · {t}" for v, t in compared], [results[v][t]["ratio"] for v, t in compared],
-          f"ratio to direct (dashed: the goal, {goal})", "ratio")
+          f"ratio to direct, median of the rounds (dashed: the goal, {goal})", "ratio")
     axes[1].axvline(goal, color="#C44E52", linestyle="--", linewidth=1)
     if split:
         labels = [f"{v} · {t}" for v, t in split]
