@@ -259,8 +259,18 @@ class AuditLog:
             done = also(conn) if also is not None else None
             return _INSERT.execute(conn, params), done
 
+        def landed(conn: sa.Connection) -> bool | None:
+            """Whether this write's commit landed: its rows are there with its ``written_at``. Rows already there
+            from before (a duplicate insert skips) cannot tell, and neither can a write of no rows."""
+            ids = [row["id"] for row in rows]
+            if not ids:
+                return None
+            stamps = set(conn.execute(sa.select(audit_records.c.written_at).where(audit_records.c.id.in_(ids)))
+                         .scalars())
+            return True if written_at in {_stored(stamp) for stamp in stamps} else (None if stamps else False)
+
         if held is not None:
-            inserted, done = held.run(write)
+            inserted, done = held.run(write, landed)
         else:
             with stores.begin_write(self._writer) as conn:
                 inserted, done = write(conn)

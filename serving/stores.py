@@ -112,14 +112,19 @@ class HeldConnection:
         self.engine = engine
         self._conn: sa.Connection | None = None
 
-    def run(self, work: Callable[[sa.Connection], _T]) -> _T:
+    def run(self, work: Callable[[sa.Connection], _T], landed: Callable[[sa.Connection], bool | None] | None = None
+            ) -> _T:
         """``work(conn)`` in one write transaction (queued like ``begin_write``'s) on the kept connection.
 
         A PostgreSQL restart, an idle timeout or a pooler's reset closes the connection between batches, and
         the next batch finds out at its first statement. Its rollback then invalidates the connection, and the
         batch is run once more on a new one: it never reached the server, so its callers are not failed for a
-        connection they never used. A failure at the commit itself is raised, never replayed: that commit may
-        have landed, and a replay would count its budget charges twice.
+        connection they never used.
+
+        A connection lost at the commit itself leaves its outcome unknown: the commit may have landed, and a
+        replay would count its budget charges twice. ``landed`` looks on a new connection: True, the commit
+        landed and ``work``'s result stands; False, nothing of it is there and the batch runs once more; None
+        (or no ``landed``), it cannot tell and the error is raised.
         """
         replayed = False
         while True:
@@ -131,11 +136,31 @@ class HeldConnection:
                     committing = True
                 return result
             except sa.exc.DBAPIError:
-                if committing or replayed or not conn.invalidated:
+                if replayed or not conn.invalidated:
                     raise
+                if committing:
+                    outcome = self._landed(landed)
+                    if outcome is None:
+                        raise
+                    if outcome:
+                        log.warning("the kept %s connection was lost at a commit that landed",
+                                    self.engine.url.get_backend_name())
+                        return result
                 replayed = True
                 log.warning("the kept %s connection was closed under it; writing the batch on a new one",
                             self.engine.url.get_backend_name())
+
+    def _landed(self, landed: Callable[[sa.Connection], bool | None] | None) -> bool | None:
+        """Whether a commit whose connection was lost landed (see ``run``); None when that cannot be told."""
+        if landed is None:
+            return None
+        conn = self._connection()  # the lost one was invalidated: this is a new one
+        try:
+            with conn.begin():
+                return landed(conn)
+        except sa.exc.DBAPIError:
+            log.warning("could not look up whether a commit landed", exc_info=True)
+            return None
 
     def _connection(self) -> sa.Connection:
         conn = self._conn

@@ -19,10 +19,11 @@ import pytest
 import sqlalchemy as sa
 
 from pilothouse.serving import stores
-from pilothouse.serving.audit import AuditLog
+from pilothouse.serving.audit import AuditLog, as_row
 from pilothouse.serving.idempotency import IdempotencyStore
 from pilothouse.serving.ledger import Ledger
 from pilothouse.serving.runs import RunStore
+from tests.unit.test_audit import record
 
 OPENERS: dict[str, Callable[[str], Any]] = {"ledger": Ledger, "idempotency": IdempotencyStore, "audit": AuditLog,
                                             "runs": RunStore}
@@ -179,6 +180,64 @@ def test_a_held_connection_replays_a_batch_only_when_it_died_before_the_commit(
             assert held.run(work) == "written"
         assert len(attempts) == runs
         assert len({id(conn) for conn in attempts}) == runs  # a replay runs on a new connection
+    finally:
+        held.close()
+        log.close()
+
+
+@pytest.mark.parametrize(("landed", "runs"), [
+    (True, 1),  # the commit landed, then the connection went: its result stands, nothing runs twice
+    (False, 2),  # the connection went before the commit landed: nothing of it is there, the batch runs again
+])
+def test_an_audit_batch_whose_connection_is_lost_at_the_commit_is_looked_up(tmp_path: Path, landed: bool,
+                                                                             runs: int) -> None:
+    """A PostgreSQL connection lost during COMMIT leaves its outcome unknown; the audit writer looks its rows up
+    on a new connection instead of failing every request of the batch (which then answered 503)."""
+    log = AuditLog(f"sqlite:///{tmp_path / 'lost.db'}")
+    held = log.held_writer()
+    charged: list[sa.Connection] = []
+
+    def lose(conn: sa.Connection) -> None:
+        if landed:
+            conn.connection.dbapi_connection.execute("COMMIT")  # type: ignore[union-attr]
+        conn.invalidate()
+        raise sa.exc.OperationalError("COMMIT", {}, Exception(LOST))
+
+    def settle(conn: sa.Connection) -> str:  # the batch's budget work, in the same transaction
+        charged.append(conn)
+        if len(charged) == 1:
+            sa.event.listen(conn, "commit", lose, once=True)
+        return "settled"
+
+    try:
+        _, done = log.insert_rows_with([as_row(record("req-lost"))], settle, held)
+        assert done == "settled" and len(charged) == runs
+        assert [r.id for r in log.tail()] == ["req-lost"]
+    finally:
+        held.close()
+        log.close()
+
+
+def test_an_audit_batch_lost_at_the_commit_whose_rows_predate_it_is_not_replayed(tmp_path: Path) -> None:
+    """Rows that were there before (a duplicate insert skipped them) cannot tell whether this commit landed:
+    the error stands, as a replay could charge the batch's budgets twice."""
+    log = AuditLog(f"sqlite:///{tmp_path / 'dup.db'}")
+    log.insert_rows([as_row(record("req-dup"))])
+    held = log.held_writer()
+    calls: list[int] = []
+
+    def lose(conn: sa.Connection) -> None:
+        conn.invalidate()
+        raise sa.exc.OperationalError("COMMIT", {}, Exception(LOST))
+
+    def settle(conn: sa.Connection) -> None:
+        calls.append(1)
+        sa.event.listen(conn, "commit", lose, once=True)
+
+    try:
+        with pytest.raises(sa.exc.OperationalError, match=LOST):
+            log.insert_rows_with([as_row(record("req-dup"))], settle, held)
+        assert len(calls) == 1
     finally:
         held.close()
         log.close()
