@@ -189,11 +189,11 @@ def test_a_held_connection_replays_a_batch_only_when_it_died_before_the_commit(
     (True, 1),  # the commit landed, then the connection went: its result stands, nothing runs twice
     (False, 2),  # the connection went before the commit landed: nothing of it is there, the batch runs again
 ])
-def test_an_audit_batch_whose_connection_is_lost_at_the_commit_is_looked_up(tmp_path: Path, landed: bool,
+def test_an_audit_batch_whose_connection_is_lost_at_the_commit_is_looked_up(store_url: str, landed: bool,
                                                                              runs: int) -> None:
     """A PostgreSQL connection lost during COMMIT leaves its outcome unknown; the audit writer looks its rows up
     on a new connection instead of failing every request of the batch (which then answered 503)."""
-    log = AuditLog(f"sqlite:///{tmp_path / 'lost.db'}")
+    log = AuditLog(store_url)
     held = log.held_writer()
     charged: list[sa.Connection] = []
 
@@ -218,10 +218,10 @@ def test_an_audit_batch_whose_connection_is_lost_at_the_commit_is_looked_up(tmp_
         log.close()
 
 
-def test_an_audit_batch_lost_at_the_commit_whose_rows_predate_it_is_not_replayed(tmp_path: Path) -> None:
+def test_an_audit_batch_lost_at_the_commit_whose_rows_predate_it_is_not_replayed(store_url: str) -> None:
     """Rows that were there before (a duplicate insert skipped them) cannot tell whether this commit landed:
     the error stands, as a replay could charge the batch's budgets twice."""
-    log = AuditLog(f"sqlite:///{tmp_path / 'dup.db'}")
+    log = AuditLog(store_url)
     log.insert_rows([as_row(record("req-dup"))])
     held = log.held_writer()
     calls: list[int] = []
