@@ -440,11 +440,10 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
             if target != "direct":
                 r.update(paired(r, direct))
                 ratios.setdefault(target, {})[name] = r["ratio"]
-            table.add_row(name if target == "direct" else "", target, f"{r['tokens_per_s']:.0f}",
-                          f"{r['ratio']:.3f}" if "ratio" in r else "",
-                          f"{min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}" if "ratio" in r else "",
-                          f"{r['pooled_ratio']:.3f}" if "ratio" in r else "", _ms(r["ttft_p50_ms"]),
-                          _ms(r["latency_p50_ms"]), str(r["requests"]), str(r["errors"]),
+            compared = (f"{r['ratio']:.3f}", f"{min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}",
+                        f"{r['pooled_ratio']:.3f}") if "ratio" in r else ("", "", "")
+            table.add_row(name if target == "direct" else "", target, f"{r['tokens_per_s']:.0f}", *compared,
+                          _ms(r["ttft_p50_ms"]), _ms(r["latency_p50_ms"]), str(r["requests"]), str(r["errors"]),
                           end_section=target == list(by_target)[-1])
     console.print(table)
     console.print(time_split(results))

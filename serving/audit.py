@@ -265,9 +265,11 @@ class AuditLog:
             ids = [row["id"] for row in rows]
             if not ids:
                 return None
-            stamps = set(conn.execute(sa.select(audit_records.c.written_at).where(audit_records.c.id.in_(ids)))
-                         .scalars())
-            return True if written_at in {_stored(stamp) for stamp in stamps} else (None if stamps else False)
+            stamps = {_stored(stamp) for stamp in
+                      conn.execute(sa.select(audit_records.c.written_at).where(audit_records.c.id.in_(ids))).scalars()}
+            if written_at in stamps:
+                return True
+            return None if stamps else False
 
         if held is not None:
             inserted, done = held.run(write, landed)

@@ -64,7 +64,7 @@ from .breaker import Breaker
 from .budget_lease import Claim, Leases
 from .cache import CachedResponse, ResponseCache
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS, BackendError, Engine, EngineResult, EngineStream, Usage
-from .engines.external import ExternalEngine, shared_client
+from .engines.external import ExternalEngine, loads, shared_client
 from .engines.handle import HandleEngine, is_local
 from .errors import ErrorClass, Failure
 from .idempotency import Conflict, IdempotencyStore, Stored
@@ -576,7 +576,7 @@ class DataPlane:
         """Answer from a cache: free, audited like any answer, marked in ``x-pilothouse-cache``."""
         ctx.cache_hit, ctx.usage, ctx.reason = True, hit.usage, reason
         try:
-            ctx.output = _output(ctx.path, json.loads(hit.body))
+            ctx.output = _output(ctx.path, loads(hit.body))
         except ValueError:  # an entry is an answer that parsed when it was given; a damaged one is kept as text
             ctx.output = hit.body.decode(errors="replace")
         await self._audit(ctx, stores, 200)

@@ -159,7 +159,8 @@ class BodyLimit:
 
 
 class OpenAIEndpoints:
-    """ASGI middleware: POSTs to the three OpenAI endpoints go straight to ``endpoint``, past Starlette's router.
+    """ASGI middleware: POSTs to the three OpenAI endpoints go straight to ``handle`` (the data plane's, with the
+    endpoint it matched), past Starlette's router.
 
     Why: on the request path Starlette's exception middleware, router and per-request exit stacks cost
     the gateway replica's event loop ~7% of its time per request at c=256 (py-spy under Ray Serve,
@@ -169,13 +170,14 @@ class OpenAIEndpoints:
     else, other methods on these paths included (405), goes to the app.
     """
 
-    def __init__(self, app: ASGIApp, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+    def __init__(self, app: ASGIApp, handle: Callable[[Request, str], Awaitable[Response]]) -> None:
         self.app = app
-        self.endpoint = endpoint
+        self.handle = handle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and openai_endpoint(scope) is not None:
-            response = await self.endpoint(Request(scope, receive, send))
+        kind = openai_endpoint(scope)
+        if kind is not None and scope["method"] == "POST":
+            response = await self.handle(Request(scope, receive, send), kind)
             await response(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -312,7 +314,8 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
 
     # Answered by OpenAIEndpoints before the router; routes as well, and first, because Ray Serve names each
     # request's route for its metrics (and tells its proxies the app's paths) from the route table: a path
-    # it cannot find there is labelled with the route prefix, after a walk over every route, twice.
+    # it cannot find there is labelled with the route prefix, after a walk over every route, twice. The
+    # routes' endpoint is the same data-plane call, for an app used without the middleware.
     app.router.routes[:0] = [Route(path, openai, methods=["POST"]) for path in OPENAI_PATHS]
     app.include_router(reviews.router(review_queue))
 
@@ -321,7 +324,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
         return dataplane.render_metrics()
 
     _install_error_handlers(app)
-    app.add_middleware(OpenAIEndpoints, endpoint=openai)
+    app.add_middleware(OpenAIEndpoints, handle=dataplane.handle)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Authenticate, keys=keys)
     # added last = runs first: it sees the refusals of the two guards above, too
