@@ -242,6 +242,16 @@ def _add(deltas: dict[TotalsKey, list[float]], namespace: str, policy: str, crea
         acc[3] += reserved[1]
 
 
+def _sums(sums: dict[tuple[str, str, datetime], list[float]], namespace: str, policy: str,
+          at: datetime) -> list[float]:
+    """The [committed USD, committed tokens, reserved USD, reserved tokens] changes counted at ``at``."""
+    key = (namespace, policy, at)
+    acc = sums.get(key)
+    if acc is None:
+        acc = sums[key] = [0.0, 0, 0.0, 0]
+    return acc
+
+
 @functools.lru_cache(maxsize=64)
 def _window_starts(at: datetime) -> tuple[tuple[str, datetime], ...]:
     """(window, start) of every window containing ``at``. Cached: a lease's charges, most of a batch, share
@@ -574,6 +584,9 @@ class Ledger:
         updates: list[dict[str, Any]] = []
         lease_updates: dict[str, dict[str, Any]] = {}
         charged: list[dict[str, Any]] = []
+        # A lease's charges, most of a budgeted batch, all fall in the lease's windows: summed here and counted
+        # once per lease, not twice per request (the totals' window keys were a quarter of the writer's CPU).
+        lease_sums: dict[tuple[str, str, datetime], list[float]] = {}
         for i, op in settles:
             rid = op.reservation_id
             row = rows.get(rid)
@@ -587,14 +600,18 @@ class Ledger:
                 charged.append({"id": charge.row_id, "namespace": charge.namespace, "policy": charge.policy,
                                 "state": COMMITTED, "cost_usd": cost, "tokens": tokens,
                                 "created_at": charge.created_at})
-                _add(deltas, charge.namespace, charge.policy, charge.created_at, committed=(cost, tokens))
+                sums = _sums(lease_sums, charge.namespace, charge.policy, charge.created_at)
+                sums[0] += cost
+                sums[1] += tokens
                 if row is not None and states[rid] == RESERVED:  # else the lease was released or expired already
                     left_cost, left_tokens = held[rid]
                     taken = (min(cost, left_cost), min(tokens, left_tokens))
                     held[rid] = (left_cost - taken[0], left_tokens - taken[1])
                     lease_updates[rid] = {"rid": rid, "new_state": RESERVED, "new_cost": held[rid][0],
                                           "new_tokens": held[rid][1]}  # one UPDATE per lease: its last value
-                    _add(deltas, row.namespace, row.policy, _stored(row.created_at), reserved=(-taken[0], -taken[1]))
+                    sums = _sums(lease_sums, row.namespace, row.policy, _stored(row.created_at))
+                    sums[2] -= taken[0]
+                    sums[3] -= taken[1]
                 continue
             if row is None or states[rid] != RESERVED:
                 if op.actual is not None:
@@ -612,6 +629,8 @@ class Ledger:
             _add(deltas, row.namespace, row.policy, _stored(row.created_at), committed=committed,
                  reserved=(-reserved_cost, -reserved_tokens))
             results[i] = True
+        for (namespace, policy, at), (cost, tokens, held_cost, held_tokens) in lease_sums.items():
+            _add(deltas, namespace, policy, at, committed=(cost, int(tokens)), reserved=(held_cost, int(held_tokens)))
         _SQL_INSERT_CHARGE.execute(conn, charged)
         # The rows are locked (FOR UPDATE, or SQLite's write lock): their state was read under it.
         _SQL_SETTLE.execute(conn, [*updates, *lease_updates.values()])

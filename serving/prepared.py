@@ -43,6 +43,23 @@ class _Form:
         return {name: processors[name](value) if name in processors else value for name, value in params.items()}
 
 
+def _last_value(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``processor`` that hands back its last result for the same object again: a batch's rows share their
+    ``written_at`` and a lease's charges its ``created_at``, and SQLite's DateTime formats each in Python.
+    The pair is one tuple, swapped whole, so a thread reading it never sees another's half-written entry."""
+    last: tuple[Any, Any] = (object(), None)
+
+    def process(value: Any) -> Any:
+        nonlocal last
+        seen, out = last
+        if value is not seen:
+            out = processor(value)
+            last = (value, out)
+        return out
+
+    return process
+
+
 def placeholders(name: str, n: int) -> str:
     """``:name_0, :name_1, ...``: the inside of an ``IN (...)`` of ``n`` values."""
     return ", ".join(f":{name}_{i}" for i in range(n))
@@ -68,7 +85,9 @@ class Prepared:
             positions = tuple(compiled.positiontup or ()) if compiled.positional else None
             results = {name: processor for name, type_ in self.columns.items()
                        if (processor := type_.dialect_impl(dialect).result_processor(dialect, None)) is not None}
-            form = self._forms[key] = _Form(compiled.string, positions, processors, results)
+            form = self._forms[key] = _Form(compiled.string, positions,
+                                            {name: _last_value(processor) for name, processor in processors.items()},
+                                            results)
         return form
 
     def rows(self, conn: sa.Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:

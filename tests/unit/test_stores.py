@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +242,26 @@ def test_an_audit_batch_lost_at_the_commit_whose_rows_predate_it_is_not_replayed
     finally:
         held.close()
         log.close()
+
+
+def test_prepared_binds_a_repeated_datetime_once_and_every_other_value_as_itself(store_url: str) -> None:
+    """The bind of a repeated value is remembered (a batch's ``written_at``); a different value, even an equal
+    one or one seen before the last, is bound as itself, never as a neighbour's."""
+    from pilothouse.serving.prepared import Prepared
+
+    engine = sa.create_engine(store_url)
+    table = sa.Table("stamps", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("at", sa.DateTime(timezone=True), nullable=False))
+    table.metadata.create_all(engine)
+    insert = Prepared("INSERT INTO stamps (id, at) VALUES (:id, :at)", at=table.c.at.type)
+    first, second = datetime(2026, 1, 1, 12, 0, 0, 1, tzinfo=UTC), datetime(2026, 1, 2, 0, 0, tzinfo=UTC)
+    values = [first, first, second, first, second, datetime(2026, 1, 1, 12, 0, 0, 1, tzinfo=UTC)]
+    try:
+        with engine.begin() as conn:
+            insert.execute(conn, [{"id": i, "at": at} for i, at in enumerate(values)])
+        with engine.connect() as conn:
+            stored = [row.at for row in conn.execute(sa.select(table).order_by(table.c.id))]
+        assert [at.replace(tzinfo=UTC) if at.tzinfo is None else at for at in stored] == values
+    finally:
+        table.metadata.drop_all(engine)
+        engine.dispose()
