@@ -10,9 +10,13 @@ machine's drift hits them alike:
 - **pool connection**: ``AuditLog.insert_rows_with`` checking a connection out of SQLAlchemy's pool for the
   transaction, as every writer but the group-commit thread does;
 - **kept connection**: the same call on the connection the audit writer's thread keeps
-  (``stores.HeldConnection``), the gateway's path.
+  (``stores.HeldConnection``), the gateway's path;
+- **kept + lease charges**: the same, each record with the budget charge the gateway settles in its
+  transaction when a BudgetPolicy applies (``Ledger.settle_in``: the request's committed ledger row, the
+  lease's remaining headroom and the running totals), as in ``gateway_overhead.py``'s production setup.
 
-Rows are built before timing (the event loop serialises a record; the writer thread only writes it).
+Rows and charges are built before timing (the event loop serialises a record and settles its claim; the
+writer thread only writes them).
 Reported: CPU microseconds per record (``time.process_time``: the fsync's kernel time included) and the
 kept / pool ratio; a table on stdout and ``bench/results/audit_writer.json``.
 
@@ -34,14 +38,16 @@ from typing import Any
 
 import machine
 
+from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.serving.audit import INSERT_SQL, AuditLog, AuditRecord, RoutingDecision, TokenUsage, as_row
 from pilothouse.serving.dataplane import new_id
+from pilothouse.serving.ledger import LeaseCharge, Ledger, Reservation, SettleOp
 
 RESULTS = Path(__file__).resolve().parent / "results" / "audit_writer.json"
 BATCHES = (1, 2, 4, 16, 64)
 ROUNDS = 3
 
-Write = Callable[[Sequence[dict[str, Any]]], object]
+Write = Callable[[Sequence[Any]], object]
 
 
 def record() -> dict[str, Any]:
@@ -67,12 +73,34 @@ def raw_writer(path: Path) -> Write:
     return write
 
 
-def cpu_per_record(write: Write, batch: int, records: int) -> float:
-    batches = [[record() for _ in range(batch)] for _ in range(max(1, records // batch))]
+def lease_writer(log: AuditLog, ledger: Ledger, held: Any) -> tuple[Write, Callable[[dict[str, Any]], Any]]:
+    """(write, charge): ``charge(row)`` pairs a row with its request's charge to one open budget lease (a day
+    cap far above what the run spends), ``write`` commits such pairs the way the audit writer's thread does."""
+    rule = BudgetRule.model_validate({"policy": "bench", "state": "Ok", "action": "reject",
+                                      "limits": [{"window": "day", "maxCostUSD": 1e9}]})
+    lease = ledger.reserve("bench", "bench", rule, 1e6, 10**12, new_id(), datetime.now(UTC))
+    assert isinstance(lease, Reservation), lease
+
+    def charge(row: dict[str, Any]) -> tuple[dict[str, Any], SettleOp]:
+        return row, SettleOp(lease.id, (0.00052, 30), LeaseCharge(row["id"], "bench", "bench", lease.created_at))
+
+    def write(items: Sequence[tuple[dict[str, Any], SettleOp]]) -> None:
+        ops = [op for _, op in items]
+        log.insert_rows_with([row for row, _ in items], lambda conn: ledger.settle_in(conn, ops), held)
+    return write, charge
+
+
+def cpu_per_record(write: Write, batch: int, records: int, prepare: Callable[[dict[str, Any]], Any] | None = None
+                   ) -> float:
+    batches = [[(prepare or _same)(record()) for _ in range(batch)] for _ in range(max(1, records // batch))]
     started = time.process_time()
     for rows in batches:
         write(rows)
     return (time.process_time() - started) / (len(batches) * batch) * 1e6
+
+
+def _same(row: dict[str, Any]) -> dict[str, Any]:
+    return row
 
 
 def main() -> None:
@@ -87,19 +115,24 @@ def main() -> None:
         folder = Path(tmp)
         log = AuditLog(f"sqlite:///{folder / 'audit.db'}")
         held = log.held_writer()
+        charged_log = AuditLog(f"sqlite:///{folder / 'charged.db'}")  # records and ledger in one store, as the gateway
+        ledger = Ledger(f"sqlite:///{folder / 'charged.db'}")
+        charged_held = charged_log.held_writer()
+        write_charged, charge = lease_writer(charged_log, ledger, charged_held)
         AuditLog(f"sqlite:///{folder / 'raw.db'}").close()  # the same schema for the raw floor
-        variants: dict[str, Write] = {
-            "raw sqlite3": raw_writer(folder / "raw.db"),
-            "pool connection": lambda rows: log.insert_rows_with(rows),
-            "kept connection": lambda rows: log.insert_rows_with(rows, None, held),
+        variants: dict[str, tuple[Write, Callable[[dict[str, Any]], Any] | None]] = {
+            "raw sqlite3": (raw_writer(folder / "raw.db"), None),
+            "pool connection": (lambda rows: log.insert_rows_with(rows), None),
+            "kept connection": (lambda rows: log.insert_rows_with(rows, None, held), None),
+            "kept + lease charges": (write_charged, charge),
         }
         samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in variants}
         for _ in range(ROUNDS):
             for batch in BATCHES:
-                for name, write in variants.items():
-                    samples[name][batch].append(cpu_per_record(write, batch, args.records))
-        held.close()
-        log.close()
+                for name, (write, prepare) in variants.items():
+                    samples[name][batch].append(cpu_per_record(write, batch, args.records, prepare))
+        for closing in (held, charged_held, log, charged_log, ledger):
+            closing.close()
 
     us = {name: {b: round(statistics.median(v), 1) for b, v in by_batch.items()} for name, by_batch in samples.items()}
     table = Table(title=f"Audit writer: CPU us per record, WAL + synchronous=FULL, median of {ROUNDS} rounds")
@@ -115,8 +148,9 @@ def main() -> None:
                "setup": {"records": args.records, "rounds": ROUNDS, "sqlite": sqlite3.sqlite_version},
                "cpu_us_per_record": {name: {str(b): v for b, v in by_batch.items()} for name, by_batch in us.items()},
                "summary": {f"{key}_batch{b}_us": us[name][b] for name, key in
-                           (("raw sqlite3", "raw"), ("pool connection", "pool"), ("kept connection", "kept"))
-                           for b in (1, 2)}}
+                           (("raw sqlite3", "raw"), ("pool connection", "pool"), ("kept connection", "kept"),
+                            ("kept + lease charges", "kept_charges"))
+                           for b in (1, 2, 16)}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -116,6 +116,9 @@ FIGURES: dict[str, Getter] = {
     "audit.commit_cpu_us_per_record.batch1.kept": _get("audit_writer", "summary", "kept_batch1_us"),
     "audit.commit_cpu_us_per_record.batch1.pool": _get("audit_writer", "summary", "pool_batch1_us"),
     "audit.commit_cpu_us_per_record.batch1.raw_sqlite3": _get("audit_writer", "summary", "raw_batch1_us"),
+    "audit.commit_cpu_us_per_record.batch16.kept": _get("audit_writer", "summary", "kept_batch16_us"),
+    "audit.commit_cpu_us_per_record.batch16.kept_lease_charges": _get("audit_writer", "summary",
+                                                                      "kept_charges_batch16_us"),
 }
 
 
