@@ -42,12 +42,14 @@ from pilothouse.operator.api.routing import BudgetRule
 from pilothouse.serving.audit import INSERT_SQL, AuditLog, AuditRecord, RoutingDecision, TokenUsage, as_row
 from pilothouse.serving.dataplane import new_id
 from pilothouse.serving.ledger import LeaseCharge, Ledger, Reservation, SettleOp
+from pilothouse.serving.stores import HeldConnection
 
 RESULTS = Path(__file__).resolve().parent / "results" / "audit_writer.json"
 BATCHES = (1, 2, 4, 16, 64)
 ROUNDS = 3
 
 Write = Callable[[Sequence[Any]], object]
+Prepare = Callable[[dict[str, Any]], Any]
 
 
 def record() -> dict[str, Any]:
@@ -73,7 +75,7 @@ def raw_writer(path: Path) -> Write:
     return write
 
 
-def lease_writer(log: AuditLog, ledger: Ledger, held: Any) -> tuple[Write, Callable[[dict[str, Any]], Any]]:
+def lease_writer(log: AuditLog, ledger: Ledger, held: HeldConnection) -> tuple[Write, Prepare]:
     """(write, charge): ``charge(row)`` pairs a row with its request's charge to one open budget lease (a day
     cap far above what the run spends), ``write`` commits such pairs the way the audit writer's thread does."""
     rule = BudgetRule.model_validate({"policy": "bench", "state": "Ok", "action": "reject",
@@ -90,17 +92,16 @@ def lease_writer(log: AuditLog, ledger: Ledger, held: Any) -> tuple[Write, Calla
     return write, charge
 
 
-def cpu_per_record(write: Write, batch: int, records: int, prepare: Callable[[dict[str, Any]], Any] | None = None
-                   ) -> float:
-    batches = [[(prepare or _same)(record()) for _ in range(batch)] for _ in range(max(1, records // batch))]
+def _same(row: dict[str, Any]) -> dict[str, Any]:
+    return row
+
+
+def cpu_per_record(write: Write, batch: int, records: int, prepare: Prepare = _same) -> float:
+    batches = [[prepare(record()) for _ in range(batch)] for _ in range(max(1, records // batch))]
     started = time.process_time()
     for rows in batches:
         write(rows)
     return (time.process_time() - started) / (len(batches) * batch) * 1e6
-
-
-def _same(row: dict[str, Any]) -> dict[str, Any]:
-    return row
 
 
 def main() -> None:
@@ -120,10 +121,10 @@ def main() -> None:
         charged_held = charged_log.held_writer()
         write_charged, charge = lease_writer(charged_log, ledger, charged_held)
         AuditLog(f"sqlite:///{folder / 'raw.db'}").close()  # the same schema for the raw floor
-        variants: dict[str, tuple[Write, Callable[[dict[str, Any]], Any] | None]] = {
-            "raw sqlite3": (raw_writer(folder / "raw.db"), None),
-            "pool connection": (lambda rows: log.insert_rows_with(rows), None),
-            "kept connection": (lambda rows: log.insert_rows_with(rows, None, held), None),
+        variants: dict[str, tuple[Write, Prepare]] = {
+            "raw sqlite3": (raw_writer(folder / "raw.db"), _same),
+            "pool connection": (lambda rows: log.insert_rows_with(rows), _same),
+            "kept connection": (lambda rows: log.insert_rows_with(rows, None, held), _same),
             "kept + lease charges": (write_charged, charge),
         }
         samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in variants}
