@@ -1,7 +1,8 @@
 """CPU per audit record of the gateway's group-commit transaction, by batch size, against SQLite's own floor.
 
-Under steady load the audit writer commits batches of one or two records (a commit ends before the next
-request's record comes), so what one small transaction costs is paid per request. Three ways to write the
+At moderate load (~1,300 RPS, ``gateway_overhead.py``'s c=32) the audit writer commits batches of one or two
+records (a commit ends before the next request's record comes), so what one small transaction costs is paid per
+request; at its c=256 (~1,700 RPS, the event loop saturated) batches hold ~25. Four ways to write the
 same rows to the same schema (``audit_records``, WAL, ``synchronous=FULL``), measured in turns so that this
 machine's drift hits them alike:
 
@@ -20,7 +21,7 @@ writer thread only writes them).
 Reported: CPU microseconds per record (``time.process_time``: the fsync's kernel time included) and the
 kept / pool ratio; a table on stdout and ``bench/results/audit_writer.json``.
 
-Run: ``.venv/bin/python bench/audit_writer.py`` (~30 s; ``--records`` per batch size and variant).
+Run: ``.venv/bin/python bench/audit_writer.py`` (~10 s; ``--records`` per batch size and variant).
 """
 
 from __future__ import annotations
