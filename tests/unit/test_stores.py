@@ -23,6 +23,7 @@ from pilothouse.serving import stores
 from pilothouse.serving.audit import AuditLog, as_row
 from pilothouse.serving.idempotency import IdempotencyStore
 from pilothouse.serving.ledger import Ledger
+from pilothouse.serving.prepared import Prepared
 from pilothouse.serving.runs import RunStore
 from tests.unit.test_audit import record
 
@@ -244,24 +245,36 @@ def test_an_audit_batch_lost_at_the_commit_whose_rows_predate_it_is_not_replayed
         log.close()
 
 
+class _CountedDateTime(sa.TypeDecorator[datetime]):
+    """A DateTime whose binds are counted: how many times Prepared formatted a value."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+    binds = 0
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        type(self).binds += 1
+        return value
+
+
 def test_prepared_binds_a_repeated_datetime_once_and_every_other_value_as_itself(store_url: str) -> None:
     """The bind of a repeated value is remembered (a batch's ``written_at``); a different value, even an equal
     one or one seen before the last, is bound as itself, never as a neighbour's."""
-    from pilothouse.serving.prepared import Prepared
-
     engine = sa.create_engine(store_url)
     table = sa.Table("stamps", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                      sa.Column("at", sa.DateTime(timezone=True), nullable=False))
     table.metadata.create_all(engine)
-    insert = Prepared("INSERT INTO stamps (id, at) VALUES (:id, :at)", at=table.c.at.type)
+    insert = Prepared("INSERT INTO stamps (id, at) VALUES (:id, :at)", at=_CountedDateTime())
     first, second = datetime(2026, 1, 1, 12, 0, 0, 1, tzinfo=UTC), datetime(2026, 1, 2, 0, 0, tzinfo=UTC)
     values = [first, first, second, first, second, datetime(2026, 1, 1, 12, 0, 0, 1, tzinfo=UTC)]
+    _CountedDateTime.binds = 0
     try:
         with engine.begin() as conn:
             insert.execute(conn, [{"id": i, "at": at} for i, at in enumerate(values)])
         with engine.connect() as conn:
             stored = [row.at for row in conn.execute(sa.select(table).order_by(table.c.id))]
         assert [at.replace(tzinfo=UTC) if at.tzinfo is None else at for at in stored] == values
+        assert _CountedDateTime.binds == 5  # the second row's value is the first's object: bound once for both
     finally:
         table.metadata.drop_all(engine)
         engine.dispose()
