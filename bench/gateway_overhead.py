@@ -19,8 +19,12 @@ duration after a warm-up. Results: a rich table and ``bench/results/gateway_over
 Serve port (``serve.ray_env``), the gateway's production configuration. ``--profile`` samples the gateway
 replica and the Serve proxy with py-spy during a c=32 run and groups the samples by component. ``--replicas N``
 gives the pass-through and the gateway N replicas each (default 1). ``--c256 --pairs N`` adds N alternating
-c=256 windows of the pass-through and the gateway (the max-RPS ratio the goal is judged by), each with its
-replicas' CPU per request on the event-loop thread and on the other threads (from ``/proc``).
+c=256 windows of the pass-through and the gateway in the last Serve mode measured, each with its replicas' CPU
+per request on the event-loop thread and on the other threads (from ``/proc``), and the whole machine's CPU per
+request and idle share (from ``/proc/stat``, read by the load generator over its window).
+``--pair-replicas 1 2`` runs those windows at each replica count (a Ray instance each), and LiteLLM's c=256 with
+as many workers: each target's max RPS is the median of its best count's windows, and their ratio (paired
+when both peak at the same count) is the figure the 0.75x goal is judged by (``max_rps_judged``).
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for options).
 """
@@ -57,6 +61,7 @@ LATENCY_S = 0.020
 REPLY_TOKENS = 16
 PROMPT = "Summarise the quarterly report for the platform team in three short bullet points please"
 PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -101,6 +106,13 @@ def _run(coro: Any) -> Any:
 
 
 # ---- role: load generator -------------------------------------------------------------------------
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, idle, stolen) CPU seconds of the whole machine so far, from /proc/stat's first line."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, stolen = ticks[3] + ticks[4], ticks[7] if len(ticks) > 7 else 0
+    return (sum(ticks[:8]) - idle - stolen) / CLK_TCK, idle / CLK_TCK, stolen / CLK_TCK
+
+
 def role_load(url: str, model: str, concurrency: int, requests: int, duration: float, warmup: int) -> None:
     import aiohttp
 
@@ -130,6 +142,7 @@ def role_load(url: str, model: str, concurrency: int, requests: int, duration: f
             await asyncio.gather(*(one() for _ in range(warmup)))
             t0 = time.perf_counter()
             deadline = t0 + duration
+            machine_before, own_before = machine_cpu(), time.process_time()
 
             async def worker() -> None:
                 nonlocal issued
@@ -143,6 +156,8 @@ def role_load(url: str, model: str, concurrency: int, requests: int, duration: f
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             elapsed = time.perf_counter() - t0
+            busy, idle, stolen = (b - a for a, b in zip(machine_before, machine_cpu(), strict=True))
+            own = time.process_time() - own_before
         latencies.sort()
         n = len(latencies)
         return {"ok": n, "errors": sum(errors.values()), "sent": issued + warmup,
@@ -150,7 +165,11 @@ def role_load(url: str, model: str, concurrency: int, requests: int, duration: f
                 "elapsed_s": round(elapsed, 3), "rps": round(n / elapsed, 1) if elapsed else 0.0,
                 "p50_ms": round(statistics.median(latencies), 2) if n else None,
                 "p99_ms": round(latencies[min(n - 1, int(n * 0.99))], 2) if n else None,
-                "mean_ms": round(statistics.fmean(latencies), 2) if n else None}
+                "mean_ms": round(statistics.fmean(latencies), 2) if n else None,
+                "machine_busy_us_per_request": round(busy / n * 1e6, 1) if n else None,
+                "loadgen_us_per_request": round(own / n * 1e6, 1) if n else None,
+                "machine_idle_share": round(idle / (busy + idle + stolen), 3) if busy + idle else None,
+                "machine_stolen_share": round(stolen / (busy + idle + stolen), 3) if busy + idle else None}
 
     print(json.dumps(_run(main())), flush=True)
 
@@ -322,7 +341,7 @@ def _stat_cpu(stat: str) -> float:
         fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def cpu_seconds(pid: int) -> float:
@@ -478,7 +497,23 @@ def start_ray(folder: Path, fixtures: dict[str, Any], backend_url: str, tp: bool
     return proc, port
 
 
-def start_litellm(folder: Path, backend_url: str) -> tuple[Proc, int] | None:
+def up(folder: Path, fixtures: dict[str, Any], backend: tuple[str, int], tp: bool, ablation: bool,
+       replicas: int) -> tuple[Proc, dict[str, str], dict[int, str]]:
+    """A Ray instance serving every Ray target, each answering: (its process, target -> URL, pid -> label).
+    ``backend``: the backend's URL and pid."""
+    ray_proc, port = start_ray(folder, fixtures, backend[0], tp, ablation, replicas)
+    urls = {"serve passthrough": f"http://127.0.0.1:{port}/pt/v1/chat/completions",
+            "pilothouse": f"http://127.0.0.1:{port}/v1/chat/completions"}
+    if ablation:
+        urls["pilothouse, no budget"] = f"http://127.0.0.1:{port}/nb/v1/chat/completions"
+    for target, url in urls.items():
+        wait_http(url, 60, method="POST", body=chat_body(model_for(target)))
+    pids = {pid: label(title) for pid, title in proc_tree(ray_proc.p.pid).items()}
+    pids[backend[1]] = "backend"
+    return ray_proc, urls, pids
+
+
+def start_litellm(folder: Path, backend_url: str, workers: int = 1) -> tuple[Proc, int] | None:
     # LiteLLM lives in its own venv (make bench creates .venv-litellm): its pins downgrade openai and
     # rich, which the project's own venv must not inherit.
     exe = shutil.which("litellm", path=os.pathsep.join([str(ROOT / ".venv-litellm" / "bin"), str(Path(PY).parent)]))
@@ -500,7 +535,7 @@ litellm_settings:
 """)
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False",
            "DISABLE_SCHEMA_UPDATE": "True"}
-    proc = Proc([exe, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+    proc = Proc([exe, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", str(workers)],
                 env=env, log=folder / "litellm.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/chat/completions", 120, method="POST", body=chat_body("wf-extract"))
@@ -536,6 +571,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--replicas", type=int, default=1,
                         help="replicas of the pass-through and of the gateway alike (default 1)")
+    parser.add_argument("--pair-replicas", type=int, nargs="+", default=[], metavar="N",
+                        help="run the --pairs windows at each of these replica counts (a Ray instance each; "
+                             "LiteLLM's c=256 with as many workers): each target's max RPS is its best count's")
     args = parser.parse_args()
     if args.role == "backend":
         role_backend(args.port, args.model or BACKEND_MODEL)
@@ -573,17 +611,10 @@ def bench(args: argparse.Namespace) -> None:
         for tp in modes:
             suffix = " (tp)" if tp else ""
             t0 = time.perf_counter()
-            ray_proc, port = start_ray(folder, fixtures, backend_url, tp, args.ablation, args.replicas)
+            ray_proc, urls, pids = up(folder, fixtures, (backend_url, backend.p.pid), tp, args.ablation,
+                                      args.replicas)
             procs.append(ray_proc)
             notes[f"ray_start_s{suffix}"] = round(time.perf_counter() - t0, 1)
-            urls = {"serve passthrough": f"http://127.0.0.1:{port}/pt/v1/chat/completions",
-                    "pilothouse": f"http://127.0.0.1:{port}/v1/chat/completions"}
-            if args.ablation:
-                urls["pilothouse, no budget"] = f"http://127.0.0.1:{port}/nb/v1/chat/completions"
-            for target, url in urls.items():
-                wait_http(url, 60, method="POST", body=chat_body(model_for(target)))
-            pids = {pid: label(title) for pid, title in proc_tree(ray_proc.p.pid).items()}
-            pids[backend.p.pid] = "backend"
             console.print(f"Ray Serve{suffix} up in {notes[f'ray_start_s{suffix}']} s: {urls}")
             for target, url in urls.items():
                 model = model_for(target)
@@ -599,10 +630,19 @@ def bench(args: argparse.Namespace) -> None:
                     else:
                         row[f"c{c}"] = load(url, model, c, args)
                 results[target + suffix] = row
-            if args.c256 and args.pairs:
-                replicas = {target: [pid for pid, name in pids.items() if name == REPLICA[target]] for target in
-                            ("serve passthrough", "pilothouse")}
-                paired[f"pilothouse{suffix}"] = alternate(urls, args, replicas)
+            if args.c256 and args.pairs and tp == modes[-1]:  # the last mode measured: the production one
+                running = args.replicas
+                for n in args.pair_replicas or [args.replicas]:
+                    if n != running:
+                        running = n
+                        ray_proc.stop()
+                        ray_proc, urls, pids = up(folder, fixtures, (backend_url, backend.p.pid), tp, False, n)
+                        procs.append(ray_proc)
+                        console.print(f"Ray Serve{suffix} up again with {n} replicas of each target")
+                    replicas = {target: [pid for pid, name in pids.items() if name == REPLICA[target]] for target in
+                                ("serve passthrough", "pilothouse")}
+                    paired[f"pilothouse{suffix}" + (f", {n} replicas" if n != args.replicas else "")] = {
+                        "replicas": n, **alternate(urls, args, replicas)}
             ray_proc.stop()
         if not args.no_litellm:
             try:
@@ -617,11 +657,20 @@ def bench(args: argparse.Namespace) -> None:
                 lproc, lport = started_litellm
                 procs.append(lproc)
                 notes["litellm_start_s"] = round(time.perf_counter() - t0, 1)
-                notes["litellm"] = ("litellm proxy, 1 worker, master key on, no database (no budgets, no spend "
-                                    "logs), no callbacks, drop_params")
+                notes["litellm"] = ("litellm proxy, 1 worker (c=256 also with each --pair-replicas count above 1), "
+                                    "master key on, no database (no budgets, no spend logs), no callbacks, drop_params")
                 url = f"http://127.0.0.1:{lport}/v1/chat/completions"
                 results["litellm"] = {f"c{c}": load(url, "wf-extract", c, args) for c in levels}
                 lproc.stop(10)
+                for n in sorted({n for n in args.pair_replicas if n > 1} if args.c256 else ()):
+                    # as many workers as the Ray targets' replicas: LiteLLM's max RPS at its best process count too
+                    started_litellm = start_litellm(folder, backend_url, workers=n)
+                    if started_litellm is not None:
+                        lproc, lport = started_litellm
+                        procs.append(lproc)
+                        results[f"litellm, {n} workers"] = {"c256": load(
+                            f"http://127.0.0.1:{lport}/v1/chat/completions", "wf-extract", 256, args)}
+                        lproc.stop(10)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -632,6 +681,10 @@ def bench(args: argparse.Namespace) -> None:
 def model_for(target: str) -> str:
     """The model a Ray target is asked for: the pass-through forwards the backend's own, the gateways route."""
     return BACKEND_MODEL if target == "serve passthrough" else "wf/extract"
+
+
+MACHINE_KEYS = ("machine_busy_us_per_request", "loadgen_us_per_request", "machine_idle_share", "machine_stolen_share")
+PER_WINDOW = ("event_loop_us_per_request", "other_threads_us_per_request", *MACHINE_KEYS)
 
 
 def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str, list[int]]) -> dict[str, Any]:
@@ -646,33 +699,45 @@ def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str
     targets = ["serve passthrough", "pilothouse"]
     rounds = []
     for i in range(args.pairs):
-        rps: dict[str, float | None] = {}
-        loop_us: dict[str, float | None] = {}
-        rest_us: dict[str, float | None] = {}
+        window: dict[str, dict[str, float | None]] = {key: {} for key in ("rps", *PER_WINDOW)}
         for target in targets if i % 2 == 0 else targets[::-1]:
             before = thread_cpu(replicas[target])
             r = load(urls[target], model_for(target), 256, args)
             loop, rest = loop_and_rest(before, thread_cpu(replicas[target]), replicas[target])
-            rps[target] = r["rps"] if r.get("errors") == 0 else None  # a window with errors sustains nothing
+            window["rps"][target] = r["rps"] if r.get("errors") == 0 else None  # a window with errors sustains nothing
             sent = r.get("sent")
-            loop_us[target] = round(loop / sent * 1e6, 1) if sent else None
-            rest_us[target] = round(rest / sent * 1e6, 1) if sent else None
-        base, got = rps["serve passthrough"], rps["pilothouse"]
-        rounds.append({**rps, "ratio": round(got / base, 3) if base and got is not None else None,
-                       "event_loop_us_per_request": loop_us, "other_threads_us_per_request": rest_us})
+            window["event_loop_us_per_request"][target] = round(loop / sent * 1e6, 1) if sent else None
+            window["other_threads_us_per_request"][target] = round(rest / sent * 1e6, 1) if sent else None
+            for key in MACHINE_KEYS:
+                window[key][target] = r.get(key)
+        base, got = window["rps"]["serve passthrough"], window["rps"]["pilothouse"]
+        rounds.append({**window, "ratio": round(got / base, 3) if base and got is not None else None})
     ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
 
     def median_of(key: str) -> dict[str, float | None]:
         out = {}
         for target in targets:
             values = [r[key][target] for r in rounds if r[key][target] is not None]
-            out[target] = round(statistics.median(values), 1) if values else None
+            out[target] = round(statistics.median(values), 3) if values else None
         return out
 
     return {"concurrency": 256, "rounds": rounds,
             "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
-            "median_event_loop_us_per_request": median_of("event_loop_us_per_request"),
-            "median_other_threads_us_per_request": median_of("other_threads_us_per_request")}
+            **{f"median_{key}": median_of(key) for key in ("rps", *PER_WINDOW)}}
+
+
+def judged(paired: dict[str, Any]) -> dict[str, Any] | None:
+    """Each target's max RPS, the best of its replica counts' medians, and their ratio: the pairs' median
+    where both peak at one count (the same windows), else the ratio of the two peaks (not paired)."""
+    counts = [v for v in paired.values() if v.get("median_ratio") is not None]
+    if not counts:
+        return None
+    best = {t: max(counts, key=lambda v, t=t: v["median_rps"][t] or 0.0) for t in ("serve passthrough", "pilothouse")}
+    rps = {t: v["median_rps"][t] for t, v in best.items()}
+    same = best["serve passthrough"] is best["pilothouse"]
+    ratio = best["pilothouse"]["median_ratio"] if same else round(rps["pilothouse"] / rps["serve passthrough"], 3)
+    return {"replicas": {t: v["replicas"] for t, v in best.items()}, "median_rps": rps, "paired": same,
+            "ratio": ratio}
 
 
 def profiled(url: str, model: str, args: argparse.Namespace, pids: dict[int, str], folder: Path,
@@ -713,7 +778,9 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
         table.add_column(col, justify="left" if col == "target" else "right")
     for target, row in results.items():
         for c in levels:
-            r = row.get(f"c{c}", {})
+            if f"c{c}" not in row:  # a variant measured at c=256 only (LiteLLM's other worker counts)
+                continue
+            r = row[f"c{c}"]
             d = direct.get(f"c{c}", {})
             for q in ("p50", "p99"):
                 base, got = d.get(f"{q}_ms"), r.get(f"{q}_ms")
@@ -729,14 +796,24 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                 shares = ", ".join(f"{k} {v:.0%}" for k, v in list(summary["share_of_busy"].items())[:10])
                 console.print(f"py-spy {name} ({mode}, c=32): {summary['busy_samples']} busy samples: {shares}")
     for target, pairs in paired.items():
-        rounds = "; ".join(f"{r['serve passthrough'] or 0:.0f} / {r['pilothouse'] or 0:.0f} RPS"
+        rounds = "; ".join(f"{r['rps']['serve passthrough'] or 0:.0f} / {r['rps']['pilothouse'] or 0:.0f} RPS"
                            for r in pairs["rounds"])
-        console.print(f"{target} vs serve passthrough, alternating c=256 windows: {rounds}: ratios "
-                      f"{[r['ratio'] for r in pairs['rounds']]}, median {pairs['median_ratio']}")
+        console.print(f"{target} vs serve passthrough, {pairs['replicas']} replica(s) each, alternating c=256 windows: "
+                      f"{rounds}: ratios {[r['ratio'] for r in pairs['rounds']]}, median {pairs['median_ratio']}")
         loop, rest = pairs["median_event_loop_us_per_request"], pairs["median_other_threads_us_per_request"]
-        console.print(f"  replica CPU per request (median of the windows): event loop {loop['serve passthrough']} "
-                      f"us pass-through, {loop['pilothouse']} us pilothouse; other threads "
-                      f"{rest['serve passthrough']} / {rest['pilothouse']} us")
+        busy, idle = pairs["median_machine_busy_us_per_request"], pairs["median_machine_idle_share"]
+        console.print(f"  medians, pass-through / pilothouse: replica CPU per request on the event loop "
+                      f"{loop['serve passthrough']} / {loop['pilothouse']} us, on other threads "
+                      f"{rest['serve passthrough']} / {rest['pilothouse']} us; machine CPU per request "
+                      f"{busy['serve passthrough']} / {busy['pilothouse']} us; machine idle "
+                      f"{idle['serve passthrough']} / {idle['pilothouse']}")
+    best = judged(paired)
+    if best is not None:
+        rps, counts = best["median_rps"], best["replicas"]
+        console.print(f"max RPS (each target's best replica count): pass-through {rps['serve passthrough']} "
+                      f"({counts['serve passthrough']}), pilothouse {rps['pilothouse']} ({counts['pilothouse']}): "
+                      f"ratio {best['ratio']}"
+                      + ("" if best["paired"] else " (the two peaks at different counts: not paired)"))
     for k, v in notes.items():
         console.print(f"{k}: {v}")
     max_rps = {t: max((r.get(f"c{c}", {}).get("rps", 0.0) for c in levels
@@ -752,7 +829,7 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                                 "cache off (temperature 0.7); SQLite store",
                   "throughput_optimized": args.throughput_optimized, "replicas": args.replicas},
         "results": results, "max_rps_without_errors": max_rps, "cpu_seconds": cpu, "profile": profile,
-        "paired_max_rps": paired, "notes": notes, "total_s": round(total_s, 1),
+        "paired_max_rps": paired, "max_rps_judged": best, "notes": notes, "total_s": round(total_s, 1),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(payload, indent=2) + "\n")

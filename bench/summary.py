@@ -48,23 +48,39 @@ def _gw(target: str, level: str, metric: str) -> Getter:
 
 
 def _max_rps(target: str) -> Getter:
+    """The target's best error-free window of the sweep, or its best replica count's median over the alternating
+    windows (``max_rps_judged``) when higher; LiteLLM's best over its worker counts."""
     def get(docs: dict[str, dict[str, Any]]) -> Any:
-        name = _gateway_target(docs, target) if target != "litellm" else target
-        levels = docs.get("gateway_overhead", {}).get("results", {}).get(name, {})
-        clean = [v.get("rps") for v in levels.values() if isinstance(v, dict) and v.get("errors") == 0]
+        doc = docs.get("gateway_overhead", {})
+        names = ([n for n in doc.get("results", {}) if n == "litellm" or n.startswith("litellm, ")]
+                 if target == "litellm" else [_gateway_target(docs, target)])
+        clean = [v.get("rps") for name in names for v in doc.get("results", {}).get(name, {}).values()
+                 if isinstance(v, dict) and v.get("errors") == 0]
+        clean.append((doc.get("max_rps_judged") or {}).get("median_rps", {}).get(target))
         return max((r for r in clean if r is not None), default=None)
     return get
 
 
 def _paired(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The alternating c=256 windows of pilothouse and the pass-through (``--pairs``), or {}."""
+    """The alternating c=256 windows of pilothouse and the pass-through (``--pairs``) at one replica each, or {}."""
     chosen = docs.get("gateway_overhead", {}).get("paired_max_rps", {}).get(_gateway_target(docs, "pilothouse"))
     return chosen if isinstance(chosen, dict) else {}
 
 
 def _paired_ratio(docs: dict[str, dict[str, Any]]) -> Any:
-    """Median pilothouse / pass-through max-RPS ratio over alternating c=256 windows."""
-    return _paired(docs).get("median_ratio")
+    """The max-RPS ratio the goal is judged by: each target at its best replica count (``max_rps_judged``), the
+    median of alternating c=256 windows; before replica counts were compared, the one-replica median."""
+    judged = docs.get("gateway_overhead", {}).get("max_rps_judged")
+    return judged.get("ratio") if isinstance(judged, dict) else _paired(docs).get("median_ratio")
+
+
+def _ratio_at(replicas: int) -> Getter:
+    """Median pilothouse / pass-through ratio of the alternating c=256 windows at ``replicas`` replicas each."""
+    def get(docs: dict[str, dict[str, Any]]) -> Any:
+        pairs = docs.get("gateway_overhead", {}).get("paired_max_rps", {}).values()
+        return next((p.get("median_ratio") for p in pairs if isinstance(p, dict) and p.get("replicas") == replicas),
+                    None)
+    return get
 
 
 def _loop_us(target: str) -> Getter:
@@ -95,6 +111,8 @@ FIGURES: dict[str, Getter] = {
     "gateway.max_rps.serve_passthrough": _max_rps("serve passthrough"),
     "gateway.max_rps.direct": _max_rps("direct"),
     "gateway.max_rps_ratio.paired_median": _paired_ratio,
+    "gateway.max_rps_ratio.replicas1": _ratio_at(1),
+    "gateway.max_rps_ratio.replicas2": _ratio_at(2),
     "gateway.event_loop_us_per_request.c256.pilothouse": _loop_us("pilothouse"),
     "gateway.event_loop_us_per_request.c256.serve_passthrough": _loop_us("serve passthrough"),
     "failover.client_errors": _get("failover", "client_errors"),

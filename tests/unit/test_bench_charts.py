@@ -1,5 +1,6 @@
 """``make bench`` ends by drawing a PNG per benchmark: every committed result must still draw. And the gateway
-benchmark's split of a replica's CPU into its event loop and the rest."""
+benchmark's split of a replica's CPU into its event loop and the rest, and how the max-RPS figures are judged
+across replica counts."""
 
 from __future__ import annotations
 
@@ -44,3 +45,40 @@ def test_a_replicas_event_loop_is_its_busiest_thread_and_each_replica_counts(mon
     before = {(1, 1): 10.0, (1, 2): 1.0, (2, 5): 0.0}
     after = {(1, 1): 14.0, (1, 2): 2.5, (1, 3): 0.5, (2, 5): 3.0, (3, 9): 99.0}  # thread 3 started; pid 3 not asked
     assert split(before, after, [1, 2]) == (4.0 + 3.0, 1.5 + 0.5)
+
+
+def _pairs(replicas: int, passthrough: float, pilothouse: float, ratio: float) -> dict[str, object]:
+    return {"replicas": replicas, "median_ratio": ratio,
+            "median_rps": {"serve passthrough": passthrough, "pilothouse": pilothouse}}
+
+
+def test_max_rps_is_each_targets_best_replica_count_and_paired_only_where_both_peak_together(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    judged = bench_module("gateway_overhead").judged
+    both_at_two = judged({"one": _pairs(1, 2300.0, 1650.0, 0.72), "two": _pairs(2, 2500.0, 1960.0, 0.79)})
+    assert both_at_two == {"replicas": {"serve passthrough": 2, "pilothouse": 2}, "paired": True, "ratio": 0.79,
+                           "median_rps": {"serve passthrough": 2500.0, "pilothouse": 1960.0}}
+    # the pass-through peaks at one replica: the ratio of the two peaks, not the two-replica windows' median
+    apart = judged({"one": _pairs(1, 2600.0, 1650.0, 0.63), "two": _pairs(2, 2500.0, 1960.0, 0.79)})
+    assert apart is not None and not apart["paired"]
+    assert apart["ratio"] == round(1960.0 / 2600.0, 3) and apart["replicas"]["serve passthrough"] == 1
+    assert judged({}) is None
+
+
+def test_the_summary_takes_the_judged_ratio_and_litellms_best_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    figures = bench_module("summary").summarise({"gateway_overhead": {
+        "results": {"serve passthrough (tp)": {"c256": {"rps": 2400.0, "errors": 0}},
+                    "pilothouse (tp)": {"c256": {"rps": 1700.0, "errors": 0}, "c32": {"rps": 1900.0, "errors": 3}},
+                    "litellm": {"c256": {"rps": 170.0, "errors": 0}},
+                    "litellm, 2 workers": {"c256": {"rps": 300.0, "errors": 0}}},
+        "paired_max_rps": {"pilothouse (tp)": _pairs(1, 2300.0, 1650.0, 0.72),
+                           "pilothouse (tp), 2 replicas": _pairs(2, 2500.0, 1960.0, 0.79)},
+        "max_rps_judged": {"ratio": 0.79, "median_rps": {"serve passthrough": 2500.0, "pilothouse": 1960.0}},
+    }})["figures"]
+    assert figures["gateway.max_rps_ratio.paired_median"] == 0.79
+    assert (figures["gateway.max_rps_ratio.replicas1"], figures["gateway.max_rps_ratio.replicas2"]) == (0.72, 0.79)
+    assert figures["gateway.max_rps.pilothouse"] == 1960.0  # not the c=32 window that had errors
+    assert figures["gateway.max_rps.serve_passthrough"] == 2500.0
+    assert figures["gateway.max_rps.litellm"] == 300.0
