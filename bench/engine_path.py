@@ -26,9 +26,11 @@ show the gateway's per-request cost.
 Every request is the same chat with ``max_tokens`` fixed and ``ignore_eos`` (vLLM's extra), so each one
 generates exactly that many tokens; tokens are counted from ``usage.completion_tokens`` (streams ask for
 ``stream_options.include_usage`` on both paths). Streaming and non-streaming, at concurrency 1 and 4; each
-measurement runs ``--rounds`` times, direct and gateway back to back and taking turns to go first. A ratio is the
-median of the rounds' ratios: this 2-core VM's speed drifts by several percent within minutes, more than the gap
-measured, and a round's two runs share the moment. The pooled figures (tokens over all rounds) are reported too.
+measurement runs ``--rounds`` times. A round runs each target twice in a palindromic order (direct, gateway,
+gateway, direct; the next round the other way round), so a drift linear over the round hits both alike. A ratio
+is the median of the rounds' ratios: this 2-core VM's speed drifts by tens of percent within minutes, more than
+the gap measured, and a round's runs share the moment. The pooled figures (tokens over all rounds) are reported
+too.
 
 With ``--throughput-optimized``, Ray runs Serve's throughput-optimized preset (as ``bench/gateway_overhead.py``
 does) and each target is asked on its ingress replica's own direct-ingress port: no Serve proxy and no HAProxy
@@ -41,7 +43,7 @@ the client's, the gateway's own (``pilothouse_request_duration_seconds`` from it
 or time spent outside it. Results: a rich table and ``bench/results/engine.json`` whose ``summary`` holds the
 headline ``tokens_per_s_ratio``: the worst of the four variants' ratios.
 
-Run: ``flock /tmp/pilothouse-heavy.lock .venv/bin/python bench/engine_path.py`` (about 7 minutes; with
+Run: ``flock /tmp/pilothouse-heavy.lock .venv/bin/python bench/engine_path.py`` (about 6 minutes; with
 ``--ablation --rounds 2`` about 6).
 """
 
@@ -327,7 +329,9 @@ def pooled(runs: list[dict[str, Any]], cpu: list[dict[str, float]]) -> dict[str,
     for c in cpu:
         cpu_total.update(c)
     return {"tokens_per_s": round(tokens / elapsed, 1) if elapsed else 0.0,
-            "per_round_tokens_per_s": [round(r["tokens"] / r["elapsed_s"], 1) for r in runs],
+            "per_round_tokens_per_s": [  # a round runs each target twice (``bench``'s palindromic order)
+                round((a["tokens"] + b["tokens"]) / (a["elapsed_s"] + b["elapsed_s"]), 1)
+                for a, b in zip(runs[::2], runs[1::2], strict=True)],
             "requests": sum(r["requests"] for r in runs), "tokens": tokens, "elapsed_s": round(elapsed, 2),
             "tokens_per_request": sorted({t for r in runs for t in r["tokens_per_request"]}),
             "latency_p50_ms": round(statistics.median(latency) * 1000, 1) if latency else None,
@@ -343,9 +347,9 @@ def pooled(runs: list[dict[str, Any]], cpu: list[dict[str, float]]) -> dict[str,
 
 
 def paired(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]:
-    """A target's tokens/s against direct's: each round's ratio (the two ran back to back, so the machine's drift
-    over minutes cancels out), their median (the figure the goal is judged by, as ``gateway_overhead.py``'s
-    alternating windows are), and the ratio of the pooled rounds."""
+    """A target's tokens/s against direct's: each round's ratio (their runs interleaved within seconds, so the
+    machine's drift over minutes cancels out), their median (the figure the goal is judged by, as
+    ``gateway_overhead.py``'s alternating windows are), and the ratio of the pooled rounds."""
     rounds = [round(t / d, 3) if d else 0.0
               for t, d in zip(target["per_round_tokens_per_s"], direct["per_round_tokens_per_s"], strict=True)]
     pooled_ratio = target["tokens_per_s"] / direct["tokens_per_s"] if direct["tokens_per_s"] else 0.0
@@ -407,8 +411,10 @@ def bench(args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):
             for stream, c in VARIANTS:
                 name = variant_name(stream, c)
-                order = list(targets) if round_ % 2 == 0 else list(reversed(targets))
-                for target in order:
+                first = list(targets) if round_ % 2 == 0 else list(reversed(targets))
+                # palindromic (direct, gateway, gateway, direct): a drift linear over the round hits every target
+                # alike, where back to back once each it favoured whichever went second or first
+                for target in first + first[::-1]:
                     url, key, model = targets[target]
                     result, cpu = load(url, stream, c, key, model, args, pids, clocks[target])
                     slot = raw.setdefault(name, {}).setdefault(target, [[], []])
@@ -530,7 +536,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--clocks", type=json.loads, default={}, help=argparse.SUPPRESS)
-    parser.add_argument("--seconds", type=float, default=6.0, help="seconds per run (default 6)")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="seconds per run; a round runs each target twice (default 3)")
     parser.add_argument("--rounds", type=int, default=5, help="runs per target and variant, alternating (default 5)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     parser.add_argument("--ablation", action="store_true",

@@ -82,3 +82,18 @@ def test_the_summary_takes_the_judged_ratio_and_litellms_best_worker_count(monke
     assert figures["gateway.max_rps.pilothouse"] == 1960.0  # not the c=32 window that had errors
     assert figures["gateway.max_rps.serve_passthrough"] == 2500.0
     assert figures["gateway.max_rps.litellm"] == 300.0
+
+
+def test_an_engine_round_pools_its_two_runs_of_a_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round runs a target twice (palindromic order): its tokens/s is that pair's, so a round whose machine
+    slowed between the two runs counts the two halves together, not as two rounds."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+
+    def run(tokens: int, seconds: float) -> dict[str, object]:
+        return {"tokens": tokens, "elapsed_s": seconds, "requests": tokens // 128, "latency_s": [0.2],
+                "ttft_s": [], "tokens_per_request": [128], "clocks": {}, "errors": 0, "error_kinds": {}}
+
+    runs = [run(1280, 1.0), run(1280, 3.0), run(2560, 2.0), run(2560, 2.0)]
+    pooled = bench_module("engine_path").pooled(runs, [{} for _ in runs])
+    assert pooled["per_round_tokens_per_s"] == [640.0, 1280.0]
+    assert pooled["tokens_per_s"] == 960.0
