@@ -730,6 +730,14 @@ def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str
             **{f"median_{key}": median_of(key) for key in ("rps", *PER_WINDOW)}}
 
 
+def max_rps_without_errors(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each target's best RPS over its error-free windows at c > 1 (0.0 when none): a window with errors sustains
+    nothing."""
+    return {target: max((window["rps"] for level, window in row.items()
+                         if level != "c1" and window.get("errors") == 0), default=0.0)
+            for target, row in results.items()}
+
+
 def judged(paired: dict[str, Any]) -> dict[str, Any] | None:
     """Each target's max RPS, the best of its replica counts' medians, and their ratio: the pairs' median
     where both peak at one count (the same windows), else the ratio of the two peaks (not paired)."""
@@ -820,9 +828,6 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                       + ("" if best["paired"] else " (the two peaks at different counts: not paired)"))
     for k, v in notes.items():
         console.print(f"{k}: {v}")
-    max_rps = {t: max((r.get(f"c{c}", {}).get("rps", 0.0) for c in levels
-                       if c > 1 and r.get(f"c{c}", {}).get("errors") == 0), default=0.0)
-               for t, r in results.items()}
     payload = {
         "benchmark": "gateway_overhead",
         "when": machine.measured_at(),
@@ -832,8 +837,9 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                   "pilothouse": "API keys, budget rule (day cap 1e9 USD, ledger reserve+commit), audit, metrics on; "
                                 "cache off (temperature 0.7); SQLite store",
                   "throughput_optimized": args.throughput_optimized, "replicas": args.replicas},
-        "results": results, "max_rps_without_errors": max_rps, "cpu_seconds": cpu, "profile": profile,
-        "paired_max_rps": paired, "max_rps_judged": best, "notes": notes, "total_s": round(total_s, 1),
+        "results": results, "max_rps_without_errors": max_rps_without_errors(results), "cpu_seconds": cpu,
+        "profile": profile, "paired_max_rps": paired, "max_rps_judged": best, "notes": notes,
+        "total_s": round(total_s, 1),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(payload, indent=2) + "\n")

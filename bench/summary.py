@@ -48,16 +48,16 @@ def _gw(target: str, level: str, metric: str) -> Getter:
 
 
 def _max_rps(target: str) -> Getter:
-    """The target's best error-free window of the sweep, or its best replica count's median over the alternating
-    windows (``max_rps_judged``) when higher; LiteLLM's best over its worker counts."""
+    """The target's best error-free window of the sweep (``max_rps_without_errors``), or its best replica count's
+    median over the alternating windows (``max_rps_judged``) when higher; LiteLLM's best over its worker counts."""
     def get(docs: dict[str, dict[str, Any]]) -> Any:
         doc = docs.get("gateway_overhead", {})
-        names = ([n for n in doc.get("results", {}) if n == "litellm" or n.startswith("litellm, ")]
+        best = doc.get("max_rps_without_errors", {})
+        names = ([n for n in best if n == "litellm" or n.startswith("litellm, ")]
                  if target == "litellm" else [_gateway_target(docs, target)])
-        clean = [v.get("rps") for name in names for v in doc.get("results", {}).get(name, {}).values()
-                 if isinstance(v, dict) and v.get("errors") == 0]
-        clean.append((doc.get("max_rps_judged") or {}).get("median_rps", {}).get(target))
-        return max((r for r in clean if r is not None), default=None)
+        found = [best.get(name) for name in names]
+        found.append((doc.get("max_rps_judged") or {}).get("median_rps", {}).get(target))
+        return max((r for r in found if r), default=None)  # 0.0: no error-free window
     return get
 
 
