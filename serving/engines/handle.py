@@ -74,18 +74,26 @@ def request_payload(path: str, body: Mapping[str, Any], model: str, *, stream: b
     return payload
 
 
+_GRPC_CLASSES = {"UNAVAILABLE": ErrorClass.CONNECTION, "DEADLINE_EXCEEDED": ErrorClass.TIMEOUT,
+                 "CANCELLED": ErrorClass.CANCELLED, "RESOURCE_EXHAUSTED": ErrorClass.RATE_LIMITED}
+
+
 def classify_handle_error(exc: BaseException) -> Failure:
     """A failed handle call, in the gateway's classes.
 
     A missing application or replica, or a replica that died, means nothing serves this backend:
     ``connection`` (refused when the application does not exist, so the breaker opens at once). Serve
     shedding load is ``rate_limited``. An exception raised by the engine itself (vLLM's
-    ``EngineDeadError``) arrives wrapped in ``RayTaskError``: ``server``.
+    ``EngineDeadError``) arrives wrapped in ``RayTaskError``: ``server``. The calls go over gRPC
+    (``_handle``): a status Serve does not translate itself is read by its code.
     """
+    import grpc
     from ray import exceptions as ray_exc
     from ray.serve import exceptions as serve_exc
 
     message = f"{type(exc).__name__}: {exc}".rstrip(": ")[:500]
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return Failure(_GRPC_CLASSES.get(exc.code().name, ErrorClass.SERVER), message)
     if isinstance(exc, serve_exc.BackPressureError):
         return Failure(ErrorClass.RATE_LIMITED, message)
     if isinstance(exc, serve_exc.RequestCancelledError | asyncio.CancelledError):
@@ -112,6 +120,11 @@ def _handle(endpoint: str) -> Any:
     Serve's router thread: every call and every streamed item then skips two cross-thread hand-offs,
     which on a 2-core machine compete with the engine itself for the CPU (``bench/engine_path.py``).
     Such a handle belongs to the loop that made it, hence one per loop.
+
+    Calls go over the inter-deployment gRPC server every replica runs (``_by_reference=False``) rather
+    than as Ray actor tasks: the payloads are plain data, never ObjectRefs, and a Ray actor call with
+    Serve's rejection protocol is a streaming task whose every item is another RPC back to the caller.
+    That saved ~0.7 ms per call and ~1.7 ms per stream on an idle machine (``bench/engine_path.py``).
     """
     loop = asyncio.get_running_loop()
     handle = _handles.get((endpoint, loop))
@@ -121,6 +134,7 @@ def _handle(endpoint: str) -> Any:
         app, deployment = parse(endpoint)
         handle = serve.get_app_handle(app) if deployment is None else serve.get_deployment_handle(deployment, app)
         handle._init(_run_router_in_separate_loop=False)
+        handle = handle.options(_by_reference=False)
         for key in [k for k in _handles if k[1].is_closed()]:
             del _handles[key]
         _handles[(endpoint, loop)] = handle

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from pydantic import ValidationError
 from ray import exceptions as ray_exc
@@ -70,6 +71,10 @@ def test_complete_payload_drops_stream_fields_and_embeddings_cannot_stream() -> 
 
 # -- error classes -----------------------------------------------------------------------------------
 
+def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="replica gone")
+
+
 @pytest.mark.parametrize(("exc", "cls", "refused"), [
     (serve_exc.DeploymentUnavailableError(DeploymentID("engine", "engine-small")), ErrorClass.CONNECTION, False),
     (ray_exc.ActorDiedError(), ErrorClass.CONNECTION, False),
@@ -79,6 +84,11 @@ def test_complete_payload_drops_stream_fields_and_embeddings_cannot_stream() -> 
     (TimeoutError(), ErrorClass.TIMEOUT, False),
     (ray_exc.RayTaskError("complete", "Traceback ...", RuntimeError("EngineDeadError: engine core died")),
      ErrorClass.SERVER, False),
+    # the handle's gRPC transport: statuses Serve passes through untranslated
+    (_rpc_error(grpc.StatusCode.UNAVAILABLE), ErrorClass.CONNECTION, False),
+    (_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED), ErrorClass.TIMEOUT, False),
+    (_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED), ErrorClass.RATE_LIMITED, False),
+    (_rpc_error(grpc.StatusCode.INTERNAL), ErrorClass.SERVER, False),
 ])
 def test_handle_failures_are_classified(exc: BaseException, cls: ErrorClass, refused: bool) -> None:
     failure = h.classify_handle_error(exc)
@@ -213,12 +223,17 @@ async def test_a_stream_cut_before_done_is_a_server_failure(fake: Any) -> None:
 
 
 def test_each_event_loop_gets_its_own_handle_routing_on_that_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A handle that routes on its caller's loop is useless on another loop: one per loop, dead loops dropped."""
+    """A handle that routes on its caller's loop is useless on another loop: one per loop, dead loops dropped.
+    Its calls go over Serve's inter-deployment gRPC, not as Ray actor tasks."""
     made: list[dict[str, Any]] = []
 
     class Made:
         def _init(self, **options: Any) -> None:
             made.append(options)
+
+        def options(self, **options: Any) -> Made:
+            made[-1] |= options
+            return self
 
     monkeypatch.setattr("ray.serve.get_app_handle", lambda app: Made())
     monkeypatch.setattr(h, "_handles", {})
@@ -229,7 +244,7 @@ def test_each_event_loop_gets_its_own_handle_routing_on_that_loop(monkeypatch: p
     first, again = asyncio.run(get())
     second, _ = asyncio.run(get())
     assert first is again and second is not first
-    assert made == [{"_run_router_in_separate_loop": False}] * 2
+    assert made == [{"_run_router_in_separate_loop": False, "_by_reference": False}] * 2
     assert len(h._handles) == 1  # the first loop closed: its handle went when the second was made
     h.forget("serve://engine-small")
     assert h._handles == {}
