@@ -245,8 +245,12 @@ async def local_stack(bundle: manifests.Bundle, state_dir: Path, *, port: int | 
                 table = env.table_path(wf.namespace, wf.name)
                 if table.exists():
                     args = gateway.GatewayArgs(routing=str(table.resolve()), store_url=store_url(state_dir))
-                    serve.run(gateway.application(args), name=f"gateway-{wf.name}",
+                    app = f"gateway-{wf.name}"
+                    serve.run(gateway.application(args, replicas=wf.spec.gateway.replicas), name=app,
                               route_prefix="/", blocking=False)
+                    running = serve.status().applications[app].deployments[gateway.Gateway.name].replica_states
+                    out.print(f"gateway of {wf.name}: {running.get('RUNNING', 0)} replica(s) running "
+                              f"(spec.gateway.replicas {wf.spec.gateway.replicas}) on {stack.gateway_url}")
                     break  # one gateway owns "/"; local mode runs one workflow per folder
             yield stack
         finally:

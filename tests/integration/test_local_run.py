@@ -37,10 +37,12 @@ def pilothouse(*args: str, cwd: Path, timeout: float = 400) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the example with six invoices and their labels."""
+    """A copy of the example with six invoices and their labels, and a gateway of two replicas."""
     root = tmp_path_factory.mktemp("local-run")
     folder = root / "invoice-triage"
     shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("invoices", "*.py", "__pycache__"))
+    workflow = folder / "workflow.yaml"
+    workflow.write_text(workflow.read_text().replace("\nspec:\n", "\nspec:\n  gateway:\n    replicas: 2\n", 1))
     (folder / "invoices").mkdir()
     for name in SUBSET:
         shutil.copy(EXAMPLE / "invoices" / f"{name}.txt", folder / "invoices")
@@ -70,6 +72,7 @@ def test_run_processes_every_invoice_and_summarises(example: Path, ran: subproce
     assert "chunks written" in ran.stdout  # the corpus was ingested before the runs
     assert "Precision" in ran.stdout and "quality=ok" in ran.stdout  # scored against labels.jsonl
     assert "tiny RANDOM model" in ran.stderr  # said plainly, with the way to a real model
+    assert "gateway of invoice-triage: 2 replica(s) running (spec.gateway.replicas 2)" in ran.stdout
     status = json.loads((state / "status.json").read_text())
     slo = status["AutonomousWorkflow/default/invoice-triage"]["slo"]
     assert slo["runs"] == len(SUBSET) - 1  # the undecodable file never became a run
