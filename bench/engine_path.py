@@ -26,22 +26,31 @@ show the gateway's per-request cost.
 Every request is the same chat with ``max_tokens`` fixed and ``ignore_eos`` (vLLM's extra), so each one
 generates exactly that many tokens; tokens are counted from ``usage.completion_tokens`` (streams ask for
 ``stream_options.include_usage`` on both paths). Streaming and non-streaming, at concurrency 1 and 4; each
-measurement runs ``--rounds`` times. A round runs each target twice in a palindromic order (direct, gateway,
-gateway, direct; the next round the other way round), so a drift linear over the round hits both alike. A ratio
-is the median of the rounds' ratios: this 2-core VM's speed drifts by tens of percent within minutes, more than
-the gap measured, and a round's runs share the moment. The pooled figures (tokens over all rounds) are reported
-too.
+measurement runs ``--rounds`` times. This 2-core VM's speed drifts by tens of percent within minutes, more than
+the gap measured, so the targets share the moment as closely as each concurrency allows:
+
+- at concurrency 1 a round is two runs in which the targets take turns request by request (direct, gateway,
+  direct, ...; the second run starts with the gateway): each target's tokens/s is its tokens over the time the
+  client waited on its requests. Runs of 3 s back to back, even in palindromic order, left rounds 0.80-1.01
+  apart at c=1, where the gap to measure is 3%; taking turns per request (~170 ms) leaves no drift between them.
+  The engine's clock cannot tell the targets' requests apart there, so the time split below is c=4's;
+- at concurrency 4 requests of two targets would share the engine's batches, so a round runs each target
+  twice, alone, in a palindromic order (direct, gateway, gateway, direct; the next round the other way round),
+  so a drift linear over the round hits both alike.
+
+A ratio is the median of the rounds' ratios. The pooled figures (tokens over all rounds) are reported too.
 
 With ``--throughput-optimized``, Ray runs Serve's throughput-optimized preset (as ``bench/gateway_overhead.py``
 does) and each target is asked on its ingress replica's own direct-ingress port: no Serve proxy and no HAProxy
-on either path. The preset also moves handle calls from Ray actor calls to gRPC.
+on either path. (The gateway's handle calls go over gRPC in both modes: ``engines.handle``.)
 
 Reported: tokens/s, gateway/direct ratio, TTFT p50 (streams: first content chunk), request p50, and CPU
-seconds per process; and where a request's time goes, as means of three clocks over the same timed requests:
-the client's, the gateway's own (``pilothouse_request_duration_seconds`` from its ``/metrics``) and the engine's
-(vLLM's ``vllm:e2e_request_latency_seconds``), so a run shows whether a gap is the engine decoding slower
-or time spent outside it. Results: a rich table and ``bench/results/engine.json`` whose ``summary`` holds the
-headline ``tokens_per_s_ratio``: the worst of the four variants' ratios.
+seconds per process (c=4, where each run has one target); and where a request's time goes, as means of three
+clocks over the same timed requests (c=4): the client's, the gateway's own (``pilothouse_request_duration_seconds``
+from its ``/metrics``) and the engine's (vLLM's ``vllm:e2e_request_latency_seconds``), so a run shows whether a
+gap is the engine decoding slower or time spent outside it. Results: a rich table and
+``bench/results/engine.json`` whose ``summary`` holds the headline ``tokens_per_s_ratio``: the worst of the four
+variants' ratios.
 
 Run: ``flock /tmp/pilothouse-heavy.lock .venv/bin/python bench/engine_path.py`` (about 6 minutes; with
 ``--ablation --rounds 2`` about 6).
@@ -84,6 +93,8 @@ ROUTE_MODEL = "wf/extract"
 MAX_MODEL_LEN = 1024
 PROMPT = "Extract the vendor, the invoice number, the date and the total of invoice INV-2024-0042 as JSON."
 VARIANTS = [(stream, c) for stream in (False, True) for c in (1, 4)]
+Answer = tuple[int, float, float | None, str | None]  # (completion tokens, seconds, time to first chunk, error)
+INTERLEAVED_AT = 1  # the concurrency at which the targets take turns request by request, in one run
 NOBUDGET_APP, PASSTHROUGH_APP = "nobudget", "handle-passthrough"  # the ablation's Serve applications
 CLOCKS = {"engine": "vllm:e2e_request_latency_seconds",  # each side's own latency histogram, scraped around a run
           "gateway": "pilothouse_request_duration_seconds"}
@@ -226,21 +237,29 @@ async def histogram_totals(session: Any, urls: dict[str, str]) -> dict[str, tupl
     return totals
 
 
-def role_load(url: str, model: str, concurrency: int, stream: bool, seconds: float, warmup: int,
-              max_tokens: int, key: str | None, clocks: dict[str, str]) -> None:
-    """One timed run; the result also holds what each clock in ``clocks`` ({clock: Prometheus page}) counted
-    for exactly the requests timed here (read after the warm-up and after the last answer)."""
+def role_load(targets: list[tuple[str, str | None, str]], concurrency: int, stream: bool, seconds: float,
+              warmup: int, max_tokens: int, clocks: dict[str, str]) -> None:
+    """One timed run of ``targets`` ([url, key, model] each); prints one result per target, in their order.
+
+    With one target, ``concurrency`` workers ask it for ``seconds``, and ``elapsed_s`` is the run's wall time.
+    With several (only at concurrency 1), requests go to them in turn, so each target's requests are spread
+    over the same seconds as the others', and a target's ``elapsed_s`` is the time the client waited on its
+    requests. The result also holds what each clock in ``clocks`` ({clock: Prometheus page}) counted for
+    exactly the requests timed here (read after the warm-up and after the last answer): one target only, as
+    the engine's clock cannot tell the targets' requests apart."""
     import aiohttp
 
-    body = request_body(model, max_tokens, stream)
-    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    if len(targets) > 1 and (concurrency != 1 or clocks):
+        raise ValueError("targets are interleaved at concurrency 1 only, and without clocks")
+    asks = [(url, request_body(model, max_tokens, stream),
+             {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})})
+            for url, key, model in targets]
 
-    async def main() -> dict[str, Any]:
-        connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    async def main() -> list[dict[str, Any]]:
+        connector = aiohttp.TCPConnector(limit=concurrency * len(targets), limit_per_host=concurrency)
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            async def one() -> tuple[int, float, float | None, str | None]:
-                """(completion tokens, seconds, time to first content chunk, error)."""
+            async def one(url: str, body: bytes, headers: dict[str, str]) -> Answer:
                 start = time.perf_counter()
                 ttft: float | None = None
                 usage: Any = None
@@ -266,30 +285,38 @@ def role_load(url: str, model: str, concurrency: int, stream: bool, seconds: flo
                     return 0, 0.0, None, "no usage"
                 return tokens, time.perf_counter() - start, ttft, None
 
-            for _ in range(warmup):
-                await asyncio.gather(*(one() for _ in range(concurrency)))
-            results: list[tuple[int, float, float | None, str | None]] = []
+            for ask in asks * warmup:
+                await asyncio.gather(*(one(*ask) for _ in range(concurrency)))
+            results: list[list[Answer]] = [[] for _ in asks]
             before = await histogram_totals(session, clocks)
             t0 = time.perf_counter()
             deadline = t0 + seconds
 
             async def worker() -> None:
+                turn = 0
                 while time.perf_counter() < deadline:
-                    results.append(await one())
+                    results[turn].append(await one(*asks[turn]))
+                    turn = (turn + 1) % len(asks)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             elapsed = time.perf_counter() - t0  # until the last request started before the deadline ended
             after = await histogram_totals(session, clocks)
-        ok = [r for r in results if r[3] is None]
-        errors = Counter(r[3] for r in results if r[3] is not None)
-        return {"requests": len(ok), "tokens": sum(r[0] for r in ok), "elapsed_s": round(elapsed, 3),
-                "tokens_per_request": sorted({r[0] for r in ok}), "latency_s": [round(r[1], 4) for r in ok],
-                "ttft_s": [round(r[2], 4) for r in ok if r[2] is not None],
-                "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(3)),
-                "clocks": {clock: [total - before[clock][0], count - before[clock][1]]  # [seconds, requests]
-                           for clock, (total, count) in after.items()}}
+        return [summarise(r, elapsed if len(asks) == 1 else sum(x[1] for x in r),
+                          {clock: [total - before[clock][0], count - before[clock][1]]  # [seconds, requests]
+                           for clock, (total, count) in after.items()}) for r in results]
 
     print(json.dumps(_run(main())), flush=True)
+
+
+def summarise(results: list[Answer], elapsed: float,
+              clocks: dict[str, list[float]]) -> dict[str, Any]:
+    """One target's requests of a run, as the JSON the orchestrator reads."""
+    ok = [r for r in results if r[3] is None]
+    errors = Counter(r[3] for r in results if r[3] is not None)
+    return {"requests": len(ok), "tokens": sum(r[0] for r in ok), "elapsed_s": round(elapsed, 3),
+            "tokens_per_request": sorted({r[0] for r in ok}), "latency_s": [round(r[1], 4) for r in ok],
+            "ttft_s": [round(r[2], 4) for r in ok if r[2] is not None],
+            "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(3)), "clocks": clocks}
 
 
 # ---- orchestration -----------------------------------------------------------------------------------------
@@ -305,11 +332,12 @@ def label(title: str) -> str:
     return "other ray"
 
 
-def load(url: str, stream: bool, concurrency: int, key: str | None, model: str, args: argparse.Namespace,
-         pids: dict[int, str], clocks: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
-    argv = [PY, __file__, "--role", "load", "--url", url, "--model", model, "--concurrency", str(concurrency),
+def load(targets: list[tuple[str, str | None, str]], stream: bool, concurrency: int, args: argparse.Namespace,
+         pids: dict[int, str], clocks: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One run of the load generator (``role_load``): a result per target, and the CPU seconds each process used."""
+    argv = [PY, __file__, "--role", "load", "--targets", json.dumps(targets), "--concurrency", str(concurrency),
             "--seconds", str(args.seconds), "--warmup", "1", "--max-tokens", str(args.max_tokens)]
-    argv += (["--stream"] if stream else []) + (["--key", key] if key else []) + ["--clocks", json.dumps(clocks)]
+    argv += (["--stream"] if stream else []) + ["--clocks", json.dumps(clocks)]
     before = {pid: cpu_seconds(pid) for pid in pids}
     out = subprocess.run(argv, capture_output=True, text=True, timeout=args.seconds + 180, cwd=ROOT, check=False)
     used: Counter[str] = Counter()
@@ -414,14 +442,18 @@ def bench(args: argparse.Namespace) -> None:
                 first = list(targets) if round_ % 2 == 0 else list(reversed(targets))
                 # palindromic (direct, gateway, gateway, direct): a drift linear over the round hits every target
                 # alike, where back to back once each it favoured whichever went second or first
-                for target in first + first[::-1]:
-                    url, key, model = targets[target]
-                    result, cpu = load(url, stream, c, key, model, args, pids, clocks[target])
-                    slot = raw.setdefault(name, {}).setdefault(target, [[], []])
-                    slot[0].append(result)
-                    slot[1].append(cpu)
-                    console.print(f"  round {round_ + 1} {name:12} {target:18} "
-                                  f"{result['tokens'] / result['elapsed_s']:7.1f} tok/s  errors {result['errors']}")
+                # at c=1 the targets take turns request by request, so each one's requests share the same
+                # seconds: this VM's drift within a run, which back-to-back runs of 3 s still felt, cancels out
+                runs = [first, first[::-1]] if c == INTERLEAVED_AT else [[target] for target in first + first[::-1]]
+                for order in runs:
+                    results, cpu = load([targets[t] for t in order], stream, c, args, pids,
+                                        clocks[order[0]] if len(order) == 1 else {})
+                    for target, result in zip(order, results, strict=True):
+                        slot = raw.setdefault(name, {}).setdefault(target, [[], []])
+                        slot[0].append(result)
+                        slot[1].append(cpu if len(order) == 1 else {})  # a shared run's CPU is no one target's
+                        console.print(f"  round {round_ + 1} {name:12} {target:18} "
+                                      f"{result['tokens'] / result['elapsed_s']:7.1f} tok/s  errors {result['errors']}")
     finally:
         if ray_proc is not None:
             ray_proc.stop()
@@ -529,9 +561,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--role", choices=["main", "load", "ray"], default="main", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--key", help=argparse.SUPPRESS)
+    parser.add_argument("--targets", type=json.loads, default=[], help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
@@ -549,8 +579,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.role == "load":
-        role_load(args.url, args.model, args.concurrency, args.stream, args.seconds, args.warmup, args.max_tokens,
-                  args.key, args.clocks)
+        role_load([tuple(t) for t in args.targets], args.concurrency, args.stream, args.seconds, args.warmup,
+                  args.max_tokens, args.clocks)
     elif args.role == "ray":
         role_ray(args.config)
     else:

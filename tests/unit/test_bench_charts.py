@@ -4,12 +4,17 @@ across replica counts."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import json
 import shutil
+import threading
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.fakes.openai_backend import FakeBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -100,3 +105,37 @@ def test_an_engine_round_pools_its_two_runs_of_a_target(monkeypatch: pytest.Monk
     pooled = bench_module("engine_path").pooled(runs, [{} for _ in runs])
     assert pooled["per_round_tokens_per_s"] == [640.0, 1280.0]
     assert pooled["tokens_per_s"] == 960.0
+
+
+def test_engine_targets_at_c1_take_turns_and_each_is_timed_by_its_own_requests(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """At concurrency 1 the engine benchmark's targets take turns request by request in one run: each gets
+    every other request, and its tokens/s is over the time the client waited on it, so the slower one shows."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    engine_path = bench_module("engine_path")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start(latency_s: float) -> FakeBackend:
+        backend = await FakeBackend(model="small").__aenter__()
+        backend.latency(latency_s)
+        return backend
+
+    fast, slow = (asyncio.run_coroutine_threadsafe(start(s), loop).result(10) for s in (0.01, 0.03))
+    try:
+        targets = [(f"{b.url}/chat/completions", None, "small") for b in (fast, slow)]
+        engine_path.role_load(targets, 1, False, 0.6, 1, 8, {})
+        first, second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        with pytest.raises(ValueError, match="concurrency 1 only"):
+            engine_path.role_load(targets, 4, False, 0.1, 0, 8, {})
+    finally:
+        for backend in (fast, slow):
+            asyncio.run_coroutine_threadsafe(backend.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+    assert first["errors"] == second["errors"] == 0
+    assert 0 <= first["requests"] - second["requests"] <= 1 and second["requests"] >= 5
+    for result in (first, second):
+        assert result["elapsed_s"] == pytest.approx(sum(result["latency_s"]), abs=0.002)
+    per_token = [r["elapsed_s"] / r["tokens"] for r in (first, second)]
+    assert per_token[1] > 1.5 * per_token[0]
