@@ -128,6 +128,8 @@ FIGURES: dict[str, Getter] = {
     "retrieval.faiss_p50_ms": _get("retrieval", "summary", "faiss_p50_ms"),
     "engine.tokens_per_s_ratio": _get("engine", "summary", "tokens_per_s_ratio"),
     "engine.tokens_per_s_ratio.throughput_optimized": _get("engine_tp", "summary", "tokens_per_s_ratio"),
+    "engine.tokens_per_s_ratio.complete_c1": _get("engine", "summary", "ratios", "complete c1"),
+    "engine.tokens_per_s_ratio.complete_c4": _get("engine", "summary", "ratios", "complete c4"),
     "engine.outside_engine_mean_ms.c4.direct": _outside_engine("direct"),
     "engine.outside_engine_mean_ms.c4.gateway": _outside_engine("gateway"),
     "cache.semantic_lookup_p50_ms": _get("semantic_cache", "summary", "lookup_p50_ms"),
