@@ -53,6 +53,7 @@ bench: setup .venv-litellm/.installed  ## side-by-side benchmarks; tables on std
 	$(PY) bench/failover.py
 	$(PY) bench/retrieval.py
 	$(PY) bench/engine_path.py
+	$(PY) bench/handle_hop.py
 	$(PY) bench/semantic_cache.py
 	$(PY) bench/audit_writer.py
 	$(PY) bench/summary.py

@@ -130,6 +130,8 @@ FIGURES: dict[str, Getter] = {
     "engine.tokens_per_s_ratio.throughput_optimized": _get("engine_tp", "summary", "tokens_per_s_ratio"),
     "engine.tokens_per_s_ratio.complete_c1": _get("engine", "summary", "ratios", "complete c1"),
     "engine.tokens_per_s_ratio.complete_c4": _get("engine", "summary", "ratios", "complete c4"),
+    "engine.handle_hop.cpu_ratio.grpc_vs_actor.complete": _get("handle_hop", "summary", "complete_cpu_ratio"),
+    "engine.handle_hop.cpu_ratio.grpc_vs_actor.stream": _get("handle_hop", "summary", "stream_cpu_ratio"),
     "engine.outside_engine_mean_ms.c4.direct": _outside_engine("direct"),
     "engine.outside_engine_mean_ms.c4.gateway": _outside_engine("gateway"),
     "cache.semantic_lookup_p50_ms": _get("semantic_cache", "summary", "lookup_p50_ms"),
