@@ -133,6 +133,8 @@ def test_engine_targets_at_c1_take_turns_and_each_is_timed_by_its_own_requests(
         for backend in (fast, slow):
             asyncio.run_coroutine_threadsafe(backend.__aexit__(None, None, None), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
     assert first["errors"] == second["errors"] == 0
     assert 0 <= first["requests"] - second["requests"] <= 1 and second["requests"] >= 5
     for result in (first, second):
