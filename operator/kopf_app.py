@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -314,6 +315,20 @@ def _register_dependency_watch(registry: kopf.OperatorRegistry, rt: Runtime, kin
             request_refresh(key[1], rt)
 
 
+class EndlessBackoffs:
+    """kopf's retry delays for its own API requests: 1, 2, 5, 10 s, then every 30 s until the server answers.
+
+    With a finite list kopf gives up on a request after the last delay, and when that request was the
+    patch removing a finalizer, nothing retries it: the deletion has no further event, so the object
+    hangs with its finalizer (the operator chaos drill saw six 500s in a row do that). Controllers built
+    on client-go requeue such writes for as long as it takes; so does this, logging every failed attempt.
+    Not Sized, so kopf counts attempts without a total; a fresh iterator per request.
+    """
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain((1.0, 2.0, 5.0, 10.0), itertools.repeat(30.0))
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf settings for long-lived, well-behaved operation (DESIGN.md §9 pitfalls)."""
     settings.persistence.finalizer = FINALIZER
@@ -323,7 +338,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 330
     settings.watching.inactivity_timeout = 600  # watch streams go quiet behind load balancers
     settings.watching.reconnect_backoff = 1.0
-    settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+    settings.networking.error_backoffs = EndlessBackoffs()
     settings.queueing.error_delays = [1, 2, 5, 10, 30, 60]
     settings.posting.level = logging.INFO
 

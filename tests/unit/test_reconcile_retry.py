@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sized
 from typing import Any
 
 import kopf
@@ -63,3 +65,15 @@ async def test_a_retry_after_an_api_error_applies_only_the_children_that_did_not
     # A new change (or a resume after a restart) is a first attempt again: every child is re-applied.
     await reconcile(body=body, retry=0)
     assert env.writes[4:] == ["child-0", "child-1", "child-2"]
+
+
+def test_the_operators_api_requests_are_retried_until_the_server_answers() -> None:
+    """A finalizer patch that kopf stops retrying leaves the object hanging on deletion: no event comes again.
+    The operator's delays never run out, start short, settle at 30 s, and start over for every request."""
+    settings = kopf.OperatorSettings()
+    kopf_app.configure(settings)
+    backoffs = settings.networking.error_backoffs
+    first = list(itertools.islice(backoffs, 50))
+    assert len(first) == 50 and first[:4] == [1.0, 2.0, 5.0, 10.0] and set(first[4:]) == {30.0}
+    assert list(itertools.islice(backoffs, 50)) == first  # a fresh schedule per request, not a spent iterator
+    assert not isinstance(backoffs, Sized)  # kopf bounds the attempts of a sized schedule only
