@@ -27,7 +27,6 @@ Run: ``.venv/bin/python bench/audit_writer.py`` (~10 s; ``--records`` per batch 
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import statistics
 import tempfile
@@ -153,9 +152,7 @@ def main() -> None:
                            (("raw sqlite3", "raw"), ("pool connection", "pool"), ("kept connection", "kept"),
                             ("kept + lease charges", "kept_charges"))
                            for b in (1, 2, 16)}}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    print(f"wrote {machine.save(args.output, payload)}")
 
 
 if __name__ == "__main__":

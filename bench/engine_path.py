@@ -52,8 +52,8 @@ gap is the engine decoding slower or time spent outside it. Results: a rich tabl
 ``bench/results/engine.json`` whose ``summary`` holds the headline ``tokens_per_s_ratio``: the worst of the four
 variants' ratios.
 
-Run: ``flock /tmp/pilothouse-heavy.lock .venv/bin/python bench/engine_path.py`` (about 6 minutes; with
-``--ablation --rounds 2`` about 6).
+Run: ``flock /tmp/pilothouse-heavy.lock .venv/bin/python bench/engine_path.py`` (about 5 minutes; with
+``--ablation --rounds 3`` about 7).
 """
 
 from __future__ import annotations
@@ -440,18 +440,17 @@ def bench(args: argparse.Namespace) -> None:
             for stream, c in VARIANTS:
                 name = variant_name(stream, c)
                 first = list(targets) if round_ % 2 == 0 else list(reversed(targets))
-                # palindromic (direct, gateway, gateway, direct): a drift linear over the round hits every target
-                # alike, where back to back once each it favoured whichever went second or first
-                # at c=1 the targets take turns request by request, so each one's requests share the same
-                # seconds: this VM's drift within a run, which back-to-back runs of 3 s still felt, cancels out
+                # c=1: two runs in which the targets take turns request by request; else each target alone, in a
+                # palindromic order (direct, gateway, gateway, direct): see the module's docstring
                 runs = [first, first[::-1]] if c == INTERLEAVED_AT else [[target] for target in first + first[::-1]]
                 for order in runs:
+                    alone = len(order) == 1  # a shared run's clocks and CPU are no one target's
                     results, cpu = load([targets[t] for t in order], stream, c, args, pids,
-                                        clocks[order[0]] if len(order) == 1 else {})
+                                        clocks[order[0]] if alone else {})
                     for target, result in zip(order, results, strict=True):
                         slot = raw.setdefault(name, {}).setdefault(target, [[], []])
                         slot[0].append(result)
-                        slot[1].append(cpu if len(order) == 1 else {})  # a shared run's CPU is no one target's
+                        slot[1].append(cpu if alone else {})
                         console.print(f"  round {round_ + 1} {name:12} {target:18} "
                                       f"{result['tokens'] / result['elapsed_s']:7.1f} tok/s  errors {result['errors']}")
     finally:
@@ -525,10 +524,7 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
                              "SQLite store; engine reached through a Serve handle (serve:// endpoint)"},
         "summary": summary, "results": results, "notes": notes, "total_s": round(total_s, 1),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
-    console.print(f"wrote {shown} in {total_s:.0f} s")
+    console.print(f"wrote {machine.save(args.output, payload)} in {total_s:.0f} s")
 
 
 def time_split(results: dict[str, dict[str, Any]]) -> Any:

@@ -841,10 +841,7 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
         "profile": profile, "paired_max_rps": paired, "max_rps_judged": best, "notes": notes,
         "total_s": round(total_s, 1),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    console.print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output} "
-                  f"in {total_s:.0f} s")
+    console.print(f"wrote {machine.save(args.output, payload)} in {total_s:.0f} s")
 
 
 if __name__ == "__main__":

@@ -63,10 +63,8 @@ def deployments(chunks: int) -> Any:
 
     @serve.deployment(name="caller", ray_actor_options={"num_cpus": 0})
     class Caller:
-        """Calls the stand-in through ``engines.handle``'s own handle, as the gateway does."""
-
-        def __init__(self, stand_in: Any) -> None:
-            self.stand_in = stand_in  # the bound app, so Serve deploys it; called through the product's handle
+        """Calls the stand-in (its own application, as an engine is) through ``engines.handle``'s own handle,
+        as the gateway does."""
 
         async def run(self, by_reference: bool, stream: bool, calls: int) -> dict[str, float]:
             from pilothouse.serving.engines import CHAT
@@ -101,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[dict[str, floa
     try:
         serve.start(logging_config={"log_level": "ERROR"})
         serve.run(stand_in.bind(), name=ENDPOINT_APP, route_prefix=None)
-        runner = serve.run(caller.bind(None), name="caller", route_prefix=None)
+        runner = serve.run(caller.bind(), name="caller", route_prefix=None)
         raw: dict[str, dict[str, list[dict[str, float]]]] = {}
         for stream in (False, True):
             variant = "stream" if stream else "complete"
@@ -134,7 +132,7 @@ def report(args: argparse.Namespace, raw: dict[str, dict[str, list[dict[str, flo
         for name, m in by_name.items():
             both = m["caller_cpu_ms"] + m["engine_cpu_ms"]
             table.add_row(variant if name == "actor call" else "", name,
-                          *(f"{value:.2f} ms" for value in (*m.values(), both)), end_section=name == "grpc")
+                          *(f"{value:.2f} ms" for value in (*(m[f] for f in fields), both)), end_section=name == "grpc")
         actor, grpc = by_name["actor call"], by_name["grpc"]
         summary[f"{variant}_latency_p50_ratio"] = round(grpc["p50_ms"] / actor["p50_ms"], 3)
         summary[f"{variant}_cpu_ratio"] = round((grpc["caller_cpu_ms"] + grpc["engine_cpu_ms"])
@@ -146,10 +144,7 @@ def report(args: argparse.Namespace, raw: dict[str, dict[str, list[dict[str, flo
                "setup": {"calls": args.calls, "rounds": args.rounds, "stream_chunks": args.chunks,
                          "answer_bytes": len(ANSWER)},
                "summary": summary, "medians": medians, "rounds": raw, "total_s": round(total_s, 1)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
-    console.print(f"wrote {shown} in {total_s:.0f} s")
+    console.print(f"wrote {machine.save(args.output, payload)} in {total_s:.0f} s")
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
-"""The machine a benchmark ran on, in every result file alike: figures only compare on the same machine."""
+"""The machine a benchmark ran on, and its result file, alike for every benchmark: figures only compare on the
+same machine."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 from datetime import UTC, datetime
@@ -37,3 +39,11 @@ def _cpu_model() -> str | None:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return None
+
+
+def save(path: Path, doc: dict[str, Any]) -> Path:
+    """Write a result as indented JSON (its folder made if need be); the path to show, relative to the repo."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    root = Path(__file__).resolve().parents[1]
+    return path.relative_to(root) if path.is_relative_to(root) else path
