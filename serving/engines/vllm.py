@@ -43,6 +43,7 @@ from .handle import endpoint as serve_endpoint
 
 ROUTE_PREFIX = "/engines"
 KV_CACHE_GIB = 1
+ENGINE_CPUS = 1  # the engine's placement bundle, and so its model's thread count (``inproc_worker``)
 MAX_NUM_SEQS = 16
 JSON = dict[str, Any]
 
@@ -62,7 +63,7 @@ def engine_env() -> dict[str, str]:
     """
     return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB)),
             "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "OMP_NUM_THREADS": str(ENGINE_CPUS)}
 
 
 def llm_config(md: ModelDeployment, *, base_dir: Path | None = None) -> LLMConfig:
@@ -89,7 +90,7 @@ def llm_config(md: ModelDeployment, *, base_dir: Path | None = None) -> LLMConfi
     return LLMConfig(
         model_loading_config={"model_id": md.served_model_name, "model_source": str(source.resolve())},
         engine_kwargs=engine_kwargs,
-        placement_group_config={"bundles": [{"CPU": 1}]},
+        placement_group_config={"bundles": [{"CPU": ENGINE_CPUS}]},
         # vLLM's own collectors in the replica instead of copies re-exported through Ray's metrics agent
         log_engine_metrics=False,
         runtime_env={"env_vars": engine_env()},
@@ -184,6 +185,11 @@ class LocalWeights(CallbackBase):
 @serve.ingress()
 class PilothouseLLMServer(LLMServer):
     """``LLMServer`` plus the plain-data calls of ``engines.handle`` and a metrics-only HTTP face."""
+
+    def _get_default_engine_class(self) -> type[Any]:
+        from .inproc_worker import InProcessWorkerEngine  # imports vLLM: only the engine replica may
+
+        return InProcessWorkerEngine
 
     def _batch_output_stream(self, generator: AsyncGenerator[Any, None]) -> AsyncGenerator[list[Any], None]:
         return first_token_then_batched(generator, self._get_batch_interval_ms())

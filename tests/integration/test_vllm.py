@@ -9,6 +9,7 @@ backend is the controllable FakeBackend over HTTP: a generative engine does not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import openai
+import psutil
 import pytest
 from ray import serve
 
@@ -200,6 +202,16 @@ def test_context_too_long_without_fallback_is_a_400(stack: Stack) -> None:
 def test_vllm_metrics_are_scrapable(stack: Stack) -> None:
     text = httpx.get(f"{stack.url}/engines/small/metrics").text
     assert "vllm:prompt_tokens_total" in text and "vllm:num_requests_running" in text
+
+
+def test_the_model_runs_in_the_engine_core_process(stack: Stack) -> None:
+    """No separate vLLM worker process spinning beside the EngineCore: it cost a whole core on 2 (``inproc_worker``)."""
+    titles = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            titles.append(" ".join(proc.cmdline()))
+    assert sum(t.startswith("VLLM::EngineCore") for t in titles) == 1, titles
+    assert not [t for t in titles if t.startswith("VLLM::Worker")]
 
 
 def test_a_dead_engine_falls_back(stack: Stack) -> None:
