@@ -9,9 +9,11 @@ validated into vLLM's own request types here, and the answer leaves as the bytes
 would have sent.
 
 Sized for a laptop (DESIGN.md §9; 2 cores): one CPU per engine (``placement_group_config`` with a
-single ``{"CPU": 1}`` bundle, the replica actor itself at 0 CPUs so the two do not add up), a 1 GiB
-KV cache (``VLLM_CPU_KVCACHE_SPACE``), eager mode (no torch.compile on CPU: it costs start-up time
-and buys little for small models), few concurrent sequences, and ``max_model_len`` from the spec.
+single ``{"CPU": 1}`` bundle, the replica actor itself at 0 CPUs so the two do not add up), the model
+in the EngineCore process on that many threads instead of a spinning worker process beside it
+(``inproc_worker``), a 1 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``), eager mode (no torch.compile on
+CPU: it costs start-up time and buys little for small models), few concurrent sequences, and
+``max_model_len`` from the spec.
 
 Metrics: vLLM's own Prometheus collectors (``vllm:num_requests_running``, ``vllm:e2e_request_latency_seconds``,
 ``vllm:prompt_tokens_total`` ...) live in the replica; the deployment's HTTP face serves exactly them

@@ -282,7 +282,32 @@ def test_local_engine_config_is_sized_for_a_laptop(tmp_path: Path) -> None:
     assert config.engine_kwargs["max_model_len"] == 1024 and config.engine_kwargs["enforce_eager"] is True
     assert config.placement_group_config == {"bundles": [{"CPU": 1}]}
     assert config.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert config.runtime_env["env_vars"]["OMP_NUM_THREADS"] == "1"  # the model's threads: the bundle's one CPU
     assert config.deployment_config["ray_actor_options"] == {"num_cpus": 0}
+
+
+@pytest.mark.parametrize(("world_size", "backend"), [(1, "uni"), (2, "mp")])
+def test_a_single_worker_engine_runs_its_model_in_the_engine_core(monkeypatch: pytest.MonkeyPatch,
+                                                                   world_size: int, backend: str) -> None:
+    """One worker: vLLM's ``uni`` executor (no worker process); more than one keeps ray.serve.llm's ``mp``."""
+    from types import SimpleNamespace
+
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    from pilothouse.serving.engines import vllm as v
+    from pilothouse.serving.engines.inproc_worker import InProcessWorkerEngine
+
+    def prepared(self: Any, ctx: Any) -> tuple[Any, Any, Any]:
+        parallel = SimpleNamespace(world_size=world_size, distributed_executor_backend="mp")
+        return SimpleNamespace(distributed_executor_backend="mp"), "frontend", SimpleNamespace(parallel_config=parallel)
+
+    monkeypatch.setattr(VLLMEngine, "_prepare_engine_config", prepared)
+    engine_args, frontend, config = InProcessWorkerEngine._prepare_engine_config(object.__new__(InProcessWorkerEngine),
+                                                                                 None)
+    assert engine_args.distributed_executor_backend == config.parallel_config.distributed_executor_backend == backend
+    assert frontend == "frontend"
+    server = object.__new__(v.PilothouseLLMServer)
+    assert server._get_default_engine_class() is InProcessWorkerEngine
 
 
 def test_local_engine_config_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
