@@ -22,10 +22,11 @@ import pytest
 from pilothouse.localrun import serve_port
 from pilothouse.operator import render_gateway
 from pilothouse.serving.audit import AuditLog
+from tests.fakes.openai_backend import ThreadedFake
 from tests.polling import eventually_sync
 from tests.unit.factories import workflow
 
-from .test_serve import KEY, ThreadedFake, table, write
+from .test_serve import KEY, table, write
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -90,8 +91,8 @@ def test_the_rendered_gateway_command_serves_the_pod_address_through_haproxy(tmp
                                     start_new_session=True, cwd=tmp_path)
         try:
             started(proc, log)
-            front = listener(port)
-            assert front is not None and "haproxy" in front.name(), front  # not Serve's Python proxy
+            # HAProxy, not Serve's Python proxy; polled, as the ready line can come while HAProxy (re)binds the port
+            eventually_sync(lambda: (front := listener(port)) is not None and "haproxy" in front.name())
             client = openai.OpenAI(base_url=f"http://{own_address()}:{port}/v1", api_key=KEY, max_retries=0,
                                    timeout=30)
             reply = client.chat.completions.create(model="wf/extract", max_tokens=8,
