@@ -215,9 +215,7 @@ def main() -> None:
     result = bench(args)
     result |= {"when": machine.measured_at(), "machine": machine.describe("ray")}
     report(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {machine.save(args.output, result)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -512,9 +512,7 @@ def main() -> None:
         "machine": machine.describe("kopf", "kmock", "lightkube", "pydantic"),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = machine.save(Path(args.out), report)
     render(report)
     console.print(f"wrote {out} (wall {report['wall_s']} s)")
     if args.profile and Path(args.profile).exists():

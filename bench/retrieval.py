@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import tempfile
 import time
@@ -353,9 +352,7 @@ def main() -> None:
         "machine": machine.describe("pymilvus", "milvus-lite", "faiss-cpu", "numpy"),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = machine.save(Path(args.out), report)
     render(report)
     console.print(f"wrote {out} (wall {report['wall_s']} s)")
 

@@ -144,8 +144,7 @@ def main() -> None:
     doc = {"benchmark": "semantic_cache", "when": machine.measured_at(),
            "machine": machine.describe(),
            **result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    machine.save(args.out, doc)
     print(f"semantic cache, {result['entries']} entries in one tenant/route, {result['lookups']} lookups")
     for name, value in result["summary"].items():
         print(f"  {name:<16} {value:>8}")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -431,3 +432,23 @@ class FakeBackend:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
+
+
+class ThreadedFake:
+    """A FakeBackend on its own event loop in a thread: for sync tests, whose code under test calls it over HTTP."""
+
+    def __init__(self, model_name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-backend", daemon=True)
+        self.fake = FakeBackend(model=model_name)
+
+    def __enter__(self) -> FakeBackend:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.__aenter__(), self.loop).result(10)
+        return self.fake
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.__aexit__(None, None, None), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

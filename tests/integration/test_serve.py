@@ -6,12 +6,10 @@ One Ray + Serve per module (≈6-12 s to start on 2 cores, DESIGN.md §9); teard
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from pilothouse.localrun import serve_port
 from pilothouse.operator.api import RoutingTable
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving import serve as gateway
-from tests.fakes.openai_backend import FakeBackend
+from tests.fakes.openai_backend import FakeBackend, ThreadedFake
 from tests.unit.factories import model, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,26 +46,6 @@ def table(revision: int, *steps: str, endpoint: str | None = None) -> RoutingTab
                   for r in compiled.routes]
         compiled = compiled.model_copy(update={"routes": routes})
     return compiled.model_copy(update={"revision": revision})
-
-
-class ThreadedFake:
-    """A FakeBackend on its own event loop in a thread, for sync tests (the Serve replica calls it over HTTP)."""
-
-    def __init__(self, model_name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-backend", daemon=True)
-        self.fake = FakeBackend(model=model_name)
-
-    def __enter__(self) -> FakeBackend:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.fake.__aenter__(), self.loop).result(10)
-        return self.fake
-
-    def __exit__(self, *_: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.fake.__aexit__(None, None, None), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def write(path: Path, t: RoutingTable) -> None:
@@ -89,7 +67,7 @@ class Served:
 
 
 def kill_leftovers(children: list[psutil.Process]) -> None:
-    """Ray's and vLLM's processes that outlived the shutdown (a ``VLLM::Worker`` orphan), by process group."""
+    """Ray's and vLLM's processes that outlived the shutdown (a ``VLLM::EngineCore`` orphan), by process group."""
     own = os.getpgid(0)
     for proc in children:
         with contextlib.suppress(psutil.Error, ProcessLookupError):

@@ -28,8 +28,8 @@ from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
 from pilothouse.serving.audit import AuditLog, AuditRecord
 from pilothouse.serving.engines import vllm as engine
 from pilothouse.serving.tiny_model import make_tiny_llama
-from tests.fakes.openai_backend import FakeBackend
-from tests.integration.test_serve import KEY, ThreadedFake, served_gateway, table, write
+from tests.fakes.openai_backend import FakeBackend, ThreadedFake
+from tests.integration.test_serve import KEY, served_gateway, table, write
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.vllm]
 

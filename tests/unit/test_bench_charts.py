@@ -4,17 +4,15 @@ across replica counts."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import shutil
-import threading
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.fakes.openai_backend import FakeBackend
+from tests.fakes.openai_backend import ThreadedFake
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -113,28 +111,14 @@ def test_engine_targets_at_c1_take_turns_and_each_is_timed_by_its_own_requests(
     every other request, and its tokens/s is over the time the client waited on it, so the slower one shows."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     engine_path = bench_module("engine_path")
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start(latency_s: float) -> FakeBackend:
-        backend = await FakeBackend(model="small").__aenter__()
-        backend.latency(latency_s)
-        return backend
-
-    fast, slow = (asyncio.run_coroutine_threadsafe(start(s), loop).result(10) for s in (0.01, 0.03))
-    try:
+    with ThreadedFake("small") as fast, ThreadedFake("small") as slow:
+        fast.latency(0.01)
+        slow.latency(0.03)
         targets = [(f"{b.url}/chat/completions", None, "small") for b in (fast, slow)]
         engine_path.role_load(targets, 1, False, 0.6, 1, 8, {})
         first, second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         with pytest.raises(ValueError, match="concurrency 1 only"):
             engine_path.role_load(targets, 4, False, 0.1, 0, 8, {})
-    finally:
-        for backend in (fast, slow):
-            asyncio.run_coroutine_threadsafe(backend.__aexit__(None, None, None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
     assert first["errors"] == second["errors"] == 0
     assert 0 <= first["requests"] - second["requests"] <= 1 and second["requests"] >= 5
     for result in (first, second):
