@@ -21,7 +21,13 @@ writer thread only writes them).
 Reported: CPU microseconds per record (``time.process_time``: the fsync's kernel time included) and the
 kept / pool ratio; a table on stdout and ``bench/results/audit_writer.json``.
 
-Run: ``.venv/bin/python bench/audit_writer.py`` (~10 s; ``--records`` per batch size and variant).
+A second table times one-record commits the way a lightly loaded gateway makes them: each after ``--idle-ms``
+(20) of idle, as at concurrency 1, where every request waits for its own commit before it is answered. Wall
+and CPU milliseconds per commit, median over ``--idle-commits``, against the same commits back to back. The
+idle commit is dearer for every variant, SQLite's own included (cold caches after the pause): the ratio of
+kept + lease charges to raw sqlite3 in that column is what the gateway's code adds there.
+
+Run: ``.venv/bin/python bench/audit_writer.py`` (~40 s; ``--records`` per batch size and variant).
 """
 
 from __future__ import annotations
@@ -104,9 +110,26 @@ def cpu_per_record(write: Write, batch: int, records: int, prepare: Prepare = _s
     return (time.process_time() - started) / (len(batches) * batch) * 1e6
 
 
+def commit_ms(write: Write, prepare: Prepare, idle_s: float, commits: int) -> tuple[float, float]:
+    """(wall, CPU) milliseconds of one one-record commit, median over ``commits``, each after ``idle_s`` asleep."""
+    rows = [[prepare(record())] for _ in range(commits)]
+    wall: list[float] = []
+    cpu: list[float] = []
+    for batch in rows:
+        if idle_s:
+            time.sleep(idle_s)
+        started, started_cpu = time.perf_counter(), time.process_time()
+        write(batch)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1000, help="records per batch size, variant and round")
+    parser.add_argument("--idle-ms", type=float, default=20.0, help="pause before each commit of the idle table")
+    parser.add_argument("--idle-commits", type=int, default=100, help="commits per variant and round, idle table")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     from rich.console import Console
@@ -128,10 +151,15 @@ def main() -> None:
             "kept + lease charges": (write_charged, charge),
         }
         samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in variants}
+        paced: dict[str, dict[str, list[tuple[float, float]]]] = {name: {"idle": [], "back to back": []}
+                                                                  for name in variants}
         for _ in range(ROUNDS):
             for batch in BATCHES:
                 for name, (write, prepare) in variants.items():
                     samples[name][batch].append(cpu_per_record(write, batch, args.records, prepare))
+            for name, (write, prepare) in variants.items():
+                for pace, idle_s in (("idle", args.idle_ms / 1e3), ("back to back", 0.0)):
+                    paced[name][pace].append(commit_ms(write, prepare, idle_s, args.idle_commits))
         for closing in (held, charged_held, log, charged_log, ledger):
             closing.close()
 
@@ -144,14 +172,31 @@ def main() -> None:
     for batch in BATCHES:
         ratio = us["kept connection"][batch] / us["pool connection"][batch]
         table.add_row(str(batch), *(f"{us[name][batch]:.1f}" for name in variants), f"{ratio:.2f}")
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.print(table)
+    ms = {name: {pace: [round(statistics.median(v[i] for v in runs), 3) for i in (0, 1)] for pace, runs in by.items()}
+          for name, by in paced.items()}
+    idle_table = Table(title=f"One-record commit, ms: after {args.idle_ms:g} ms idle (as at concurrency 1) and back to "
+                             f"back (hot); median of {ROUNDS} rounds of {args.idle_commits}")
+    for col in ("variant", "idle wall", "idle CPU", "hot wall", "hot CPU", "idle / hot"):
+        idle_table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, by in ms.items():
+        idle_table.add_row(name, *(f"{by[pace][i]:.3f}" for pace in ("idle", "back to back") for i in (0, 1)),
+                           f"{by['idle'][0] / by['back to back'][0]:.1f}x")
+    console.print(idle_table)
     payload = {"benchmark": "audit_writer", "when": machine.measured_at(), "machine": machine.describe("sqlalchemy"),
-               "setup": {"records": args.records, "rounds": ROUNDS, "sqlite": sqlite3.sqlite_version},
+               "setup": {"records": args.records, "rounds": ROUNDS, "sqlite": sqlite3.sqlite_version,
+                         "idle_ms": args.idle_ms, "idle_commits": args.idle_commits},
                "cpu_us_per_record": {name: {str(b): v for b, v in by_batch.items()} for name, by_batch in us.items()},
+               "one_record_commit_ms": {name: {pace: {"wall": w, "cpu": c} for pace, (w, c) in by.items()}
+                                        for name, by in ms.items()},
                "summary": {f"{key}_batch{b}_us": us[name][b] for name, key in
                            (("raw sqlite3", "raw"), ("pool connection", "pool"), ("kept connection", "kept"),
                             ("kept + lease charges", "kept_charges"))
-                           for b in (1, 2, 16)}}
+                           for b in (1, 2, 16)}
+               | {f"{key}_commit_{pace.replace(' ', '_')}_wall_ms": ms[name][pace][0]
+                  for name, key in (("raw sqlite3", "raw"), ("kept + lease charges", "kept_charges"))
+                  for pace in ("idle", "back to back")}}
     print(f"wrote {machine.save(args.output, payload)}")
 
 

@@ -141,6 +141,9 @@ FIGURES: dict[str, Getter] = {
     "audit.commit_cpu_us_per_record.batch16.kept": _get("audit_writer", "summary", "kept_batch16_us"),
     "audit.commit_cpu_us_per_record.batch16.kept_lease_charges": _get("audit_writer", "summary",
                                                                       "kept_charges_batch16_us"),
+    **{f"audit.one_record_commit_wall_ms.{pace}.{name}": _get("audit_writer", "summary", f"{key}_commit_{pace}_wall_ms")
+       for pace in ("idle", "back_to_back")
+       for name, key in (("raw_sqlite3", "raw"), ("kept_lease_charges", "kept_charges"))},
 }
 
 
