@@ -36,7 +36,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -655,17 +655,16 @@ class DataPlane:
         """Settle without an audit record (the request is failing with an exception); see ``_settlement``."""
         op = self._settlement(ctx, usage)
         if op is not None:
-            await asyncio.shield(self._writing(stores, stores.ledger.asettle(op), op))
+            await asyncio.shield(self._writing(stores, stores.ledger.put_settle(op), op))
             self._spent(ctx, op)
 
     @staticmethod
-    def _writing(stores: Stores, write: Awaitable[_T], op: SettleOp | None) -> asyncio.Future[_T]:
-        """The write as a future (a coroutine becomes a task) that, however it ends, tells a budget lease its
-        charge is no longer pending, even if the request awaiting it is cancelled first."""
-        task = asyncio.ensure_future(write)
+    def _writing(stores: Stores, write: asyncio.Future[_T], op: SettleOp | None) -> asyncio.Future[_T]:
+        """The write's group-commit future, which, however it ends, tells a budget lease its charge is no longer
+        pending, even if the request awaiting it is cancelled first."""
         if op is not None and op.lease is not None:
-            task.add_done_callback(lambda _: stores.leases.written(op))
-        return task
+            write.add_done_callback(lambda _: stores.leases.written(op))
+        return write
 
     def _spent(self, ctx: _Ctx, op: SettleOp) -> None:
         if op.actual is not None and ctx.budget is not None and ctx.backend is not None:

@@ -522,7 +522,12 @@ class Ledger:
         return await self.asettle(SettleOp(reservation_id, None))
 
     async def asettle(self, op: SettleOp) -> bool:
-        return bool(await self._group().submit(op))
+        return bool(await self.put_settle(op))
+
+    def put_settle(self, op: SettleOp) -> asyncio.Future[Reservation | Denied | bool]:
+        """``asettle`` without the coroutine: the group commit's own future (its result is truthy when the op moved
+        the row). A caller that shields the write or adds callbacks to it then needs no Task around a coroutine."""
+        return self._group().put(op)
 
     def settle_in(self, conn: sa.Connection, ops: Sequence[SettleOp]) -> list[bool]:
         """Settle in a write transaction the caller holds on this ledger's database (the audit writer's, so a

@@ -509,6 +509,23 @@ async def test_a_client_that_leaves_mid_stream_leaves_no_reservation(tmp_path: P
             ledger.close()
 
 
+async def test_a_request_cancelled_while_its_backend_works_gives_its_budget_back(tmp_path: Path, fakes: Any) -> None:
+    """No answer, no audit record: the exception path settles the claim alone, and its lease still goes back."""
+    primary, fallback = fakes
+    primary.stall(30.0)
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        request = asyncio.create_task(gw.post(chat()))
+        await eventually(lambda: primary.requests == 1, timeout=5.0)
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        ledger = Ledger(gw.store_url)
+        try:
+            await eventually(lambda: ledger.in_flight("default", "team", AT) == (0.0, 0), timeout=5.0)
+        finally:
+            ledger.close()
+
+
 async def test_a_backend_without_an_endpoint_yet_is_skipped_like_an_unreachable_one(tmp_path: Path,
                                                                                    fakes: Any) -> None:
     primary, fallback = fakes
