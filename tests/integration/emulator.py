@@ -8,6 +8,8 @@ resourceVersion is asked, snapshots before subscribing (events written in betwee
 marks an object with finalizers for deletion without a new resourceVersion (a watch resumed after that
 event never sees it, and kopf never finalizes the object), and sends a deletion with the version of the
 object's last update and keeps no record of it (a watch resumed after the deletion never hears of it).
+Like a real API server, the record of deletions is a window (``WATCH_HISTORY`` per resource): a watch resumed
+from before it is answered 410 Gone ("too old resource version"), and kopf lists again.
 Each of those makes kopf misbehave in ways a real cluster never would; this subclass fixes them.
 It also forgets each request once served: kmock keeps every request and walks that log to route
 the next one (O(requests²) per run), which made the emulator, not the operator, the bottleneck
@@ -19,6 +21,7 @@ from __future__ import annotations
 import datetime
 import secrets
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,12 @@ from kmock._internal import aiobus
 from pilothouse.operator.api import GROUP, KINDS, VERSION
 
 VERBS = {"list", "watch", "get", "create", "patch", "delete"}
+WATCH_HISTORY = 1000
+"""Deletions kept per resource for resumed watches: without a bound, every deletion of a long run stayed in memory."""
+
+
+def _version(raw: dict[str, Any]) -> int:
+    return int(raw.get("metadata", {}).get("resourceVersion") or 0)
 
 
 @attrs.mutable(weakref_slot=True)
@@ -63,8 +72,11 @@ class Emulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._buses = _Buses(self._deleted)
-        self.tombstones: dict[Any, list[dict[str, Any]]] = {}
-        """Every deleted object as its DELETED event carried it, per resource: the watch history of deletions."""
+        self.watch_history = WATCH_HISTORY
+        self.tombstones: dict[Any, deque[dict[str, Any]]] = {}
+        """The last ``watch_history`` deleted objects as their DELETED events carried them, per resource."""
+        self._compacted: dict[Any, int] = {}
+        """Per resource, the resourceVersion of the last deletion that left the window: history up to it is gone."""
 
     def declare_kinds(self) -> None:
         """Built-in kinds, the Pilothouse CRDs and KubeRay's RayService (kopf waits for what is undeclared)."""
@@ -148,7 +160,12 @@ class Emulator(kmock.KubernetesEmulator):
         kmock publishes it under its lock, so a watch's snapshot sees the tombstone and the event together."""
         raw = event["object"]
         stamped = {**raw, "metadata": {**raw.get("metadata", {}), "resourceVersion": self._next_rv()}}
-        self.tombstones.setdefault(resource, []).append(stamped)
+        history = self.tombstones.get(resource)
+        if history is None:
+            history = self.tombstones[resource] = deque(maxlen=self.watch_history)
+        if len(history) == history.maxlen:
+            self._compacted[resource] = _version(history[0])
+        history.append(stamped)
         return {**event, "object": stamped}
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
@@ -169,21 +186,29 @@ class Emulator(kmock.KubernetesEmulator):
         bus = self._buses[request.resource]
         get_objs = self._KubernetesEmulator__get_objs  # type: ignore[attr-defined]
         check = self._KubernetesEmulator__check  # type: ignore[attr-defined]
-        def version(raw: dict[str, Any]) -> int:
-            return int(raw.get("metadata", {}).get("resourceVersion") or 0)
 
         def wanted(raw: dict[str, Any]) -> bool:
             meta = raw.get("metadata", {})
             return bool(check(request, request.resource, meta.get("namespace"), meta.get("name"), strict=False))
 
+        events: list[dict[str, Any]] = []
+        mark = None
         async with self._lock:  # writers publish under this lock: snapshot and mark are atomic
-            events = [{"type": "ADDED", "object": o.raw} for o in get_objs(request, strict=False) if not o.deleted]
-            if since_n is not None:  # resumed: what changed after that version, deletions included, in order
-                events = [e for e in events if version(e["object"]) > since_n]
-                events += [{"type": "DELETED", "object": raw} for raw in self.tombstones.get(request.resource, ())
-                           if version(raw) > since_n and wanted(raw)]
-                events.sort(key=lambda e: version(e["object"]))
-            mark = await bus.mark()
+            compacted = self._compacted.get(request.resource, 0)
+            if since_n is None or since_n >= compacted:  # else a deletion it needs has left the window
+                events = [{"type": "ADDED", "object": o.raw} for o in get_objs(request, strict=False)
+                          if not o.deleted]
+                if since_n is not None:  # resumed: what changed after that version, deletions included, in order
+                    events = [e for e in events if _version(e["object"]) > since_n]
+                    events += [{"type": "DELETED", "object": raw} for raw in self.tombstones.get(request.resource, ())
+                               if _version(raw) > since_n and wanted(raw)]
+                    events.sort(key=lambda e: _version(e["object"]))
+                mark = await bus.mark()
+        if mark is None:
+            yield {"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Expired",
+                "code": 410, "message": f"too old resource version: {since_n} ({compacted})"}}
+            return
         for event in events:
             yield event
         async for event in bus.stream(since=mark):

@@ -55,6 +55,35 @@ async def test_a_watch_resumed_after_a_deletion_replays_it_once(emulator: Emulat
     assert (kind, after.metadata.name) == ("ADDED", "next")
 
 
+async def test_deletions_beyond_the_watch_window_answer_a_resumed_watch_with_410_gone(
+        emulator: Emulator, kube: lightkube.AsyncClient) -> None:
+    """A real API server keeps a window of history, and so does the emulator (memory stays bounded in long runs):
+    a watch resumed inside it still hears every deletion, one resumed from before it gets 410 Gone, on which kopf
+    (and lightkube) list again instead of missing a deletion silently."""
+    emulator.watch_history = 3
+    created = [await kube.create(ConfigMap.from_dict({"metadata": {"name": f"cm-{i}", "namespace": "default"}}))
+               for i in range(5)]
+    before = created[0].metadata.resourceVersion
+    for i in range(5):
+        await kube.delete(ConfigMap, f"cm-{i}", namespace="default")
+    history = next(iter(emulator.tombstones.values()))
+    assert [raw["metadata"]["name"] for raw in history] == ["cm-2", "cm-3", "cm-4"]
+
+    async def events(since: str) -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        async for kind, obj in kube.watch(ConfigMap, namespace="default", resource_version=since):
+            seen.append((kind, obj.metadata.name))
+            if obj.metadata.name == "cm-4":
+                break
+        return seen
+
+    with pytest.raises(lightkube.ApiError) as gone:
+        await asyncio.wait_for(events(before), 10)
+    assert gone.value.status.code == 410 and "too old resource version" in gone.value.status.message
+    inside = history[0]["metadata"]["resourceVersion"]  # cm-2's deletion: the window still holds what follows
+    assert await asyncio.wait_for(events(inside), 10) == [("DELETED", "cm-3"), ("DELETED", "cm-4")]
+
+
 async def test_generate_name_retries_a_taken_name_instead_of_answering_conflict(
         emulator: Emulator, kube: lightkube.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """kopf names its Events with generateName; at a thousand objects six random hex digits collided, and the
