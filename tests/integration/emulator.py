@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime
 import secrets
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,8 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._buses = _Buses(self._deleted)
         self.watch_history = WATCH_HISTORY
-        self.tombstones: dict[Any, deque[dict[str, Any]]] = {}
+        self.tombstones: defaultdict[Any, deque[dict[str, Any]]] = defaultdict(
+            lambda: deque(maxlen=self.watch_history))
         """The last ``watch_history`` deleted objects as their DELETED events carried them, per resource."""
         self._compacted: dict[Any, int] = {}
         """Per resource, the resourceVersion of the last deletion that left the window: history up to it is gone."""
@@ -160,9 +161,7 @@ class Emulator(kmock.KubernetesEmulator):
         kmock publishes it under its lock, so a watch's snapshot sees the tombstone and the event together."""
         raw = event["object"]
         stamped = {**raw, "metadata": {**raw.get("metadata", {}), "resourceVersion": self._next_rv()}}
-        history = self.tombstones.get(resource)
-        if history is None:
-            history = self.tombstones[resource] = deque(maxlen=self.watch_history)
+        history = self.tombstones[resource]
         if len(history) == history.maxlen:
             self._compacted[resource] = _version(history[0])
         history.append(stamped)

@@ -516,11 +516,12 @@ async def test_a_request_cancelled_while_its_backend_works_gives_its_budget_back
     async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
         request = asyncio.create_task(gw.post(chat()))
         await eventually(lambda: primary.requests == 1, timeout=5.0)
-        request.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await request
         ledger = Ledger(gw.store_url)
         try:
+            assert ledger.in_flight("default", "team", AT) != (0.0, 0)  # its lease holds its worst case
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
             await eventually(lambda: ledger.in_flight("default", "team", AT) == (0.0, 0), timeout=5.0)
         finally:
             ledger.close()
