@@ -375,7 +375,7 @@ class DataPlane:
         except BaseException as exc:
             if ctx.span is not None:
                 ctx.outcome = ctx.outcome or type(exc).__name__
-                self._end_span(ctx, 500)
+                self._end_span(ctx, ctx.status_code or 500)
             raise
         if ctx.span is not None and not isinstance(response, StreamingResponse):  # a stream's ends with the stream
             self._end_span(ctx, response.status_code)
@@ -562,6 +562,9 @@ class DataPlane:
             if stream:
                 return await self._stream(ctx, stores, p)
             response = await self._complete(ctx, stores, p)
+        except asyncio.CancelledError:
+            await self._left(ctx, stores)
+            raise
         except BaseException:
             await self._settle(ctx, stores, None)
             raise
@@ -651,6 +654,20 @@ class DataPlane:
             return reservation.settle(actual)
         return SettleOp(reservation.id, actual)
 
+    async def _left(self, ctx: _Ctx, stores: Stores) -> None:
+        """The client left before its answer (Serve cancels the request when the connection closes): the
+        reservation goes back, and a 499 record (nginx's "client closed request", as for a stream the client
+        leaves) says so in the same transaction. Nothing is charged: no answer was delivered, and the engine
+        stops generating when its call is cancelled. A request already recording its answer keeps that record."""
+        if ctx.status_code:
+            return
+        ctx.reason = "the client closed the request before its answer"
+        try:
+            await self._audit(ctx, stores, 499, self._settlement(ctx, None))
+        except AuditUnavailable:  # logged by _audit; the reservation is held until the ledger's expiry
+            return
+        self._observe(ctx, ErrorClass.CANCELLED.value)
+
     async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:
         """Settle without an audit record (the request is failing with an exception); see ``_settlement``."""
         op = self._settlement(ctx, usage)
@@ -735,6 +752,14 @@ class DataPlane:
         self.metrics.fallback(name, nxt.model_deployment, failure.error_class.value)
         return p.attempts[p.index(nxt)]
 
+    def _abandoned(self, ctx: _Ctx, backend: Backend, span: Any, latency_s: float) -> None:
+        """The attempt in progress when the request was cancelled: in its record, not against the backend's breaker."""
+        self._attempt_end(span, BackendError(Failure(ErrorClass.CANCELLED, "cancelled")))
+        ctx.attempts.append(RoutingAttempt(backend=backend.model_deployment, error_class=ErrorClass.CANCELLED.value,
+                                           message="the request was cancelled while the backend worked",
+                                           latency_ms=latency_s * 1000))
+        ctx.backend_latency_s += latency_s
+
     def _succeeded(self, ctx: _Ctx, backend: Backend, reason: str, latency_s: float) -> None:
         self.breaker(backend.model_deployment).record_success()
         ctx.backend, ctx.reason = backend, reason
@@ -756,7 +781,7 @@ class DataPlane:
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, exc, time.perf_counter() - started))
                 continue
             except BaseException:
-                self._attempt_end(span, BackendError(Failure(ErrorClass.CANCELLED, "cancelled")))
+                self._abandoned(ctx, backend, span, time.perf_counter() - started)
                 raise
             self._attempt_end(span)
             self._succeeded(ctx, backend, attempt.reason, result.latency_s)
@@ -810,6 +835,11 @@ class DataPlane:
                 last = error.failure
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, error, time.perf_counter() - started))
                 continue
+            except BaseException:
+                self._abandoned(ctx, backend, span, time.perf_counter() - started)
+                if stream is not None:  # stops generation in the engine
+                    await asyncio.shield(stream.aclose())
+                raise
             self._attempt_end(span)  # the first chunk came: no fallback from here on
             ctx.backend, ctx.reason, ctx.streamed = backend, attempt.reason, True
             return _ClosingStream(self._relay(ctx, stores, stream, first, attempt.reason, started),

@@ -509,12 +509,15 @@ async def test_a_client_that_leaves_mid_stream_leaves_no_reservation(tmp_path: P
             ledger.close()
 
 
-async def test_a_request_cancelled_while_its_backend_works_gives_its_budget_back(tmp_path: Path, fakes: Any) -> None:
-    """No answer, no audit record: the exception path settles the claim alone, and its lease still goes back."""
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream before its first chunk"])
+async def test_a_request_cancelled_while_its_backend_works_gives_its_budget_back_and_is_recorded(
+        tmp_path: Path, fakes: Any, stream: bool) -> None:
+    """The client left before any answer: its lease goes back, nothing is charged, and a 499 record names the
+    backend that was working, written with the release in one transaction."""
     primary, fallback = fakes
     primary.stall(30.0)
     async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
-        request = asyncio.create_task(gw.post(chat()))
+        request = asyncio.create_task(gw.post(chat(stream=stream)))
         await eventually(lambda: primary.requests == 1, timeout=5.0)
         ledger = Ledger(gw.store_url)
         try:
@@ -525,6 +528,13 @@ async def test_a_request_cancelled_while_its_backend_works_gives_its_budget_back
             await eventually(lambda: ledger.in_flight("default", "team", AT) == (0.0, 0), timeout=5.0)
         finally:
             ledger.close()
+        with AuditLog(gw.store_url, create=False) as log:
+            [record] = log.tail()
+        assert record.status_code == 499 and record.usage is None and record.routing.backend is None
+        assert [(a.backend, a.error_class) for a in record.routing.attempts] == [("small", "cancelled")]
+        [trail] = record.budget
+        assert trail.released and trail.committed_usd is None and trail.reserved_usd
+        assert gw.breaker("small") is BreakerState.CLOSED  # the client left; the backend did not fail
 
 
 async def test_a_backend_without_an_endpoint_yet_is_skipped_like_an_unreachable_one(tmp_path: Path,
