@@ -837,8 +837,9 @@ class DataPlane:
                 continue
             except BaseException:
                 self._abandoned(ctx, backend, span, time.perf_counter() - started)
-                if stream is not None:  # stops generation in the engine
-                    await asyncio.shield(stream.aclose())
+                if stream is not None:  # stops generation in the engine; the cancellation is what propagates
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(stream.aclose())
                 raise
             self._attempt_end(span)  # the first chunk came: no fallback from here on
             ctx.backend, ctx.reason, ctx.streamed = backend, attempt.reason, True
