@@ -27,6 +27,7 @@ from pilothouse.localrun import serve_port
 from pilothouse.operator.api import RoutingTable
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving import serve as gateway
+from pilothouse.serving.audit import AuditLog
 from tests.fakes.openai_backend import FakeBackend, ThreadedFake
 from tests.unit.factories import model, workflow
 
@@ -59,6 +60,7 @@ def write(path: Path, t: RoutingTable) -> None:
 class Served:
     url: str  # http://127.0.0.1:PORT
     routing: Path
+    store_url: str
     startup_s: float
     fake: FakeBackend
 
@@ -109,8 +111,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         routing = folder / "routing.json"
         write(routing, table(1, "extract", endpoint=fake.url))
         started = time.perf_counter()
-        with served_gateway(folder, routing) as (url, _):
-            yield Served(url, routing, time.perf_counter() - started, fake)
+        with served_gateway(folder, routing) as (url, store_url):
+            yield Served(url, routing, store_url, time.perf_counter() - started, fake)
 
 
 def test_models_through_the_openai_client(served: Served) -> None:
@@ -186,3 +188,28 @@ def test_hot_reload_in_the_replica(served: Served) -> None:
         assert time.monotonic() < deadline, "the replica did not pick up revision 2"
         time.sleep(0.1)
     assert httpx.get(f"{served.url}/readyz").json()["revision"] == 2
+
+
+def test_a_client_that_hangs_up_on_a_non_streamed_request_leaves_a_499_record(served: Served) -> None:
+    """Serve cancels the replica's request when its HTTP client disconnects; the gateway records why it gave no
+    answer, and serves the next request as before."""
+    served.fake.stall(3.0)
+    headers = {"Authorization": f"Bearer {KEY}", "x-pilothouse-run-id": "hung-up"}
+    body = {"model": "wf/extract", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{served.url}/v1/chat/completions", json=body, headers=headers, timeout=0.5)
+    finally:
+        served.fake.stall(None)
+    deadline = time.monotonic() + 10
+    while True:
+        with AuditLog(served.store_url, create=False) as log:
+            record = next((r for r in log.tail(50) if r.run_id == "hung-up"), None)
+        if record is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert record is not None, "no audit record for the request whose client hung up"
+    assert record.status_code == 499 and record.usage is None
+    assert [(a.backend, a.error_class) for a in record.routing.attempts] == [("small", "cancelled")]
+    again = served.client().chat.completions.create(model="wf/extract", messages=body["messages"], max_tokens=4)
+    assert again.usage is not None and again.usage.completion_tokens == 4
