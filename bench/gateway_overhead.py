@@ -568,6 +568,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=0,
                         help="with --c256: that many more c=256 windows per Ray target, pass-through and pilothouse "
                              "alternating, for a max-RPS ratio this machine's drift does not decide")
+    parser.add_argument("--c32-rounds", type=int, default=0,
+                        help="that many more c=32 rounds in the last Ray mode measured: the backend directly, the "
+                             "pass-through and pilothouse one window each, in an order rotating by round; the added "
+                             "latency is each round's difference to direct, median over the rounds")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--replicas", type=int, default=1,
                         help="replicas of the pass-through and of the gateway alike (default 1)")
@@ -596,6 +600,7 @@ def bench(args: argparse.Namespace) -> None:
     cpu: dict[str, Any] = {}
     profile: dict[str, Any] = {}
     paired: dict[str, Any] = {}
+    rotated: dict[str, Any] = {}
     started = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="pilothouse-gw-bench-"))
     procs: list[Proc] = []
@@ -630,6 +635,8 @@ def bench(args: argparse.Namespace) -> None:
                     else:
                         row[f"c{c}"] = load(url, model, c, args)
                 results[target + suffix] = row
+            if args.c32_rounds and tp == modes[-1]:
+                rotated = rotated_c32(urls, backend_url, args)
             if args.c256 and args.pairs and tp == modes[-1]:  # the last mode measured: the production one
                 running = args.replicas
                 for n in args.pair_replicas or [args.replicas]:
@@ -678,7 +685,7 @@ def bench(args: argparse.Namespace) -> None:
     finally:
         for p in reversed(procs):
             p.stop()
-    report(console, args, levels, results, notes, cpu, profile, paired, time.perf_counter() - started)
+    report(console, args, levels, results, notes, cpu, profile, paired, rotated, time.perf_counter() - started)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -728,6 +735,37 @@ def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str
     return {"concurrency": 256, "rounds": rounds,
             "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
             **{f"median_{key}": median_of(key) for key in ("rps", *PER_WINDOW)}}
+
+
+def rotated_c32(urls: dict[str, str], backend_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Added latency at c=32 over rounds in which the backend directly, the pass-through and pilothouse each run one
+    window, in an order that rotates by round.
+
+    The sweep measures direct once, before Ray starts, and each Ray target once, minutes apart: a target's added
+    p50 is then its difference to a window of another moment, and which target runs when is fixed. Over
+    2026-11-26's runs the same gateway's sweep figure was 5.1-5.8 ms when measured right after the pass-through
+    and 2.1-2.6 ms when measured after the gateway without a budget rule. Here every difference is taken within
+    one round, and the median over rounds is the figure the <= 5 ms goal is judged by.
+    """
+    targets = {"direct": (f"{backend_url}/chat/completions", BACKEND_MODEL),
+               **{t: (urls[t], model_for(t)) for t in ("serve passthrough", "pilothouse")}}
+    names = list(targets)
+    rounds = []
+    for i in range(args.c32_rounds):
+        shift = i % len(names)
+        measured = {n: load(*targets[n], 32, args) for n in names[shift:] + names[:shift]}
+        rounds.append({n: {k: measured[n].get(k) for k in ("p50_ms", "p99_ms", "rps", "errors")} for n in names})
+
+    def median_added(metric: str) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for n in names[1:]:
+            added = [r[n][metric] - r["direct"][metric] for r in rounds if r[n]["errors"] == 0
+                     and r[n][metric] is not None and r["direct"][metric] is not None]
+            out[n] = round(statistics.median(added), 2) if added else None
+        return out
+
+    return {"concurrency": 32, "rounds": rounds, "median_added_p50_ms": median_added("p50_ms"),
+            "median_added_p99_ms": median_added("p99_ms")}
 
 
 def max_rps_without_errors(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -781,7 +819,7 @@ def _ms(value: float | None) -> str:
 
 def report(console: Any, args: argparse.Namespace, levels: list[int], results: dict[str, dict[str, Any]],
            notes: dict[str, Any], cpu: dict[str, Any], profile: dict[str, Any], paired: dict[str, Any],
-           total_s: float) -> None:
+           rotated: dict[str, Any], total_s: float) -> None:
     from rich.table import Table
 
     direct = results.get("direct", {})
@@ -819,6 +857,10 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                       f"{rest['serve passthrough']} / {rest['pilothouse']} us; machine CPU per request "
                       f"{busy['serve passthrough']} / {busy['pilothouse']} us; machine idle "
                       f"{idle['serve passthrough']} / {idle['pilothouse']}")
+    if rotated:
+        console.print(f"c=32 in {len(rotated['rounds'])} rotating rounds (direct, pass-through, pilothouse), p50 ms: "
+                      + "; ".join(" / ".join(_ms(r[n]["p50_ms"]) for n in r) for r in rotated["rounds"])
+                      + f"; median added p50 {rotated['median_added_p50_ms']}, p99 {rotated['median_added_p99_ms']}")
     best = judged(paired)
     if best is not None:
         rps, counts = best["median_rps"], best["replicas"]
@@ -838,7 +880,7 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                                 "cache off (temperature 0.7); SQLite store",
                   "throughput_optimized": args.throughput_optimized, "replicas": args.replicas},
         "results": results, "max_rps_without_errors": max_rps_without_errors(results), "cpu_seconds": cpu,
-        "profile": profile, "paired_max_rps": paired, "max_rps_judged": best, "notes": notes,
+        "profile": profile, "paired_max_rps": paired, "max_rps_judged": best, "c32_rounds": rotated, "notes": notes,
         "total_s": round(total_s, 1),
     }
     console.print(f"wrote {machine.save(args.output, payload)} in {total_s:.0f} s")

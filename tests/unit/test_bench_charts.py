@@ -90,6 +90,36 @@ def test_the_summary_takes_the_judged_ratio_and_litellms_best_worker_count(monke
     assert figures["gateway.max_rps.litellm"] == 300.0
 
 
+def test_added_latency_at_c32_is_taken_within_each_rotating_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round's targets run in a rotated order, each compared with the direct window of its own round; the
+    summary takes the median over the rounds, not the sweep's single window."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    gateway_overhead = bench_module("gateway_overhead")
+    base = {"direct": 20.0, "serve passthrough": 21.0, "pilothouse": 23.0}
+    drift = iter([0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0])  # the machine slows in round 2, as it does
+    order: list[str] = []
+
+    def load(url: str, model: str, concurrency: int, args: object) -> dict[str, object]:
+        name = next(n for n in base if url.startswith(n))
+        order.append(name)
+        p50 = base[name] + next(drift)
+        return {"p50_ms": p50, "p99_ms": p50 * 2, "rps": 1000.0, "errors": 0}
+
+    monkeypatch.setattr(gateway_overhead, "load", load)
+    urls = {"serve passthrough": "serve passthrough/v1", "pilothouse": "pilothouse/v1"}
+    args = type("Args", (), {"c32_rounds": 3})()
+    rotated = gateway_overhead.rotated_c32(urls, "direct", args)
+    assert order == ["direct", "serve passthrough", "pilothouse", "serve passthrough", "pilothouse", "direct",
+                     "pilothouse", "direct", "serve passthrough"]
+    assert rotated["median_added_p50_ms"] == {"serve passthrough": 1.0, "pilothouse": 3.0}
+    assert rotated["median_added_p99_ms"] == {"serve passthrough": 2.0, "pilothouse": 6.0}
+    sweep = {"direct": {"c32": {"added_p50_ms": 0.0}}, "pilothouse (tp)": {"c32": {"added_p50_ms": 5.7}}}
+    summarise = bench_module("summary").summarise
+    assert summarise({"gateway_overhead": {"results": sweep, "c32_rounds": rotated}})["figures"][
+        "gateway.added_p50_ms.c32.pilothouse"] == 3.0
+    assert summarise({"gateway_overhead": {"results": sweep}})["figures"]["gateway.added_p50_ms.c32.pilothouse"] == 5.7
+
+
 def test_an_engine_round_pools_its_two_runs_of_a_target(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each round runs a target twice (palindromic order): its tokens/s is that pair's, so a round whose machine
     slowed between the two runs counts the two halves together, not as two rounds."""
