@@ -69,7 +69,7 @@ from .engines.handle import HandleEngine, is_local
 from .errors import ErrorClass, Failure
 from .idempotency import Conflict, IdempotencyStore, Stored
 from .ledger import Denied, Ledger, Reservation, SettleOp
-from .metrics import Metrics
+from .metrics import INTERNAL_ERROR, Metrics
 from .openai_schema import (
     ChatRequest,
     CompletionRequest,
@@ -513,12 +513,12 @@ class DataPlane:
         return span
 
     @staticmethod
-    def _attempt_end(span: Any, error: BackendError | None = None) -> None:
+    def _attempt_end(span: Any, error_type: str | None = None, message: str = "") -> None:
         if span is None:
             return
-        if error is not None:
-            span.set_attribute("error.type", error.error_class.value)
-            span.set_status(otel.Status(otel.StatusCode.ERROR, error.failure.message[:200]))
+        if error_type is not None:
+            span.set_attribute("error.type", error_type)
+            span.set_status(otel.Status(otel.StatusCode.ERROR, message[:200]))
         span.end()
 
     async def _abandon(self, ctx: _Ctx, stores: Stores) -> None:
@@ -565,6 +565,11 @@ class DataPlane:
         except asyncio.CancelledError:
             await self._left(ctx, stores)
             raise
+        except Exception as exc:
+            if isinstance(exc, (AuditUnavailable, *UNREACHABLE)):  # answered 503 by the callers
+                await self._settle(ctx, stores, None)
+                raise
+            return await self._internal_error(ctx, stores, exc)
         except BaseException:
             await self._settle(ctx, stores, None)
             raise
@@ -668,6 +673,21 @@ class DataPlane:
             return
         self._observe(ctx, ErrorClass.CANCELLED.value)
 
+    async def _internal_error(self, ctx: _Ctx, stores: Stores, exc: Exception) -> Response:
+        """A failure in the gateway itself, not a backend's or the store's: the traceback goes to the log, the caller
+        gets an OpenAI error naming the request id (never the traceback), and the record says so, its budget
+        released in the same transaction. A request whose record was already written keeps that one."""
+        log.error("request %s failed in the gateway", ctx.request_id, exc_info=exc)
+        message = (f"The gateway failed on this request ({type(exc).__name__}); nothing was charged. "
+                   f"Quote request id {ctx.request_id} to the operator.")
+        if ctx.status_code:
+            await self._settle(ctx, stores, None)
+        else:
+            ctx.reason = message
+            await self._audit(ctx, stores, 500, self._settlement(ctx, None))
+        self._observe(ctx, INTERNAL_ERROR)
+        return openai_error(500, message, None, None, INTERNAL_ERROR, headers=ctx.headers)
+
     async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:
         """Settle without an audit record (the request is failing with an exception); see ``_settlement``."""
         op = self._settlement(ctx, usage)
@@ -752,11 +772,15 @@ class DataPlane:
         self.metrics.fallback(name, nxt.model_deployment, failure.error_class.value)
         return p.attempts[p.index(nxt)]
 
-    def _abandoned(self, ctx: _Ctx, backend: Backend, span: Any, latency_s: float) -> None:
-        """The attempt in progress when the request was cancelled: in its record, not against the backend's breaker."""
-        self._attempt_end(span, BackendError(Failure(ErrorClass.CANCELLED, "cancelled")))
-        ctx.attempts.append(RoutingAttempt(backend=backend.model_deployment, error_class=ErrorClass.CANCELLED.value,
-                                           message="the request was cancelled while the backend worked",
+    def _abandoned(self, ctx: _Ctx, backend: Backend, span: Any, latency_s: float, exc: BaseException) -> None:
+        """The attempt in progress when the request was cancelled or the gateway failed: in its record, not against
+        the backend's breaker."""
+        if isinstance(exc, asyncio.CancelledError):
+            error_class, message = ErrorClass.CANCELLED.value, "the request was cancelled while the backend worked"
+        else:
+            error_class, message = INTERNAL_ERROR, f"the gateway failed: {type(exc).__name__}"
+        self._attempt_end(span, error_class, message)
+        ctx.attempts.append(RoutingAttempt(backend=backend.model_deployment, error_class=error_class, message=message,
                                            latency_ms=latency_s * 1000))
         ctx.backend_latency_s += latency_s
 
@@ -776,12 +800,12 @@ class DataPlane:
             try:
                 result: EngineResult = await self._engine(backend).complete(ctx.path, ctx.body)
             except BackendError as exc:
-                self._attempt_end(span, exc)
+                self._attempt_end(span, exc.error_class.value, exc.failure.message)
                 last = exc.failure
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, exc, time.perf_counter() - started))
                 continue
-            except BaseException:
-                self._abandoned(ctx, backend, span, time.perf_counter() - started)
+            except BaseException as exc:
+                self._abandoned(ctx, backend, span, time.perf_counter() - started, exc)
                 raise
             self._attempt_end(span)
             self._succeeded(ctx, backend, attempt.reason, result.latency_s)
@@ -831,12 +855,12 @@ class DataPlane:
                     await stream.aclose()
                 error = exc if isinstance(exc, BackendError) else BackendError(
                     Failure(ErrorClass.SERVER, "the backend closed the stream before any chunk"))
-                self._attempt_end(span, error)
+                self._attempt_end(span, error.error_class.value, error.failure.message)
                 last = error.failure
                 attempt = self._allowed(ctx, p, self._failed(ctx, p, backend, error, time.perf_counter() - started))
                 continue
-            except BaseException:
-                self._abandoned(ctx, backend, span, time.perf_counter() - started)
+            except BaseException as exc:
+                self._abandoned(ctx, backend, span, time.perf_counter() - started, exc)
                 if stream is not None:  # stops generation in the engine; the cancellation is what propagates
                     with contextlib.suppress(Exception):
                         await asyncio.shield(stream.aclose())

@@ -32,8 +32,9 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 """Fine at the low end: the gateway's goal is a few milliseconds of added latency (issue 3)."""
 
+INTERNAL_ERROR = "internal_error"  # a failure in the gateway itself: the outcome, the error code, the attempt's class
 OUTCOMES = frozenset({"ok", "cache_hit", "budget_rejected", "invalid_request", "unauthorized", "no_backend",
-                      "store_unavailable",
+                      "store_unavailable", INTERNAL_ERROR,
                       *(e.value for e in ErrorClass)})
 """Fixed vocabulary of ``outcome``: success, the gateway's own refusals, or the final error class."""
 REASONS = frozenset({"circuit_open", "unhealthy", "budget_downgrade", *(e.value for e in ErrorClass)})

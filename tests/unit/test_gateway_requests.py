@@ -30,6 +30,7 @@ from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving.audit import AuditLog
 from pilothouse.serving.breaker import BreakerState
 from pilothouse.serving.dataplane import estimate_prompt_tokens, new_id, resolve, trace_id
+from pilothouse.serving.engines.external import ExternalEngine
 from pilothouse.serving.gateway import build_app
 from pilothouse.serving.ledger import Ledger
 from tests.fakes.openai_backend import FakeBackend
@@ -535,6 +536,38 @@ async def test_a_request_cancelled_while_its_backend_works_gives_its_budget_back
         [trail] = record.budget
         assert trail.released and trail.committed_usd is None and trail.reserved_usd
         assert gw.breaker("small") is BreakerState.CLOSED  # the client left; the backend did not fail
+
+
+async def test_a_failure_in_the_gateway_itself_is_an_openai_500_with_its_record_and_nothing_charged(
+        tmp_path: Path, fakes: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug on the request path (here: in the engine client) answers a 500 in OpenAI's shape naming the request
+    id, keeps the traceback in the log only, records the request, and gives its budget back."""
+    primary, fallback = fakes
+
+    async def broken(*_: Any) -> None:
+        raise KeyError("a bug")
+
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        monkeypatch.setattr(ExternalEngine, "complete", broken)
+        answer = await gw.post(chat())
+        request_id = answer.headers["x-pilothouse-request-id"]
+        assert answer.status_code == 500 and "Traceback" not in answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "internal_error" and request_id in error["message"]
+        assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+        record = gw.audit(answer)
+        assert record.status_code == 500 and record.routing.backend is None
+        assert [(a.backend, a.error_class) for a in record.routing.attempts] == [("small", "internal_error")]
+        [trail] = record.budget
+        assert trail.released and trail.committed_usd is None
+        ledger = Ledger(gw.store_url)
+        try:
+            await eventually(lambda: ledger.in_flight("default", "team", AT) == (0.0, 0), timeout=5.0)
+        finally:
+            ledger.close()
+        assert gw.breaker("small") is BreakerState.CLOSED and primary.requests == 0
+        monkeypatch.undo()
+        assert (await gw.post(chat())).status_code == 200
 
 
 async def test_a_backend_without_an_endpoint_yet_is_skipped_like_an_unreachable_one(tmp_path: Path,
