@@ -565,10 +565,10 @@ class DataPlane:
         except asyncio.CancelledError:
             await self._left(ctx, stores)
             raise
+        except (AuditUnavailable, *UNREACHABLE):  # answered 503 by the callers: nothing was acknowledged
+            await self._settle(ctx, stores, None)
+            raise
         except Exception as exc:
-            if isinstance(exc, (AuditUnavailable, *UNREACHABLE)):  # answered 503 by the callers
-                await self._settle(ctx, stores, None)
-                raise
             return await self._internal_error(ctx, stores, exc)
         except BaseException:
             await self._settle(ctx, stores, None)
@@ -659,33 +659,31 @@ class DataPlane:
             return reservation.settle(actual)
         return SettleOp(reservation.id, actual)
 
-    async def _left(self, ctx: _Ctx, stores: Stores) -> None:
-        """The client left before its answer (Serve cancels the request when the connection closes): the
-        reservation goes back, and a 499 record (nginx's "client closed request", as for a stream the client
-        leaves) says so in the same transaction. Nothing is charged: no answer was delivered, and the engine
-        stops generating when its call is cancelled. A request already recording its answer keeps that record."""
+    async def _unanswered(self, ctx: _Ctx, stores: Stores, status: int, reason: str, outcome: str) -> None:
+        """Record a request that ends without an answer from its backend path, its reservation released in the same
+        transaction: nothing is charged. A request whose record is already written (and its reservation settled
+        with it) keeps that record."""
         if ctx.status_code:
             return
-        ctx.reason = "the client closed the request before its answer"
-        try:
-            await self._audit(ctx, stores, 499, self._settlement(ctx, None))
-        except AuditUnavailable:  # logged by _audit; the reservation is held until the ledger's expiry
-            return
-        self._observe(ctx, ErrorClass.CANCELLED.value)
+        ctx.reason = reason
+        await self._audit(ctx, stores, status, self._settlement(ctx, None))
+        self._observe(ctx, outcome)
+
+    async def _left(self, ctx: _Ctx, stores: Stores) -> None:
+        """The client left before its answer (Serve cancels the request when the connection closes): a 499 record,
+        nginx's "client closed request", as for a stream the client leaves. The engine stops generating when its
+        call is cancelled."""
+        with contextlib.suppress(AuditUnavailable):  # logged by _audit; the reservation is held until its expiry
+            await self._unanswered(ctx, stores, 499, "the client closed the request before its answer",
+                                   ErrorClass.CANCELLED.value)
 
     async def _internal_error(self, ctx: _Ctx, stores: Stores, exc: Exception) -> Response:
         """A failure in the gateway itself, not a backend's or the store's: the traceback goes to the log, the caller
-        gets an OpenAI error naming the request id (never the traceback), and the record says so, its budget
-        released in the same transaction. A request whose record was already written keeps that one."""
+        gets an OpenAI error naming the request id (never the traceback), and a 500 record says so."""
         log.error("request %s failed in the gateway", ctx.request_id, exc_info=exc)
         message = (f"The gateway failed on this request ({type(exc).__name__}); nothing was charged. "
                    f"Quote request id {ctx.request_id} to the operator.")
-        if ctx.status_code:
-            await self._settle(ctx, stores, None)
-        else:
-            ctx.reason = message
-            await self._audit(ctx, stores, 500, self._settlement(ctx, None))
-        self._observe(ctx, INTERNAL_ERROR)
+        await self._unanswered(ctx, stores, 500, message, INTERNAL_ERROR)
         return openai_error(500, message, None, None, INTERNAL_ERROR, headers=ctx.headers)
 
     async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:

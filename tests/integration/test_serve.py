@@ -27,8 +27,9 @@ from pilothouse.localrun import serve_port
 from pilothouse.operator.api import RoutingTable
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving import serve as gateway
-from pilothouse.serving.audit import AuditLog
+from pilothouse.serving.audit import AuditLog, AuditRecord
 from tests.fakes.openai_backend import FakeBackend, ThreadedFake
+from tests.polling import eventually_sync
 from tests.unit.factories import model, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -201,14 +202,12 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_leaves_a_499_record(se
             httpx.post(f"{served.url}/v1/chat/completions", json=body, headers=headers, timeout=0.5)
     finally:
         served.fake.stall(None)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def recorded() -> AuditRecord | None:
         with AuditLog(served.store_url, create=False) as log:
-            record = next((r for r in log.tail(50) if r.run_id == "hung-up"), None)
-        if record is not None or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert record is not None, "no audit record for the request whose client hung up"
+            return next((r for r in log.tail(50) if r.run_id == "hung-up"), None)
+
+    record = eventually_sync(recorded, timeout=10)
     assert record.status_code == 499 and record.usage is None
     assert [(a.backend, a.error_class) for a in record.routing.attempts] == [("small", "cancelled")]
     again = served.client().chat.completions.create(model="wf/extract", messages=body["messages"], max_tokens=4)
