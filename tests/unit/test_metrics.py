@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pilothouse.operator.api.routing import RoutingTable
 from pilothouse.serving.breaker import BreakerState
-from pilothouse.serving.metrics import OTHER, Metrics
+from pilothouse.serving.metrics import OTHER, LoopCounter, LoopHistogram, Metrics
 
 EXPORTED = {
     "pilothouse_requests_total", "pilothouse_request_duration_seconds", "pilothouse_gateway_overhead_seconds",
@@ -126,3 +127,31 @@ def test_each_instance_has_its_own_registry() -> None:
     first.cache("w/s", hit=True)
     assert value(first, "pilothouse_cache_hits_total", route="w/s") == 1
     assert value(second, "pilothouse_cache_hits_total", route="w/s") is None
+
+
+def test_the_hot_path_families_expose_what_prometheus_clients_own_would() -> None:
+    """LoopCounter / LoopHistogram against prometheus_client's Counter / Histogram fed the same values: the same
+    samples, bucket edges included (a value equal to a bound counts in that bucket, one above all of them in +Inf)."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    bounds = (0.001, 0.01, 0.1)
+    loop_hist = LoopHistogram("h_seconds", "h", ["route"], bounds, registry=ours)
+    loop_count = LoopCounter("c", "c", ["route", "kind"], registry=ours)
+    hist = Histogram("h_seconds", "h", ["route"], buckets=bounds, registry=theirs)
+    count = Counter("c", "c", ["route", "kind"], registry=theirs)
+    amounts = [0.0, 0.0005, 0.001, 0.0011, 0.01, 0.05, 0.1, 0.1000001, 3.0, 250.0]
+    for i, amount in enumerate(amounts):
+        route = "a" if i % 3 else "b"
+        loop_hist.observe((route,), amount)
+        hist.labels(route).observe(amount)
+        loop_count.inc((route, "x"), amount)
+        count.labels(route, "x").inc(amount)
+
+    def exposed(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = generate_latest(registry).decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if not s.name.endswith("_created")}
+
+    mine = exposed(ours)
+    assert mine == pytest.approx(exposed(theirs))
+    assert mine[("h_seconds_bucket", (("le", "0.001"), ("route", "a")))] == 2  # 0.0005 and 0.001 itself
+    assert mine[("h_seconds_bucket", (("le", "+Inf"), ("route", "a")))] == 6
