@@ -73,10 +73,9 @@ from .metrics import INTERNAL_ERROR, Metrics
 from .openai_schema import (
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     openai_error,
-    validate_chat,
-    validate_completion,
-    validate_embedding,
+    parse_body,
 )
 from .refusals import CTX_STATE
 from .router import Plan, Rejection, next_after_failure, plan, worst_case_cost
@@ -99,7 +98,7 @@ RUN_ID_HEADER = "x-pilothouse-run-id"  # a workflow run's id, sent by the runtim
 COST_HEADER = "x-pilothouse-cost-usd"  # what the answer cost (the committed amount; 0 for a cache hit)
 _DONE = b"data: [DONE]"
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-_VALIDATORS = {CHAT: validate_chat, COMPLETIONS: validate_completion, EMBEDDINGS: validate_embedding}
+_MODELS = {CHAT: ChatRequest, COMPLETIONS: CompletionRequest, EMBEDDINGS: EmbeddingRequest}
 _OPERATION = {CHAT: "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings"}
 _PROVIDER = {"external": "openai"}  # gen_ai.provider.name by Backend.engine; others as they are
 _ERROR_STATUS = {ErrorClass.TIMEOUT: 504, ErrorClass.CONNECTION: 502, ErrorClass.SERVER: 502,
@@ -356,12 +355,13 @@ class DataPlane:
     async def handle(self, request: Request, path: str) -> Response:
         started = time.perf_counter()
         raw = await request.body()
-        parsed = _VALIDATORS[path](raw)
-        if isinstance(parsed, JSONResponse):
+        valid = parse_body(raw, _MODELS[path])
+        if isinstance(valid, JSONResponse):
             self.metrics.observe_request(None, None, "invalid_request", time.perf_counter() - started)
-            return parsed
+            return valid
+        parsed, sent = valid
         ctx = _Ctx(request_id=new_id(), trace_id="", tenant=tenant_of(request), path=path,
-                   started=started, ts=datetime.now(UTC), model=parsed.model,
+                   started=started, ts=datetime.now(UTC), model=parsed.model, body=dict(sent),
                    run_id=request.headers.get(RUN_ID_HEADER, "")[:128] or None)
         request.scope.setdefault("state", {})[CTX_STATE] = ctx  # for the refusal audit of answers given before routing
         if tracing.enabled():
@@ -402,7 +402,7 @@ class DataPlane:
             self.metrics.observe_request(None, None, "invalid_request", time.perf_counter() - started)
             return openai_error(404, f"The model '{parsed.model}' does not exist; this gateway serves: {names}.",
                                 param="model", code="model_not_found", headers=ctx.headers)
-        body = parsed.body()
+        body = ctx.body
         max_tokens = 0
         if isinstance(parsed, ChatRequest | CompletionRequest):
             param = "max_completion_tokens" if isinstance(parsed, ChatRequest) and parsed.max_completion_tokens \
@@ -416,7 +416,6 @@ class DataPlane:
             if requested is None:
                 body["max_tokens"] = route.max_tokens  # bound the worst case the budget reserves
             max_tokens = (requested or route.max_tokens) * (parsed.n or 1)
-        ctx.body = body
         ctx.prompt_tokens = estimate_prompt_tokens(path, body)
         stores = await self.stores()
         stream = bool(body.get("stream")) and path != EMBEDDINGS

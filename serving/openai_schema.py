@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError, from_json
 
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS
 
@@ -31,6 +31,7 @@ __all__ = [
     "CompletionRequest",
     "EmbeddingRequest",
     "openai_error",
+    "parse_body",
     "parse_request",
     "validate_chat",
     "validate_completion",
@@ -70,10 +71,6 @@ class _Strict(BaseModel):
 class OpenAIRequest(_Strict):
     model: Annotated[str, Field(min_length=1)]
     user: str | None = None
-
-    def body(self) -> dict[str, Any]:
-        """The request as the client sent it (unknown fields included), for forwarding to a backend."""
-        return self.model_dump(exclude_unset=True)
 
 
 def _kind(value: object) -> str:
@@ -344,15 +341,48 @@ def openai_endpoint(scope: Mapping[str, Any]) -> str | None:
     return OPENAI_PATHS.get(route_path(scope)) if scope["type"] == "http" else None
 
 
+def parse_body(raw: bytes, model: type[Req]) -> tuple[Req, dict[str, Any]] | JSONResponse:
+    """Bytes of a request body → the validated model and the JSON object it was validated from, or the 400 response
+    to send instead. The object is the request as the client sent it (unknown fields included), to forward to a
+    backend: strict validation changes no value, and it saves dumping the model again (2 us)."""
+    data = _decode(raw)
+    if isinstance(data, JSONResponse):
+        return data
+    if not isinstance(data, dict):
+        return _bad_request(f"Invalid body: expected a JSON object, but got {_kind(data)} instead.", None,
+                            "invalid_type")
+    try:
+        return model.model_validate(data), data
+    except ValidationError as exc:
+        return _explain(exc.errors(include_url=False)[0])
+    except RecursionError:  # a pathologically nested body: still the caller's problem, not a 500
+        return _bad_request("Invalid body: nested too deeply.", None, "invalid_value")
+
+
 def parse_request(raw: bytes, model: type[Req]) -> Req | JSONResponse:
     """Bytes of a request body → the validated model, or the 400 response to send instead."""
+    parsed = parse_body(raw, model)
+    return parsed if isinstance(parsed, JSONResponse) else parsed[0]
+
+
+def _decode(raw: bytes) -> Any | JSONResponse:
+    """The body's JSON value, or the 400 explaining why it is none. NaN and Infinity are not JSON.
+
+    pydantic's parser first (2.5 -> 0.5 us for a short chat request; unlike orjson it keeps an integer beyond 64
+    bits an integer). The standard library reads what it refuses but is JSON (a lone surrogate, nesting deeper than
+    its limit of 200), and explains what neither reads.
+    """
+    try:
+        return from_json(raw, allow_inf_nan=False)
+    except ValueError:
+        pass
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return _bad_request(f"The request body is not valid UTF-8 (invalid byte at position {exc.start}).",
                             None, "invalid_encoding")
     try:
-        data = json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants)
     except ValueError as exc:  # JSONDecodeError included
         reason = "the body is empty" if not text.strip() else str(exc)
         return _bad_request(f"We could not parse the JSON body of your request: {reason}. The API expects a "
@@ -360,15 +390,6 @@ def parse_request(raw: bytes, model: type[Req]) -> Req | JSONResponse:
     except RecursionError:
         return _bad_request("We could not parse the JSON body of your request: nested too deeply.", None,
                             "invalid_json")
-    if not isinstance(data, dict):
-        return _bad_request(f"Invalid body: expected a JSON object, but got {_kind(data)} instead.", None,
-                            "invalid_type")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        return _explain(exc.errors(include_url=False)[0])
-    except RecursionError:  # a pathologically nested body: still the caller's problem, not a 500
-        return _bad_request("Invalid body: nested too deeply.", None, "invalid_value")
 
 
 def validate_chat(raw: bytes) -> ChatRequest | JSONResponse:

@@ -15,6 +15,7 @@ from pilothouse.serving.openai_schema import (
     CompletionRequest,
     EmbeddingRequest,
     openai_error,
+    parse_body,
     validate_chat,
     validate_completion,
     validate_embedding,
@@ -44,13 +45,28 @@ def test_a_valid_chat_request_keeps_unknown_fields_for_the_backend() -> None:
                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
                    {"role": "tool", "content": "42", "tool_call_id": "c1"},
                ])
-    request = validate_chat(raw)
-    assert isinstance(request, ChatRequest)
+    parsed = parse_body(raw, ChatRequest)
+    assert isinstance(parsed, tuple)
+    request, body = parsed
     assert request.max_tokens == 64 and request.requested_tokens == 64 and request.stream is True
-    body = request.body()
     assert body["structured_outputs"] == {"json": {"type": "object"}}
     assert body["messages"][1]["cache_control"] == {"x": 1}
     assert body == json.loads(raw)  # exactly what the client sent is forwarded: no defaults added
+
+
+@pytest.mark.parametrize("extra", [
+    {"seed": 2**70, "metadata": {"id": -(2**80)}},  # integers beyond 64 bits stay integers, digit for digit
+    {"user": "\ud800"},  # a lone surrogate: JSON, though not UTF-8 once decoded
+    {"tags": json.loads("[" * 300 + "]" * 300)},  # deeper than the fast parser goes
+    {"temperature": 1, "top_p": 1.0},  # an integer where a number is expected is forwarded as sent
+])
+def test_the_body_forwarded_is_the_json_the_client_sent(extra: dict[str, Any]) -> None:
+    raw = chat(**extra)
+    parsed = parse_body(raw, ChatRequest)
+    assert isinstance(parsed, tuple), parsed
+    body = parsed[1]
+    assert body == json.loads(raw)
+    assert json.dumps(body) == json.dumps(json.loads(raw))  # same types too: 1 is not 1.0, 2**70 is not a float
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:
