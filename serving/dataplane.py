@@ -924,16 +924,14 @@ class DataPlane:
             if not finished:
                 await finish(200, None)
         except AuditUnavailable:
-            event = {"error": {"message": "the gateway could not record this request in its audit store",
-                               "type": "server_error", "param": None, "code": "audit_unavailable"}}
-            yield f"data: {json.dumps(event)}\n\n".encode()
+            yield _sse_error("the gateway could not record this request in its audit store", "audit_unavailable")
         except BackendError as exc:
             if not finished:
                 await finish(502, exc)
-                event = {"error": {"message": f"backend failed mid-stream: {exc.failure.message}",
-                                   "type": "server_error", "param": None,
-                                   "code": f"backend_{exc.error_class.value}"}}
-                yield f"data: {json.dumps(event)}\n\n".encode()
+                yield _sse_error(f"backend failed mid-stream: {exc.failure.message}",
+                                 f"backend_{exc.error_class.value}")
+        except Exception as exc:  # a failure in the gateway itself (while settling): not the backend's, nor a 499
+            yield await self._failed_mid_stream(ctx, stores, exc)
         finally:
             if not finished:  # the client went away (cancel/disconnect): settle in the background
                 task = asyncio.ensure_future(self._cancelled(ctx, stores, stream, finish))
@@ -944,6 +942,18 @@ class DataPlane:
             await stream.aclose()
             if ctx.span is not None:
                 self._end_span(ctx, ctx.status_code or 499)
+
+    async def _failed_mid_stream(self, ctx: _Ctx, stores: Stores, exc: Exception) -> bytes:
+        """The stream's own failure, after its 200 and some chunks: the traceback goes to the log, a 500 record
+        with its reservation released (unless the request's record was written before the failure), the
+        Idempotency-Key freed, and the SSE error event to end the stream with."""
+        log.error("request %s failed in the gateway mid-stream", ctx.request_id, exc_info=exc)
+        message = (f"The gateway failed on this request mid-stream ({type(exc).__name__}). "
+                   f"Quote request id {ctx.request_id} to the operator.")
+        with contextlib.suppress(AuditUnavailable):  # logged by _audit; the reservation is held until its expiry
+            await self._unanswered(ctx, stores, 500, message, INTERNAL_ERROR)
+        await self._abandon(ctx, stores)
+        return _sse_error(message, INTERNAL_ERROR)
 
     async def _cancelled(self, ctx: _Ctx, stores: Stores, stream: EngineStream, finish: Any) -> None:
         with contextlib.suppress(Exception):
@@ -1023,6 +1033,12 @@ class _ClosingStream(StreamingResponse):
 
 class AuditUnavailable(Exception):
     """The audit record could not be made durable: the request must not be acknowledged as a success."""
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    """The last event of a stream that cannot go on: an OpenAI error object, as a non-streamed request would get."""
+    event = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return f"data: {json.dumps(event)}\n\n".encode()
 
 
 def _output(path: str, data: Any) -> Any:

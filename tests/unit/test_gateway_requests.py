@@ -33,6 +33,7 @@ from pilothouse.serving.dataplane import estimate_prompt_tokens, new_id, resolve
 from pilothouse.serving.engines.external import ExternalEngine
 from pilothouse.serving.gateway import build_app
 from pilothouse.serving.ledger import Ledger
+from pilothouse.serving.metrics import Metrics
 from tests.fakes.openai_backend import FakeBackend
 from tests.polling import eventually
 
@@ -568,6 +569,42 @@ async def test_a_failure_in_the_gateway_itself_is_an_openai_500_with_its_record_
         assert gw.breaker("small") is BreakerState.CLOSED and primary.requests == 0
         monkeypatch.undo()
         assert (await gw.post(chat())).status_code == 200
+
+
+async def test_a_failure_in_the_gateway_mid_stream_ends_it_with_an_error_event_and_a_500_record(
+        tmp_path: Path, fakes: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug while a stream settles (here: in the token metrics, after the backend's last chunk) is the gateway's
+    failure: the stream ends with an error event naming the request id, the record says 500, not 499 (a client
+    that left), the budget is given back and the Idempotency-Key freed; the backend's breaker is not told."""
+    primary, fallback = fakes
+
+    def broken(*_: Any) -> None:
+        raise KeyError("a bug")
+
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        monkeypatch.setattr(Metrics, "used_tokens", broken)
+        key = {"Idempotency-Key": "stream-bug"}
+        answer = await gw.post(chat(stream=True), headers=key)
+        request_id = answer.headers["x-pilothouse-request-id"]
+        events = sse_events(answer.text)
+        assert answer.status_code == 200 and "Traceback" not in answer.text
+        assert events[0]["choices"] and events[-1]["error"]["code"] == "internal_error"
+        assert request_id in events[-1]["error"]["message"]
+        assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+        record = gw.audit(answer)
+        assert record.status_code == 500 and record.routing.backend is None
+        [trail] = record.budget
+        assert trail.released and trail.committed_usd is None
+        ledger = Ledger(gw.store_url)
+        try:
+            await eventually(lambda: ledger.in_flight("default", "team", AT) == (0.0, 0), timeout=5.0)
+        finally:
+            ledger.close()
+        assert gw.breaker("small") is BreakerState.CLOSED
+        monkeypatch.undo()
+        again = await gw.post(chat(stream=True), headers=key)  # the key was freed: served afresh, not replayed
+        assert again.status_code == 200 and "x-pilothouse-idempotent-replay" not in again.headers
+        assert sse_events(again.text)[-1] == "[DONE]"
 
 
 async def test_a_backend_without_an_endpoint_yet_is_skipped_like_an_unreachable_one(tmp_path: Path,
