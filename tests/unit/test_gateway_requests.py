@@ -539,6 +539,17 @@ async def test_a_request_cancelled_while_its_backend_works_gives_its_budget_back
         assert gw.breaker("small") is BreakerState.CLOSED  # the client left; the backend did not fail
 
 
+async def nothing_charged(gw: Any, record: Any) -> None:
+    """The record's budget trail says released, nothing committed, and the ledger soon holds nothing in flight."""
+    [trail] = record.budget
+    assert trail.released and trail.committed_usd is None
+    ledger = Ledger(gw.store_url)
+    try:
+        await eventually(lambda: ledger.in_flight("default", "team", AT) == (0.0, 0), timeout=5.0)
+    finally:
+        ledger.close()
+
+
 async def test_a_failure_in_the_gateway_itself_is_an_openai_500_with_its_record_and_nothing_charged(
         tmp_path: Path, fakes: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A bug on the request path (here: in the engine client) answers a 500 in OpenAI's shape naming the request
@@ -559,13 +570,7 @@ async def test_a_failure_in_the_gateway_itself_is_an_openai_500_with_its_record_
         record = gw.audit(answer)
         assert record.status_code == 500 and record.routing.backend is None
         assert [(a.backend, a.error_class) for a in record.routing.attempts] == [("small", "internal_error")]
-        [trail] = record.budget
-        assert trail.released and trail.committed_usd is None
-        ledger = Ledger(gw.store_url)
-        try:
-            await eventually(lambda: ledger.in_flight("default", "team", AT) == (0.0, 0), timeout=5.0)
-        finally:
-            ledger.close()
+        await nothing_charged(gw, record)
         assert gw.breaker("small") is BreakerState.CLOSED and primary.requests == 0
         monkeypatch.undo()
         assert (await gw.post(chat())).status_code == 200
@@ -593,13 +598,7 @@ async def test_a_failure_in_the_gateway_mid_stream_ends_it_with_an_error_event_a
         assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
         record = gw.audit(answer)
         assert record.status_code == 500 and record.routing.backend is None
-        [trail] = record.budget
-        assert trail.released and trail.committed_usd is None
-        ledger = Ledger(gw.store_url)
-        try:
-            await eventually(lambda: ledger.in_flight("default", "team", AT) == (0.0, 0), timeout=5.0)
-        finally:
-            ledger.close()
+        await nothing_charged(gw, record)
         assert gw.breaker("small") is BreakerState.CLOSED
         monkeypatch.undo()
         again = await gw.post(chat(stream=True), headers=key)  # the key was freed: served afresh, not replayed
