@@ -74,6 +74,7 @@ from .openai_schema import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
+    error_object,
     openai_error,
     parse_body,
 )
@@ -361,7 +362,7 @@ class DataPlane:
             return valid
         parsed, sent = valid
         ctx = _Ctx(request_id=new_id(), trace_id="", tenant=tenant_of(request), path=path,
-                   started=started, ts=datetime.now(UTC), model=parsed.model, body=dict(sent),
+                   started=started, ts=datetime.now(UTC), model=parsed.model, body=sent,
                    run_id=request.headers.get(RUN_ID_HEADER, "")[:128] or None)
         request.scope.setdefault("state", {})[CTX_STATE] = ctx  # for the refusal audit of answers given before routing
         if tracing.enabled():
@@ -677,13 +678,18 @@ class DataPlane:
                                    ErrorClass.CANCELLED.value)
 
     async def _internal_error(self, ctx: _Ctx, stores: Stores, exc: Exception) -> Response:
-        """A failure in the gateway itself, not a backend's or the store's: the traceback goes to the log, the caller
-        gets an OpenAI error naming the request id (never the traceback), and a 500 record says so."""
-        log.error("request %s failed in the gateway", ctx.request_id, exc_info=exc)
-        message = (f"The gateway failed on this request ({type(exc).__name__}); nothing was charged. "
-                   f"Quote request id {ctx.request_id} to the operator.")
+        """A failure in the gateway itself before the answer: an OpenAI error, and a 500 record (``_failed_itself``)."""
+        message = self._failed_itself(ctx, exc, "; nothing was charged")
         await self._unanswered(ctx, stores, 500, message, INTERNAL_ERROR)
         return openai_error(500, message, None, None, INTERNAL_ERROR, headers=ctx.headers)
+
+    @staticmethod
+    def _failed_itself(ctx: _Ctx, exc: Exception, detail: str) -> str:
+        """A failure in the gateway itself, not a backend's or the store's: the traceback goes to the log, and the
+        message for the caller (and the 500 record) names the request id to quote, never the traceback."""
+        log.error("request %s failed in the gateway%s", ctx.request_id, detail, exc_info=exc)
+        return (f"The gateway failed on this request ({type(exc).__name__}){detail}. "
+                f"Quote request id {ctx.request_id} to the operator.")
 
     async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:
         """Settle without an audit record (the request is failing with an exception); see ``_settlement``."""
@@ -944,12 +950,10 @@ class DataPlane:
                 self._end_span(ctx, ctx.status_code or 499)
 
     async def _failed_mid_stream(self, ctx: _Ctx, stores: Stores, exc: Exception) -> bytes:
-        """The stream's own failure, after its 200 and some chunks: the traceback goes to the log, a 500 record
+        """A failure in the gateway itself after the stream's 200 and some chunks (``_failed_itself``): a 500 record
         with its reservation released (unless the request's record was written before the failure), the
         Idempotency-Key freed, and the SSE error event to end the stream with."""
-        log.error("request %s failed in the gateway mid-stream", ctx.request_id, exc_info=exc)
-        message = (f"The gateway failed on this request mid-stream ({type(exc).__name__}). "
-                   f"Quote request id {ctx.request_id} to the operator.")
+        message = self._failed_itself(ctx, exc, " mid-stream")
         with contextlib.suppress(AuditUnavailable):  # logged by _audit; the reservation is held until its expiry
             await self._unanswered(ctx, stores, 500, message, INTERNAL_ERROR)
         await self._abandon(ctx, stores)
@@ -1037,8 +1041,7 @@ class AuditUnavailable(Exception):
 
 def _sse_error(message: str, code: str) -> bytes:
     """The last event of a stream that cannot go on: an OpenAI error object, as a non-streamed request would get."""
-    event = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-    return f"data: {json.dumps(event)}\n\n".encode()
+    return f"data: {json.dumps(error_object(message, 'server_error', None, code))}\n\n".encode()
 
 
 def _output(path: str, data: Any) -> Any:

@@ -30,6 +30,7 @@ __all__ = [
     "ChatRequest",
     "CompletionRequest",
     "EmbeddingRequest",
+    "error_object",
     "openai_error",
     "parse_body",
     "parse_request",
@@ -50,8 +51,12 @@ def openai_error(status: int, message: str, type: str | None = None, param: str 
     """
     if type is None:
         type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_object(message, type, param, code), status_code=status, headers=headers)
+
+
+def error_object(message: str, type: str, param: str | None, code: str | None) -> dict[str, Any]:
+    """OpenAI's error object, as a response body or as the last event of a stream that cannot go on."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # ---- the request models -------------------------------------------------------------------------------------

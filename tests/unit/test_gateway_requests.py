@@ -311,6 +311,20 @@ async def test_every_acknowledged_response_has_an_audit_record(tmp_path: Path, f
             assert record.inputs_hash.startswith("sha256:")
 
 
+async def test_the_backend_gets_the_request_as_the_client_sent_it(tmp_path: Path, fakes: Any) -> None:
+    """Unknown fields, integers beyond 64 bits and an integer where a number is expected reach the backend as sent;
+    only ``model`` is the backend's, and ``max_tokens`` is added when the client gave none."""
+    primary, fallback = fakes
+    sent = {"model": "wf/extract", "messages": HELLO, "seed": 2**70, "temperature": 1,
+            "structured_outputs": {"json": {"type": "object"}}, "metadata": {"trace": "x"}}
+    async with gateway(tmp_path, make_table(primary, fallback)) as gw:
+        assert (await gw.post(sent)).status_code == 200
+        received = primary.last_body
+    route_limit = received["max_tokens"]
+    assert received == {**sent, "model": "org/small", "max_tokens": route_limit}
+    assert json.dumps(received) == json.dumps({**sent, "model": "org/small", "max_tokens": route_limit})
+
+
 def sse_events(text: str) -> list[Any]:
     return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
             for line in text.splitlines() if line.startswith("data: ")]
