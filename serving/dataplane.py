@@ -218,7 +218,7 @@ class _Ctx:
     idempotency_row: str | None = None
     span: Any = None  # the request's recording span; None when tracing is off or not sampled
     outcome: str = ""
-    status_code: int = 0  # set when the request's audit record is written
+    status_code: int = 0  # set once its audit record is built and on its way to the store
     run_id: str | None = None
     streamed: bool = False  # a stream's record is written when it ends, however it ends
     replay_of: str | None = None  # answered from the idempotency store: the first request's id
@@ -566,12 +566,12 @@ class DataPlane:
             await self._left(ctx, stores)
             raise
         except (AuditUnavailable, *UNREACHABLE):  # answered 503 by the callers: nothing was acknowledged
-            await self._settle(ctx, stores, None)
+            await self._release(ctx, stores)
             raise
         except Exception as exc:
             return await self._internal_error(ctx, stores, exc)
         except BaseException:
-            await self._settle(ctx, stores, None)
+            await self._release(ctx, stores)
             raise
         if response.status_code == 200 and ctx.usage is not None:
             if cache_key is not None:
@@ -641,20 +641,26 @@ class DataPlane:
         message = denied.message + (f" (waited {timeout:g} s in the queue)" if action == "queue" else "")
         return openai_error(429, message, "rate_limit_exceeded", None, "budget_exhausted", headers=ctx.headers)
 
-    def _settlement(self, ctx: _Ctx, usage: Usage | None, charge: tuple[float, int] | None = None) -> SettleOp | None:
-        """The op settling this request's reservation: commit ``usage`` at the answering backend's price, or
-        release. Takes the reservation off ``ctx``, so a request is settled exactly once; the budget trail of
-        the audit record says what the op will do."""
-        reservation, ctx.reservation = ctx.reservation, None
-        if reservation is None or ctx.budget is None:
-            return None
+    @staticmethod
+    def _actual(ctx: _Ctx, usage: Usage | None, charge: tuple[float, int] | None) -> tuple[float, int] | None:
+        """What settling charges: ``usage`` at the answering backend's price, or None to release the reservation.
+        Written into the budget trail, so the audit record says what its settlement does."""
         actual: tuple[float, int] | None = None
         if usage is not None and ctx.backend is not None and (usage.prompt_tokens or usage.completion_tokens
                                                               or not usage.estimated):
             actual = charge or cost_usd(ctx.backend, usage, ctx.prompt_tokens)
-            ctx.budget.committed_usd = actual[0]
-        else:
-            ctx.budget.released = True
+        if ctx.reservation is not None and ctx.budget is not None:
+            ctx.budget.committed_usd = actual[0] if actual is not None else None
+            ctx.budget.released = actual is None
+        return actual
+
+    @staticmethod
+    def _settlement(ctx: _Ctx, actual: tuple[float, int] | None) -> SettleOp | None:
+        """The op settling this request's reservation. Takes the reservation off ``ctx``, so a request is settled
+        exactly once: call it only when nothing can fail before the op is handed to the store."""
+        reservation, ctx.reservation = ctx.reservation, None
+        if reservation is None:
+            return None
         if isinstance(reservation, Claim):
             return reservation.settle(actual)
         return SettleOp(reservation.id, actual)
@@ -665,8 +671,8 @@ class DataPlane:
         with it) keeps that record."""
         if ctx.status_code:
             return
-        ctx.reason = reason
-        await self._audit(ctx, stores, status, self._settlement(ctx, None))
+        ctx.reason, ctx.output = reason, None
+        await self._audit(ctx, stores, status)
         self._observe(ctx, outcome)
 
     async def _left(self, ctx: _Ctx, stores: Stores) -> None:
@@ -679,7 +685,9 @@ class DataPlane:
 
     async def _internal_error(self, ctx: _Ctx, stores: Stores, exc: Exception) -> Response:
         """A failure in the gateway itself before the answer: an OpenAI error, and a 500 record (``_failed_itself``)."""
-        message = self._failed_itself(ctx, exc, "; nothing was charged")
+        detail = f" after its {ctx.status_code} record was written, which stands" if ctx.status_code else \
+            "; nothing was charged"
+        message = self._failed_itself(ctx, exc, detail)
         await self._unanswered(ctx, stores, 500, message, INTERNAL_ERROR)
         return openai_error(500, message, None, None, INTERNAL_ERROR, headers=ctx.headers)
 
@@ -691,9 +699,9 @@ class DataPlane:
         return (f"The gateway failed on this request ({type(exc).__name__}){detail}. "
                 f"Quote request id {ctx.request_id} to the operator.")
 
-    async def _settle(self, ctx: _Ctx, stores: Stores, usage: Usage | None) -> None:
-        """Settle without an audit record (the request is failing with an exception); see ``_settlement``."""
-        op = self._settlement(ctx, usage)
+    async def _release(self, ctx: _Ctx, stores: Stores) -> None:
+        """Release the reservation without an audit record (the request is failing with an exception)."""
+        op = self._settlement(ctx, None)
         if op is not None:
             await asyncio.shield(self._writing(stores, stores.ledger.put_settle(op), op))
             self._spent(ctx, op)
@@ -819,7 +827,7 @@ class DataPlane:
             ctx.output = _output(ctx.path, result.data)
             self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
             charge = cost_usd(backend, usage, ctx.prompt_tokens)  # once: for the ledger and the header
-            await self._audit(ctx, stores, 200, self._settlement(ctx, usage, charge))
+            await self._audit(ctx, stores, 200, usage, charge)
             self._observe(ctx, "ok")
             return Response(result.body, media_type=result.content_type,
                             headers={**ctx.headers, COST_HEADER: f"{charge[0]:.9f}"})
@@ -838,7 +846,7 @@ class DataPlane:
             code, outcome = f"backend_{last.error_class.value}", last.error_class.value
             message = f"Every backend failed; the last with {last.error_class.value}: {last.message}"
         ctx.reason = message
-        await self._audit(ctx, stores, status, self._settlement(ctx, None))
+        await self._audit(ctx, stores, status)
         self._observe(ctx, outcome)
         return openai_error(status, message, None, None, code, headers=ctx.headers)
 
@@ -899,7 +907,7 @@ class DataPlane:
                 self._stream_failed(ctx, backend, error, latency)
             ctx.output = b"".join(kept).decode(errors="replace") if store_output else None
             self.metrics.used_tokens(backend.model_deployment, usage.prompt_tokens, usage.completion_tokens)
-            await self._audit(ctx, stores, status, self._settlement(ctx, usage))
+            await self._audit(ctx, stores, status, usage)
             self._observe(ctx, "ok" if error is None else error.error_class.value)
             if ctx.idempotency_row is not None:
                 if error is None:  # the whole answer, [DONE] included: a replay is a complete stream
@@ -976,13 +984,17 @@ class DataPlane:
         ctx.backend_latency_s += latency_s
 
     # -- record ------------------------------------------------------------------------------------
-    async def _audit(self, ctx: _Ctx, stores: Stores, status: int, settle: SettleOp | None = None) -> None:
-        """Write the request's record durably, with its budget settlement in the same transaction.
+    async def _audit(self, ctx: _Ctx, stores: Stores, status: int, charged: Usage | None = None,
+                     charge: tuple[float, int] | None = None) -> None:
+        """Write the request's record durably, with its budget settlement in the same transaction: commit
+        ``charged`` (at ``charge`` when the caller priced it already), or release.
 
-        If that write fails, the reservation stays ``reserved`` (its worst case held) until the ledger's
-        expiry releases it: the request is answered 503 and was never acknowledged.
+        If building the record fails, nothing is taken: the request is still unrecorded and its reservation
+        unsettled, for the 500 record (``_unanswered``). If the write fails, the reservation stays ``reserved``
+        (its worst case held) until the ledger's expiry releases it: the request is answered 503 and was never
+        acknowledged.
         """
-        ctx.status_code = status
+        actual = self._actual(ctx, charged, charge)
         table = ctx.table
         store_prompts = bool(table and table.audit_store_prompts)
         store_outputs = bool(table and table.audit_store_outputs)
@@ -1002,6 +1014,8 @@ class DataPlane:
             if usage else None,
             output=output, output_hash=output_hash, status_code=status,
             latency_ms=(time.perf_counter() - ctx.started) * 1000)
+        settle = self._settlement(ctx, actual)
+        ctx.status_code = status
         try:
             await asyncio.shield(self._writing(stores, stores.writer.put(record, settle), settle))
         except Exception as exc:  # a store outage: the writer logged the batch's traceback once, not one per request

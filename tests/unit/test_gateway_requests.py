@@ -27,6 +27,7 @@ from pilothouse.operator.api.common import SecretKeyRef
 from pilothouse.operator.api.ledger import ledger as ledger_table
 from pilothouse.operator.api.routing import BudgetLimit, BudgetRule
 from pilothouse.operator.routing import Dependencies, compile_table
+from pilothouse.serving import dataplane
 from pilothouse.serving.audit import AuditLog
 from pilothouse.serving.breaker import BreakerState
 from pilothouse.serving.dataplane import estimate_prompt_tokens, new_id, resolve, trace_id
@@ -588,6 +589,46 @@ async def test_a_failure_in_the_gateway_itself_is_an_openai_500_with_its_record_
         assert gw.breaker("small") is BreakerState.CLOSED and primary.requests == 0
         monkeypatch.undo()
         assert (await gw.post(chat())).status_code == 200
+
+
+async def test_a_failure_while_building_the_answers_record_leaves_a_500_record_and_nothing_charged(
+        tmp_path: Path, fakes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend answered, but its 200 record could not be built (here: an output whose keys the audit's
+    canonical hash cannot sort): the request is still unrecorded and its reservation unsettled, so it gets the
+    500 record, without the output it never gave the client, and its budget back at once rather than at the
+    ledger's expiry."""
+    primary, fallback = fakes
+    monkeypatch.setattr(dataplane, "_output", lambda *_: {1: "keys that cannot be sorted", "a": 2})
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        answer = await gw.post(chat())
+        assert answer.status_code == 500 and "nothing was charged" in answer.json()["error"]["message"]
+        record = gw.audit(answer)
+        assert record.status_code == 500 and record.output_hash is None and primary.requests == 1
+        await nothing_charged(gw, record)
+
+
+async def test_a_failure_after_the_answers_record_is_written_says_that_record_stands(
+        tmp_path: Path, fakes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the 200 record and its charge are committed (here: in the request metrics) cannot take them
+    back: the 500 says the record stands instead of claiming nothing was charged, and no second record is written."""
+    primary, fallback = fakes
+    observe = Metrics.observe_request
+
+    def broken(self: Metrics, route: Any, backend: Any, outcome: str, *rest: Any) -> None:
+        if outcome == "ok":
+            raise KeyError("a bug")
+        observe(self, route, backend, outcome, *rest)
+
+    monkeypatch.setattr(Metrics, "observe_request", broken)
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        answer = await gw.post(chat())
+        message = answer.json()["error"]["message"]
+        assert answer.status_code == 500 and "200 record was written, which stands" in message
+        assert "nothing was charged" not in message
+        with AuditLog(gw.store_url, create=False) as log:
+            [record] = log.tail()
+        [trail] = record.budget
+        assert record.status_code == 200 and trail.committed_usd and not trail.released
 
 
 async def test_a_failure_in_the_gateway_mid_stream_ends_it_with_an_error_event_and_a_500_record(
