@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yarl
+from pydantic_core import from_json
 
 from pilothouse.operator.api.routing import Backend
 from pilothouse.serving.errors import ErrorClass, Failure, classify, error_message
@@ -52,11 +53,12 @@ KEEPALIVE_EXPIRY_S = 4.0  # under uvicorn's (vLLM's) default 5 s keep-alive time
 
 
 def loads(data: bytes | str) -> Any:
-    """JSON through orjson (2.4 -> 0.6 us for a short answer, ``bench/gateway_overhead.py``'s), or through the
-    standard library where orjson refuses what it accepts (NaN, Infinity, a lone surrogate): read as before."""
+    """JSON through pydantic's parser (2.4 -> 1.0 us for a short answer), or through the standard library for what
+    it refuses and is read anyway (a lone surrogate, nesting beyond its limit). Not orjson, though 0.3 us faster:
+    it reads an integer beyond 64 bits as a float, and the audit keeps what the backend answered."""
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
+        return from_json(data, allow_inf_nan=True)
+    except ValueError:
         return json.loads(data)
 
 

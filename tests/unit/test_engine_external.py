@@ -212,10 +212,16 @@ def test_usage_is_read_from_the_top_level_only(body: bytes, usage: Usage) -> Non
 
 
 def test_an_answer_only_the_standard_json_reader_accepts_is_still_read() -> None:
-    """A backend's NaN logprob or lone surrogate: orjson refuses both, the answer was read before and still is."""
+    """A backend's NaN logprob or lone surrogate: the answer was read before and still is."""
     usage, data = usage_from_body(b'{"choices":[{"logprobs":{"content":[{"logprob":NaN}]},"text":"\\ud800"}],'
                                   b'"usage":{"prompt_tokens":2,"completion_tokens":1}}')
     assert usage == Usage(2, 1) and data["choices"][0]["text"] == "\ud800"
+
+
+def test_an_answers_integers_beyond_64_bits_stay_integers() -> None:
+    """What the audit keeps of an answer is what the backend sent: a 2**70 seed echoed back is not rounded."""
+    _, data = usage_from_body(b'{"seed":1180591620717411303424,"choices":[],"usage":{"prompt_tokens":1}}')
+    assert data["seed"] == 2**70 and isinstance(data["seed"], int)
 
 
 async def test_a_request_orjson_cannot_write_reaches_the_backend_as_sent(engine: ExternalEngine,
