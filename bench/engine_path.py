@@ -12,10 +12,12 @@ Serve proxy, by the same load generator (aiohttp, its own process), asking the s
   only ``/metrics``: inference goes through the gateway, with its keys and budgets.)
 - **gateway**: ``/v1`` of the gateway with an API key, a BudgetPolicy rule with a day cap of 1e9 USD (the
   ledger reserves and commits every request), audit and metrics on, SQLite store; the gateway calls the
-  engine through a Serve handle (``serve://`` endpoint, ``engines.handle``), as in local mode;
+  engine (``serve://`` endpoint, ``engines.handle``) as in local mode: over the engine replica's Unix socket on
+  this host (``engines.local_socket``);
 - with ``--ablation``, also **handle passthrough** (a bare ASGI replica calling the engine through
-  ``engines.handle.HandleEngine``: the engine path with no gateway logic) and **gateway, no budget** (the
-  same gateway without its BudgetPolicy rule: the ledger's share).
+  ``engines.handle.HandleEngine``: the engine path with no gateway logic), **gateway, no budget** (the
+  same gateway without its BudgetPolicy rule: the ledger's share) and **gateway, handle** (the same gateway with
+  ``PILOTHOUSE_ENGINE_SOCKETS=off``: the engine reached through the Serve handle, as before the socket path).
 
 A streamed answer reaches the gateway in batches (the engine replica sends the first token at once, then
 what arrived every 50 ms: ``engines.vllm.first_token_then_batched``), while vLLM's own server sends one
@@ -95,7 +97,7 @@ PROMPT = "Extract the vendor, the invoice number, the date and the total of invo
 VARIANTS = [(stream, c) for stream in (False, True) for c in (1, 4)]
 Answer = tuple[int, float, float | None, str | None]  # (completion tokens, seconds, time to first chunk, error)
 INTERLEAVED_AT = 1  # the concurrency at which the targets take turns request by request, in one run
-NOBUDGET_APP, PASSTHROUGH_APP = "nobudget", "handle-passthrough"  # the ablation's Serve applications
+NOBUDGET_APP, PASSTHROUGH_APP, HANDLE_APP = "nobudget", "handle-passthrough", "over-handle"  # the ablation's apps
 CLOCKS = {"engine": "vllm:e2e_request_latency_seconds",  # each side's own latency histogram, scraped around a run
           "gateway": "pilothouse_request_duration_seconds"}
 
@@ -141,7 +143,7 @@ def role_ray(config_path: str) -> None:
     from ray.serve.llm import LLMServer
 
     from pilothouse.serving import serve as gateway
-    from pilothouse.serving.engines import handle, vllm
+    from pilothouse.serving.engines import handle, local_socket, vllm
 
     class NativeHttpLLMServer(vllm.PilothouseLLMServer):
         """The product's engine server, with vLLM's own OpenAI app as its HTTP face (the baseline)."""
@@ -201,8 +203,14 @@ def role_ray(config_path: str) -> None:
             serve.run(gateway.application(nb), name=NOBUDGET_APP, route_prefix="/nb", blocking=False)
             serve.run(HandlePassThrough.bind(endpoints[ENGINE]), name=PASSTHROUGH_APP, route_prefix="/hp",
                       blocking=False)
+            options = gateway.Gateway.ray_actor_options
+            over_handle = {**options, "runtime_env": {"env_vars": {**options["runtime_env"]["env_vars"],
+                                                                   local_socket.ENV: "off"}}}
+            serve.run(gateway.Gateway.options(ray_actor_options=over_handle).bind(args.model_dump()),
+                      name=HANDLE_APP, route_prefix="/oh", blocking=False)
         apps = {"direct": handle.parse(endpoints[ENGINE])[0], "gateway": gateway.APP_NAME,
-                "handle passthrough": PASSTHROUGH_APP, "gateway, no budget": NOBUDGET_APP}  # Serve app per target
+                "handle passthrough": PASSTHROUGH_APP, "gateway, no budget": NOBUDGET_APP,
+                "gateway, handle": HANDLE_APP}  # Serve app per target
         print(json.dumps({"ready": True, "engine_start_s": round(engine_s, 1), "apps": apps}), flush=True)
         while not stop:
             time.sleep(0.2)
@@ -415,10 +423,12 @@ def bench(args: argparse.Namespace) -> None:
         if args.ablation:
             targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
             targets["gateway, no budget"] = (f"{base}/nb/v1/chat/completions", KEY, ROUTE_MODEL)
+            targets["gateway, handle"] = (f"{base}/oh/v1/chat/completions", KEY, ROUTE_MODEL)
         # each target's Prometheus page: the engine's (vLLM's) for direct, the gateway's own for a gateway
         pages = {target: url for target, url in (("direct", f"{base}/engines/{ENGINE}/metrics"),
                                                  ("gateway", f"{base}/metrics"),
-                                                 ("gateway, no budget", f"{base}/nb/metrics")) if target in targets}
+                                                 ("gateway, no budget", f"{base}/nb/metrics"),
+                                                 ("gateway, handle", f"{base}/oh/metrics")) if target in targets}
         if args.throughput_optimized:  # each target on its ingress replica's own port
             apps = {target: ready["apps"][target] for target in targets}
             urls, ports = on_replica_ports({target: url for target, (url, _, _) in targets.items()}, apps, port)
@@ -498,6 +508,8 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
                                for name, by_target in results.items() if name.startswith("stream")}}
     if "gateway, no budget" in ratios:
         summary["no_budget_ratios"] = ratios["gateway, no budget"]
+    if "gateway, handle" in ratios:
+        summary["over_handle_ratios"] = ratios["gateway, handle"]
     summary["time_split_mean_ms"] = {name: {t: {"client": r["latency_mean_ms"], **r["clock_mean_ms"]}
                                             for t, r in by_target.items()} for name, by_target in results.items()}
     verdict = "meets" if summary["meets_goal"] else "MISSES"
@@ -521,7 +533,8 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
                             + ("on the replica's direct-ingress port" if args.throughput_optimized
                                else "through the Serve proxy"),
                   "gateway": "API key, budget rule (day cap 1e9 USD, ledger reserve+commit), audit, metrics on; "
-                             "SQLite store; engine reached through a Serve handle (serve:// endpoint)"},
+                             "SQLite store; engine (serve:// endpoint) reached on its Unix socket on this host "
+                             "(engines.local_socket), else through a Serve handle"},
         "summary": summary, "results": results, "notes": notes, "total_s": round(total_s, 1),
     }
     console.print(f"wrote {machine.save(args.output, payload)} in {total_s:.0f} s")

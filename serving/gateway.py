@@ -42,6 +42,7 @@ from . import reviews, tracing
 from .auth import ApiKeys, Authenticate
 from .dataplane import REQUEST_ID_HEADER, DataPlane, new_id, trace_id
 from .engines.external import close_shared_client
+from .engines.local_socket import close_clients
 from .openai_schema import (
     OPENAI_PATHS,
     openai_endpoint,
@@ -278,6 +279,7 @@ def build_app(routing_path: str, *, api_keys: str | None = None, max_body_bytes:
             await dataplane.aclose()
             await review_queue.aclose()
             await close_shared_client()
+            await close_clients()
             tracing.flush()
 
     app = FastAPI(title="Pilothouse gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)

@@ -352,7 +352,8 @@ class ExternalEngine:
         """``stream_usage=False`` for backends that reject ``stream_options`` (usage is then estimated)."""
         self._client = client
         self._base_url = base_url.rstrip("/")
-        self._proxy = env_proxy(self._base_url)
+        # A connection over a Unix socket (``engines.local_socket``) reaches its server with no proxy between
+        self._proxy = None if isinstance(client.connector, aiohttp.UnixConnector) else env_proxy(self._base_url)
         self.model = model
         self.stream_usage = stream_usage
         self._headers = {"content-type": "application/json"}

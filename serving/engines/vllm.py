@@ -2,11 +2,12 @@
 
 Built on ``ray.serve.llm`` (``LLMServer``, ``LLMConfig``, ``build_llm_deployment``), the same code a
 cluster's RayService runs (``operator/render_model.py``), so local and cluster engines differ only in
-how the gateway reaches them: here through a ``DeploymentHandle`` (``engines.handle``), there over
-HTTP. ``PilothouseLLMServer`` adds two plain-data methods to ``LLMServer`` so the gateway replica
-never imports vLLM (about a second and hundreds of MB saved per gateway replica): the request is
-validated into vLLM's own request types here, and the answer leaves as the bytes vLLM's HTTP server
-would have sent.
+how the gateway reaches them: here through a ``DeploymentHandle`` (``engines.handle``), or as HTTP on the
+replica's Unix socket when gateway and engine share a host (``engines.local_socket``); there over HTTP.
+``PilothouseLLMServer`` adds two plain-data methods to ``LLMServer`` so the gateway replica never
+imports vLLM (about a second and hundreds of MB saved per gateway replica): the request is validated
+into vLLM's own request types here, and the answer leaves as the bytes vLLM's HTTP server would have
+sent.
 
 Sized for a laptop (DESIGN.md §9; 2 cores): one CPU per engine (``placement_group_config`` with a
 single ``{"CPU": 1}`` bundle, the replica actor itself at 0 CPUs so the two do not add up), the model
@@ -42,6 +43,7 @@ from pilothouse.operator.api.model_deployment import Engine
 
 from . import CHAT, COMPLETIONS, EMBEDDINGS
 from .handle import endpoint as serve_endpoint
+from .local_socket import serve_socket
 
 ROUTE_PREFIX = "/engines"
 KV_CACHE_GIB = 1
@@ -186,7 +188,18 @@ class LocalWeights(CallbackBase):
 
 @serve.ingress()
 class PilothouseLLMServer(LLMServer):
-    """``LLMServer`` plus the plain-data calls of ``engines.handle`` and a metrics-only HTTP face."""
+    """``LLMServer`` plus the plain-data calls of ``engines.handle``, served on this host's engine socket too
+    (``engines.local_socket``), and a metrics-only HTTP face."""
+
+    async def __init__(self, *args: Any, **kwargs: Any) -> None:  # Serve awaits an async constructor
+        await super().__init__(*args, **kwargs)
+        self._socket = await serve_socket(self, serve.get_replica_context().app_name)
+
+    async def __del__(self) -> None:
+        socket = getattr(self, "_socket", None)
+        if socket is not None:
+            await socket.close()
+        await super().__del__()
 
     def _get_default_engine_class(self) -> type[Any]:
         from .inproc_worker import InProcessWorkerEngine  # imports vLLM: only the engine replica may

@@ -21,6 +21,7 @@ import jsonschema
 import openai
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from pilothouse.operator.api import ModelDeployment, RoutingTable
@@ -100,7 +101,17 @@ def _committed(record: AuditRecord) -> float | None:
     return record.budget[0].committed_usd if record.budget else None
 
 
+def _socket_calls(stack: Stack) -> float:
+    """Gateway calls the engine replica served on its Unix socket (``engines.local_socket``), from its metrics."""
+    text = httpx.get(f"{stack.url}/engines/small/metrics").text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name == "pilothouse_engine_socket_requests" for sample in family.samples
+               if sample.name.endswith("_total"))
+
+
 def test_chat_through_the_gateway_commits_the_engines_usage(stack: Stack) -> None:
+    """Through the engine replica's socket on this host, not the Serve handle: the faster path locally."""
+    before = _socket_calls(stack)
     raw = stack.client().chat.completions.with_raw_response.create(
         model="wf/extract", messages=[{"role": "user", "content": "Extract the invoice number."}], max_tokens=12,
         temperature=0, extra_body={"ignore_eos": True})
@@ -114,6 +125,7 @@ def test_chat_through_the_gateway_commits_the_engines_usage(stack: Stack) -> Non
     assert (record.usage.prompt_tokens, record.usage.completion_tokens) == (done.usage.prompt_tokens, 12)
     expected = (done.usage.prompt_tokens * PRICE_IN + 12 * PRICE_OUT) / 1_000_000
     assert _committed(record) == pytest.approx(expected)
+    assert _socket_calls(stack) == before + 1
 
 
 def test_streamed_chat_reports_usage_and_is_audited(stack: Stack) -> None:
