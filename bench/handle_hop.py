@@ -1,9 +1,11 @@
-"""Handle hop: what one call from the gateway to an engine replica costs, over gRPC against Ray actor calls.
+"""Handle hop: what one call from the gateway to an engine replica costs, by transport.
 
 Locally the gateway reaches a vLLM engine replica through a Serve handle (``engines.handle``). Serve can carry
 such a call as a Ray actor task (its default, ``_by_reference=True``) or over the gRPC server every replica
-runs (``_by_reference=False``, what ``engines.handle._handle`` asks for). This measures both in one Ray
-instance, round by round, on the product's own handle: the engine replica is a stand-in with the same two
+runs (``_by_reference=False``, what ``engines.handle._handle`` asks for). On the replica's own host the gateway
+skips the handle: the same calls go as HTTP over the replica's Unix socket (``engines.local_socket``). This
+measures the three in one Ray instance, round by round, on the product's own code: the engine replica is a
+stand-in with the same two
 methods as ``engines.vllm.PilothouseLLMServer`` (``complete`` answers an OpenAI-sized JSON body; ``stream``
 yields the status then ``--chunks`` SSE batches, as a 128-token answer arrives in ~5 batches), so what is
 timed is the hop alone, not vLLM.
@@ -14,7 +16,7 @@ other per round and transport; reported per call: latency p50 and mean, and the 
 process and of the engine stand-in's (``time.process_time``, all their threads), the medians over
 ``--rounds`` rounds that alternate the transports. On 2 cores the CPU is what the hop takes from the engine.
 Results: a rich table and ``bench/results/handle_hop.json``; its ``summary`` holds gRPC's figures as
-ratios to the actor call's.
+ratios to the actor call's, and the socket's as ratios to gRPC's.
 
 Run: ``.venv/bin/python bench/handle_hop.py`` (about a minute).
 """
@@ -40,7 +42,7 @@ ANSWER = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "
                      "usage": {"prompt_tokens": 40, "completion_tokens": 128, "total_tokens": 168}}).encode()
 BODY = {"model": "small", "messages": [{"role": "user", "content": "Extract the vendor and total. " * 4}],
         "max_tokens": 128}
-TRANSPORTS = {"actor call": True, "grpc": False}  # name -> _by_reference
+TRANSPORTS = {"actor call": True, "grpc": False, "socket": None}  # name -> _by_reference (None: the socket)
 
 
 def deployments(chunks: int) -> Any:
@@ -48,15 +50,21 @@ def deployments(chunks: int) -> Any:
 
     @serve.deployment(name="engine", ray_actor_options={"num_cpus": 0})
     class EngineStandIn:
-        """``PilothouseLLMServer``'s plain-data calls, answering at once."""
+        """``PilothouseLLMServer``'s plain-data calls, answering at once, on the handle and on its socket."""
+
+        async def __init__(self) -> None:
+            from pilothouse.serving.engines import local_socket
+
+            self.socket = await local_socket.serve_socket(self, ENDPOINT_APP)
 
         async def complete(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
             return 200, ANSWER
 
         async def stream(self, path: str, body: dict[str, Any]) -> Any:
             yield 200
-            for _ in range(chunks):
-                yield b'data: {"choices": [{"delta": {"content": "token token token"}}]}\n\n'
+            for i in range(chunks):
+                yield b'data: {"choices": [{"delta": {"content": "token token token"}}]}\n\n' + (
+                    b"data: [DONE]\n\n" if i == chunks - 1 else b"")
 
         async def cpu(self) -> float:
             return time.process_time()
@@ -66,17 +74,32 @@ def deployments(chunks: int) -> Any:
         """Calls the stand-in (its own application, as an engine is) through ``engines.handle``'s own handle,
         as the gateway does."""
 
-        async def run(self, by_reference: bool, stream: bool, calls: int) -> dict[str, float]:
-            from pilothouse.serving.engines import CHAT
+        async def run(self, by_reference: bool | None, stream: bool, calls: int) -> dict[str, float]:
+            from pilothouse.serving.engines import CHAT, local_socket
             from pilothouse.serving.engines import handle as engine_handle
 
-            handle = engine_handle._handle(engine_handle.endpoint(ENDPOINT_APP)).options(_by_reference=by_reference)
+            handle = engine_handle._handle(engine_handle.endpoint(ENDPOINT_APP)).options(_by_reference=bool(
+                by_reference))
             meter = handle.options(_by_reference=True)
+
+            async def over_socket() -> None:
+                async def send(engine: Any) -> None:
+                    if stream:
+                        async for _ in await engine.stream(CHAT, BODY):
+                            pass
+                    else:
+                        await engine.complete(CHAT, BODY)
+
+                if not (await local_socket.call(ENDPOINT_APP, "small", 60.0, send))[0]:
+                    raise RuntimeError("the stand-in's socket is not there")
+
             seconds: list[float] = []
             cpu0, engine0 = time.process_time(), await meter.cpu.remote()
             for _ in range(calls):
                 started = time.perf_counter()
-                if stream:
+                if by_reference is None:
+                    await over_socket()
+                elif stream:
                     async for _ in handle.options(stream=True).stream.remote(CHAT, BODY):
                         pass
                 else:
@@ -132,14 +155,16 @@ def report(args: argparse.Namespace, raw: dict[str, dict[str, list[dict[str, flo
         for name, m in by_name.items():
             both = m["caller_cpu_ms"] + m["engine_cpu_ms"]
             table.add_row(variant if name == "actor call" else "", name,
-                          *(f"{value:.2f} ms" for value in (*(m[f] for f in fields), both)), end_section=name == "grpc")
-        actor, grpc = by_name["actor call"], by_name["grpc"]
-        summary[f"{variant}_latency_p50_ratio"] = round(grpc["p50_ms"] / actor["p50_ms"], 3)
-        summary[f"{variant}_cpu_ratio"] = round((grpc["caller_cpu_ms"] + grpc["engine_cpu_ms"])
-                                                / (actor["caller_cpu_ms"] + actor["engine_cpu_ms"]), 3)
+                          *(f"{value:.2f} ms" for value in (*(m[f] for f in fields), both)),
+                          end_section=name == list(by_name)[-1])
+        for over, base in (("grpc", "actor call"), ("socket", "grpc")):
+            faster, slower = by_name[over], by_name[base]
+            summary[f"{variant}_{over}_latency_p50_ratio"] = round(faster["p50_ms"] / slower["p50_ms"], 3)
+            summary[f"{variant}_{over}_cpu_ratio"] = round((faster["caller_cpu_ms"] + faster["engine_cpu_ms"])
+                                                           / (slower["caller_cpu_ms"] + slower["engine_cpu_ms"]), 3)
     console = Console(highlight=False, width=140)
     console.print(table)
-    console.print("gRPC / actor call: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    console.print("gRPC / actor call, socket / gRPC: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     payload = {"benchmark": "handle_hop", "when": machine.measured_at(), "machine": machine.describe("ray"),
                "setup": {"calls": args.calls, "rounds": args.rounds, "stream_chunks": args.chunks,
                          "answer_bytes": len(ANSWER)},

@@ -210,7 +210,9 @@ async def call(app: str, model: str, timeout_s: float,
         return False, None
     loop = asyncio.get_running_loop()
     sockets = _sockets.get((folder, loop))
-    if sockets is None:
+    if sockets is None:  # clients belong to the loop that made them, as handles do (``engines.handle._handle``)
+        for key in [k for k in _sockets if k[1].is_closed()]:
+            del _sockets[key]
         sockets = _sockets[(folder, loop)] = _Sockets(folder)
     picked = sockets.pick()
     if picked is None:
