@@ -44,7 +44,7 @@ A ratio is the median of the rounds' ratios. The pooled figures (tokens over all
 
 With ``--throughput-optimized``, Ray runs Serve's throughput-optimized preset (as ``bench/gateway_overhead.py``
 does) and each target is asked on its ingress replica's own direct-ingress port: no Serve proxy and no HAProxy
-on either path. (The gateway's handle calls go over gRPC in both modes: ``engines.handle``.)
+on either path. (The gateway calls the engine over its Unix socket in both modes: ``engines.local_socket``.)
 
 Reported: tokens/s, gateway/direct ratio, TTFT p50 (streams: first content chunk), request p50, and CPU
 seconds per process (c=4, where each run has one target); and where a request's time goes, as means of three

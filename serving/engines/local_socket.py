@@ -40,6 +40,8 @@ from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from pydantic_core import from_json
 
+from pilothouse.serving.openai_schema import error_object
+
 from . import PATHS, BackendError
 from .external import ExternalEngine
 
@@ -76,8 +78,7 @@ class Handlers(Protocol):
 
 
 def _bad_request(message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "BadRequestError", "param": None,
-                                        "code": 400}}, status=400)
+    return web.json_response(error_object(message, "BadRequestError", None, "invalid_json"), status=400)
 
 
 def face(server: Handlers, registry: CollectorRegistry = REGISTRY) -> web.Application:
