@@ -15,6 +15,10 @@ machine that CPU is taken from the engine, and the latency is added to every req
   refuses the connection (its replica died) is dropped, and that call goes through the handle.
   Several replicas on this host take turns.
 
+What a socket call skips is Serve's router: requests beyond the replica's ``max_ongoing_requests``
+wait in vLLM's own scheduler queue instead of the router's (Serve's default queue is unbounded too),
+and several replicas take turns instead of being chosen by queue length.
+
 The folder is keyed by the Ray cluster (its GCS address) and the application, so two clusters on
 one host, or two engines, never share one; it is private to the user (mode 0700).
 """
