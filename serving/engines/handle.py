@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from pilothouse.operator.api.routing import Backend
 from pilothouse.serving.errors import ErrorClass, Failure, classify
 
 from . import EMBEDDINGS, PATHS, BackendError, EngineResult, EngineStream, local_socket
-from .external import SseStream, complete_result
+from .external import ExternalEngine, SseStream, complete_result
 
 SCHEME = "serve://"
 DEFAULT_TIMEOUT_S = 60.0
@@ -199,12 +199,17 @@ class HandleEngine:
         except Exception as exc:
             raise BackendError(classify_handle_error(exc)) from exc
 
+    async def _on_socket(self, send: Callable[[ExternalEngine], Awaitable[Any]]) -> tuple[bool, Any]:
+        """``send`` over the engine replica's socket on this host (``engines.local_socket``): (False, None) when
+        there is none to use, and the handle is the path."""
+        if self._app is None:
+            return False, None
+        return await local_socket.call(self._app, self.model, self.timeout_s, send)
+
     async def complete(self, path: str, body: Mapping[str, Any]) -> EngineResult:
-        if self._app is not None:
-            done, result = await local_socket.call(self._app, self.model, self.timeout_s,
-                                                   lambda engine: engine.complete(path, body))
-            if done:
-                return result  # type: ignore[no-any-return]
+        done, result = await self._on_socket(lambda engine: engine.complete(path, body))
+        if done:
+            return result  # type: ignore[no-any-return]
         payload = request_payload(path, body, self.model, stream=False)
         handle = self._get()
         started = time.perf_counter()
@@ -216,11 +221,9 @@ class HandleEngine:
 
     async def stream(self, path: str, body: Mapping[str, Any]) -> EngineStream:
         """Start a stream; returns once the engine accepted the request (errors before that raise here)."""
-        if self._app is not None:
-            done, stream = await local_socket.call(self._app, self.model, self.timeout_s,
-                                                   lambda engine: engine.stream(path, body))
-            if done:
-                return stream  # type: ignore[no-any-return]
+        done, stream = await self._on_socket(lambda engine: engine.stream(path, body))
+        if done:
+            return stream  # type: ignore[no-any-return]
         payload = request_payload(path, body, self.model, stream=True)
         handle = self._get()
         started = time.perf_counter()
