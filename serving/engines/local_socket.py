@@ -56,9 +56,9 @@ RESCAN_S = 5.0  # how stale the gateway's list of an engine's sockets may be
 BASE_URL = "http://engine/v1"  # the host is a placeholder: the connection is the socket
 
 
-@functools.lru_cache(maxsize=256)
 def socket_dir(app: str) -> Path | None:
-    """The folder of ``app``'s engine sockets on this host; None when the fast path is off or Ray is not running."""
+    """The folder of ``app``'s engine sockets on this host; None when the fast path is off or Ray is not running
+    (asked on every call: a process may start Ray, or another Ray, after its first one)."""
     base = os.environ.get(ENV, "")
     if base == "off":
         return None
@@ -66,7 +66,12 @@ def socket_dir(app: str) -> Path | None:
 
     if not ray.is_initialized():
         return None
-    key = hashlib.sha256(f"{ray.get_runtime_context().gcs_address}\0{app}".encode()).hexdigest()[:16]
+    return _folder(base, ray.get_runtime_context().gcs_address, app)
+
+
+@functools.lru_cache(maxsize=256)
+def _folder(base: str, cluster: str, app: str) -> Path:
+    key = hashlib.sha256(f"{cluster}\0{app}".encode()).hexdigest()[:16]
     return Path(base or Path(tempfile.gettempdir()) / f"pilothouse-engines-{os.getuid()}") / key
 
 

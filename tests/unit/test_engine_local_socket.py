@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import ray
 from prometheus_client import CollectorRegistry
 
 from pilothouse.serving.engines import CHAT, BackendError, local_socket
@@ -169,11 +170,27 @@ async def test_the_handle_is_the_path_without_a_socket_or_for_a_named_deployment
         await server.close()
 
 
-def test_the_fast_path_is_off_without_ray_or_when_the_environment_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    local_socket.socket_dir.cache_clear()
-    assert local_socket.socket_dir(APP) is None  # these unit tests run no Ray
+def test_each_cluster_and_engine_has_its_own_folder_and_the_fast_path_can_be_off(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cluster = {"address": "10.0.0.1:6379"}
+
+    class Context:
+        @property
+        def gcs_address(self) -> str:
+            return cluster["address"]
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    monkeypatch.setenv(local_socket.ENV, str(tmp_path))
+    first = local_socket.socket_dir(APP)
+    assert first is not None and first.parent == tmp_path
+    assert local_socket.socket_dir("engine-large") not in (first, None)
+    cluster["address"] = "10.0.0.2:6379"  # another Ray on this host, or this process's next one
+    assert local_socket.socket_dir(APP) not in (first, None)
     monkeypatch.setenv(local_socket.ENV, "off")
-    local_socket.socket_dir.cache_clear()
+    assert local_socket.socket_dir(APP) is None
+    monkeypatch.delenv(local_socket.ENV)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     assert local_socket.socket_dir(APP) is None
 
 

@@ -20,7 +20,7 @@ from ray.serve._private.common import DeploymentID
 from pilothouse.operator import model_deployment
 from pilothouse.operator.api import ModelDeployment
 from pilothouse.operator.local import LocalEnv
-from pilothouse.serving.engines import CHAT, COMPLETIONS, EMBEDDINGS, BackendError
+from pilothouse.serving.engines import CHAT, COMPLETIONS, EMBEDDINGS, BackendError, local_socket
 from pilothouse.serving.engines import handle as h
 from pilothouse.serving.errors import ErrorClass
 from pilothouse.serving.tiny_model import FILES, make_tiny_llama
@@ -149,6 +149,8 @@ class FakeHandle:
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv(local_socket.ENV, "off")  # the handle's own path, even where this process runs a Ray
+
     def install(handle: FakeHandle) -> h.HandleEngine:
         monkeypatch.setitem(h._handles, ("serve://engine-small", asyncio.get_running_loop()), handle)
         return h.HandleEngine("serve://engine-small", "small")
