@@ -17,7 +17,9 @@ machine that CPU is taken from the engine, and the latency is added to every req
 
 What a socket call skips is Serve's router: requests beyond the replica's ``max_ongoing_requests``
 wait in vLLM's own scheduler queue instead of the router's (Serve's default queue is unbounded too),
-and several replicas take turns instead of being chosen by queue length.
+and several replicas take turns instead of being chosen by queue length. Serve's request metrics and
+its autoscaler do not see these calls either (``pilothouse_engine_socket_requests_total`` counts them):
+local engines run a fixed replica count (``engines.vllm.llm_config``).
 
 The folder is keyed by the Ray cluster (its GCS address) and the application, so two clusters on
 one host, or two engines, never share one; it is private to the user (mode 0700).
