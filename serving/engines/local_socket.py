@@ -22,7 +22,8 @@ its autoscaler do not see these calls either (``pilothouse_engine_socket_request
 local engines run a fixed replica count (``engines.vllm.llm_config``).
 
 The folder is keyed by the Ray cluster (its GCS address) and the application, so two clusters on
-one host, or two engines, never share one; it is private to the user (mode 0700).
+one host, or two engines, never share one. It and its parent must be this user's alone (mode 0700; ``private``):
+otherwise neither side uses them, and the handle carries the calls.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import hashlib
 import itertools
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -53,7 +55,7 @@ from .external import ExternalEngine
 
 log = logging.getLogger(__name__)
 
-ENV = "PILOTHOUSE_ENGINE_SOCKETS"  # a folder for the sockets, or "off"
+ENV = "PILOTHOUSE_ENGINE_SOCKETS"  # a folder for the sockets (this user's, mode 0700), or "off"
 RESCAN_S = 5.0  # how stale the gateway's list of an engine's sockets may be
 BASE_URL = "http://engine/v1"  # the host is a placeholder: the connection is the socket
 
@@ -75,6 +77,17 @@ def socket_dir(app: str) -> Path | None:
 def _folder(base: str, cluster: str, app: str) -> Path:
     key = hashlib.sha256(f"{cluster}\0{app}".encode()).hexdigest()[:16]
     return Path(base or Path(tempfile.gettempdir()) / f"pilothouse-engines-{os.getuid()}") / key
+
+
+def private(folder: Path) -> bool:
+    """The folder and its parent are directories of this user's that nobody else may write to. A socket anyone
+    could have put there (a shared /tmp: another user renaming the folder and planting one) would be trusted with
+    every prompt; the handle is used instead. Raises OSError when the folder is not there."""
+    for path in (folder, folder.parent):
+        st = path.lstat()  # a symlink is not followed, and fails the directory test
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return False
+    return True
 
 
 # -- the engine replica's side ------------------------------------------------------------------------
@@ -153,7 +166,10 @@ async def serve_socket(server: Handlers, app: str, registry: CollectorRegistry =
         return None
     path = folder / f"{os.getpid()}.sock"
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if not private(folder):
+            raise PermissionError(f"{folder} or its parent is not this user's alone")
         path.unlink(missing_ok=True)  # a dead process's, whose pid this one reuses
         # Cancelling the handler when the gateway drops the connection stops the generation, as a handle call's
         # cancellation does.
@@ -191,7 +207,8 @@ class _Sockets:
     def _scan(self) -> None:
         self.scanned = time.monotonic()
         try:
-            found = {Path(entry.path) for entry in os.scandir(self.folder) if entry.name.endswith(".sock")}
+            found = {Path(entry.path) for entry in os.scandir(self.folder) if entry.name.endswith(".sock")} \
+                if private(self.folder) else set()
         except OSError:  # no engine on this host has made the folder
             found = set()
         for path in set(self.clients) - found:

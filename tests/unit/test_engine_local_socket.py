@@ -75,6 +75,11 @@ def _exists(path: Path) -> bool:
     return path.exists()
 
 
+def _make_folder(path: Path, mode: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(mode)
+
+
 def _dead_socket(path: Path) -> None:
     """What a replica killed hard leaves: its socket file, nothing listening."""
     path.parent.mkdir(parents=True)
@@ -166,6 +171,23 @@ async def test_the_handle_is_the_path_without_a_socket_or_for_a_named_deployment
         finally:
             h.forget(endpoint)
         assert len(handle.calls) == 1 and len(named.calls) == 1
+    finally:
+        await server.close()
+
+
+async def test_a_socket_in_a_folder_others_may_write_to_is_neither_served_nor_trusted(
+        sockets: Path, handle: FakeHandle) -> None:
+    """On a shared /tmp another user could plant a socket: the engine refuses to serve from such a folder, and the
+    gateway will not call a socket there (the handle carries the call)."""
+    _make_folder(sockets.parent, 0o777)
+    assert await local_socket.serve_socket(Replica(), APP, CollectorRegistry()) is None
+    _make_folder(sockets.parent, 0o700)
+    server = await local_socket.serve_socket(Replica(), APP, CollectorRegistry())
+    assert server is not None
+    try:
+        _make_folder(sockets, 0o770)  # group-writable after the engine made it
+        assert (await h.HandleEngine(h.endpoint(APP), "small").complete(CHAT, {"messages": []})).body == ANSWER
+        assert len(handle.calls) == 1
     finally:
         await server.close()
 
