@@ -83,14 +83,15 @@ def deployments(chunks: int) -> Any:
             meter = handle.options(_by_reference=True)
 
             async def over_socket() -> None:
-                async def send(engine: Any) -> None:
+                async def send(engine: Any) -> bool:
                     if stream:
                         async for _ in await engine.stream(CHAT, BODY):
                             pass
                     else:
                         await engine.complete(CHAT, BODY)
+                    return True
 
-                if not (await local_socket.call(ENDPOINT_APP, "small", 60.0, send))[0]:
+                if await local_socket.call(ENDPOINT_APP, "small", 60.0, send) is None:
                     raise RuntimeError("the stand-in's socket is not there")
 
             seconds: list[float] = []

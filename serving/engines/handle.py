@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from pilothouse.operator.api.routing import Backend
 from pilothouse.serving.errors import ErrorClass, Failure, classify
@@ -37,6 +37,7 @@ from . import EMBEDDINGS, PATHS, BackendError, EngineResult, EngineStream, local
 from .external import ExternalEngine, SseStream, complete_result
 
 SCHEME = "serve://"
+_T = TypeVar("_T")
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -199,17 +200,15 @@ class HandleEngine:
         except Exception as exc:
             raise BackendError(classify_handle_error(exc)) from exc
 
-    async def _on_socket(self, send: Callable[[ExternalEngine], Awaitable[Any]]) -> tuple[bool, Any]:
-        """``send`` over the engine replica's socket on this host (``engines.local_socket``): (False, None) when
-        there is none to use, and the handle is the path."""
-        if self._app is None:
-            return False, None
-        return await local_socket.call(self._app, self.model, self.timeout_s, send)
+    async def _on_socket(self, send: Callable[[ExternalEngine], Awaitable[_T]]) -> _T | None:
+        """``send`` over the engine replica's socket on this host (``engines.local_socket``); None when there is
+        none to use, and the handle is the path."""
+        return None if self._app is None else await local_socket.call(self._app, self.model, self.timeout_s, send)
 
     async def complete(self, path: str, body: Mapping[str, Any]) -> EngineResult:
-        done, result = await self._on_socket(lambda engine: engine.complete(path, body))
-        if done:
-            return result  # type: ignore[no-any-return]
+        result = await self._on_socket(lambda engine: engine.complete(path, body))
+        if result is not None:
+            return result
         payload = request_payload(path, body, self.model, stream=False)
         handle = self._get()
         started = time.perf_counter()
@@ -221,9 +220,9 @@ class HandleEngine:
 
     async def stream(self, path: str, body: Mapping[str, Any]) -> EngineStream:
         """Start a stream; returns once the engine accepted the request (errors before that raise here)."""
-        done, stream = await self._on_socket(lambda engine: engine.stream(path, body))
-        if done:
-            return stream  # type: ignore[no-any-return]
+        stream = await self._on_socket(lambda engine: engine.stream(path, body))
+        if stream is not None:
+            return stream
         payload = request_payload(path, body, self.model, stream=True)
         handle = self._get()
         started = time.perf_counter()

@@ -41,19 +41,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
-from pydantic_core import from_json
 
 from pilothouse.serving.openai_schema import error_object
 
 from . import PATHS, BackendError
-from .external import ExternalEngine
+from .external import ExternalEngine, loads
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENV = "PILOTHOUSE_ENGINE_SOCKETS"  # a folder for the sockets (this user's, mode 0700), or "off"
 RESCAN_S = 5.0  # how stale the gateway's list of an engine's sockets may be
@@ -115,7 +115,7 @@ def face(server: Handlers, registry: CollectorRegistry = REGISTRY) -> web.Applic
         path = request.path.removeprefix("/v1")
         served.labels(path).inc()
         try:
-            body = from_json(await request.read())
+            body = loads(await request.read())
         except ValueError as exc:
             return _bad_request(f"the body is not JSON: {exc}")
         if not isinstance(body, dict):
@@ -188,9 +188,10 @@ async def serve_socket(server: Handlers, app: str, registry: CollectorRegistry =
 
 @dataclass
 class _Sockets:
-    """One engine's sockets on this host, each with its own pooled client; listed again every ``RESCAN_S``."""
+    """One engine's sockets on this host, each with its own pooled client; listed again every ``RESCAN_S``, which
+    is also when the folder is looked up (the cluster's address, the environment): not on every call."""
 
-    folder: Path
+    app: str
     clients: dict[Path, aiohttp.ClientSession] = field(default_factory=dict)
     scanned: float = float("-inf")
     turn: itertools.count[int] = field(default_factory=itertools.count)
@@ -206,9 +207,10 @@ class _Sockets:
 
     def _scan(self) -> None:
         self.scanned = time.monotonic()
+        folder = socket_dir(self.app)
         try:
-            found = {Path(entry.path) for entry in os.scandir(self.folder) if entry.name.endswith(".sock")} \
-                if private(self.folder) else set()
+            found = {Path(entry.path) for entry in os.scandir(folder) if entry.name.endswith(".sock")} \
+                if folder is not None and private(folder) else set()
         except OSError:  # no engine on this host has made the folder
             found = set()
         for path in set(self.clients) - found:
@@ -225,36 +227,32 @@ class _Sockets:
             closing.add_done_callback(_closing.discard)
 
 
-_sockets: dict[tuple[Path, asyncio.AbstractEventLoop], _Sockets] = {}
+_sockets: dict[tuple[str, asyncio.AbstractEventLoop], _Sockets] = {}
 _closing: set[asyncio.Future[None]] = set()
 
 
-async def call(app: str, model: str, timeout_s: float,
-               send: Callable[[ExternalEngine], Awaitable[Any]]) -> tuple[bool, Any]:
-    """``send`` through a socket of ``app``'s engine on this host: (True, its result), or (False, None) when there is
-    none to use, or the one tried refused the connection (then dropped): the caller uses the handle. Any other
-    failure is the engine's answer and raises, as it would through the handle."""
-    folder = socket_dir(app)
-    if folder is None:
-        return False, None
+async def call(app: str, model: str, timeout_s: float, send: Callable[[ExternalEngine], Awaitable[T]]) -> T | None:
+    """``send`` through a socket of ``app``'s engine on this host, and its result; None when there is none to use,
+    or the one tried refused the connection (then dropped): the caller uses the handle. Any other failure is the
+    engine's answer and raises, as it would through the handle."""
     loop = asyncio.get_running_loop()
-    sockets = _sockets.get((folder, loop))
+    sockets = _sockets.get((app, loop))
     if sockets is None:  # clients belong to the loop that made them, as handles do (``engines.handle._handle``)
         for key in [k for k in _sockets if k[1].is_closed()]:
             del _sockets[key]
-        sockets = _sockets[(folder, loop)] = _Sockets(folder)
+        sockets = _sockets[(app, loop)] = _Sockets(app)
     picked = sockets.pick()
     if picked is None:
-        return False, None
+        return None
     path, client = picked
     try:
-        return True, await send(ExternalEngine(client, BASE_URL, None, model, timeout_s=timeout_s))
+        return await send(ExternalEngine(client, BASE_URL, None, model, timeout_s=timeout_s))
     except BackendError as exc:
         if not isinstance(exc.__cause__, aiohttp.ClientConnectorError):
             raise
         log.info("engine socket %s refused the connection (%s); dropped", path, exc.__cause__)
         sockets.drop(path)
-        return False, None
+        return None
 
 
 async def close_clients() -> None:

@@ -113,6 +113,23 @@ async def test_a_replica_on_this_host_is_called_on_its_socket_not_through_the_ha
     assert not _exists(server.path) and not _exists(sockets)  # the last replica leaves nothing behind
 
 
+async def test_a_body_only_the_standard_json_reader_takes_reaches_the_replica_as_over_the_handle(
+        sockets: Path, handle: FakeHandle) -> None:
+    """What a client may send and the gateway forwards as sent (a lone surrogate; nesting deeper than pydantic's
+    parser goes) arrives at the replica on the socket as it would over the handle, not as a 400."""
+    replica = Replica()
+    server = await local_socket.serve_socket(replica, APP, CollectorRegistry())
+    assert server is not None
+    deep = json.loads("[" * 300 + "]" * 300)
+    try:
+        result = await h.HandleEngine(h.endpoint(APP), "small").complete(
+            CHAT, {"messages": [], "user": "\ud800", "metadata": {"tags": deep}})
+    finally:
+        await server.close()
+    assert result.body == ANSWER and handle.calls == []
+    assert replica.bodies[0]["user"] == "\ud800" and replica.bodies[0]["metadata"]["tags"] == deep
+
+
 async def test_an_engine_error_on_the_socket_is_the_engines_answer_not_a_reason_to_use_the_handle(
         sockets: Path, handle: FakeHandle) -> None:
     context = json.dumps(error_body(400, CONTEXT_MESSAGE)).encode()
