@@ -152,7 +152,7 @@ def role_ray(config_path: str) -> None:
             return await LLMServer.__serve_build_asgi_app__(self)
 
     @serve.deployment(name="HandlePassThrough", max_ongoing_requests=gateway.MAX_ONGOING_REQUESTS,
-                      ray_actor_options={"num_cpus": 0})
+                      logging_config=gateway.LOGGING, ray_actor_options={"num_cpus": 0})
     @serve.ingress()
     class HandlePassThrough:
         """Ablation: the engine path alone (an ASGI replica calling ``engines.handle.HandleEngine``), no gateway."""

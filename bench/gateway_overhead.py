@@ -187,8 +187,9 @@ def role_ray(config_path: str) -> None:
     os.environ.update(gateway.ray_env(throughput_optimized=cfg["throughput_optimized"]))
     backend = cfg["backend"]
 
+    # Serve's settings as the gateway's (no access log line per request), so the floor is the same stack
     @serve.deployment(name="PassThrough", max_ongoing_requests=gateway.MAX_ONGOING_REQUESTS,
-                      ray_actor_options={"num_cpus": 0})
+                      logging_config=gateway.LOGGING, ray_actor_options={"num_cpus": 0})
     @serve.ingress()
     class PassThrough:
         def __serve_build_asgi_app__(self) -> FastAPI:

@@ -45,6 +45,10 @@ MAX_ONGOING_REQUESTS = 512
 # The app on the replica's own event loop (Serve's throughput-optimized preset does the same): one thread
 # hand-off less per request. The gateway's code never blocks its loop (stores and files go to threads).
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# No Serve access log line per request: the audit trail records every request durably, with more than the
+# line says, and the line cost the replica's event loop a log record and two writes (its Serve log file and
+# stderr) per request. Serve's own start/stop lines stay; a serve config's ``logging_config`` overrides this.
+LOGGING = {"enable_access_log": False}
 
 
 class GatewayArgs(BaseModel):
@@ -61,7 +65,7 @@ class GatewayArgs(BaseModel):
                                       "None: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing.")
 
 
-@serve.deployment(name="Gateway", max_ongoing_requests=MAX_ONGOING_REQUESTS,
+@serve.deployment(name="Gateway", max_ongoing_requests=MAX_ONGOING_REQUESTS, logging_config=LOGGING,
                   ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}})
 @serve.ingress()
 class Gateway:

@@ -99,7 +99,10 @@ def llm_config(md: ModelDeployment, *, base_dir: Path | None = None) -> LLMConfi
         log_engine_metrics=False,
         runtime_env={"env_vars": engine_env()},
         callback_config={"callback_class": LocalWeights},
-        deployment_config={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+        # no Serve access log: the face serves only /metrics (each scrape a line) and the gateway's calls come
+        # over the socket or a handle; the gateway's audit trail is the request log
+        deployment_config={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                           "logging_config": {"enable_access_log": False}},
     )
 
 

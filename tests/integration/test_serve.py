@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import statistics
 import time
@@ -212,3 +213,25 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_leaves_a_499_record(se
     assert [(a.backend, a.error_class) for a in record.routing.attempts] == [("small", "cancelled")]
     again = served.client().chat.completions.create(model="wf/extract", messages=body["messages"], max_tokens=4)
     assert again.usage is not None and again.usage.completion_tokens == 4
+
+
+def test_a_request_leaves_its_audit_record_and_no_access_line_in_the_replicas_logs(served: Served) -> None:
+    """The audit trail is the gateway's request log: Serve's access line per request (a log record and two writes on
+    the replica's event loop) is off for the gateway, in its Serve log file and on its stderr alike."""
+    headers = {"Authorization": f"Bearer {KEY}", "x-pilothouse-run-id": "no-access-line"}
+    body = {"model": "wf/extract", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    assert httpx.post(f"{served.url}/v1/chat/completions", json=body, headers=headers, timeout=10).status_code == 200
+
+    def recorded() -> AuditRecord | None:
+        with AuditLog(served.store_url, create=False) as log:
+            return next((r for r in log.tail(50) if r.run_id == "no-access-line"), None)
+
+    assert eventually_sync(recorded, timeout=10).status_code == 200
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # no public API names the session's folder
+    replicas = [p.pid for p in psutil.process_iter(["cmdline"])
+                if "ServeReplica:gateway" in " ".join(p.info["cmdline"] or [])]
+    serve_logs = list((logs / "serve").glob("replica_gateway_*.log"))
+    stderr_logs = [f for pid in replicas for f in logs.glob(f"worker-*-{pid}.err")]
+    assert serve_logs and stderr_logs, (serve_logs, stderr_logs)
+    access = re.compile(r"POST /v1/chat/completions \d{3} [\d.]+ms")
+    assert [line for f in serve_logs + stderr_logs for line in f.read_text().splitlines() if access.search(line)] == []
