@@ -14,6 +14,9 @@ machine that CPU is taken from the engine, and the latency is added to every req
   deployment (``serve://app/deployment``), or ``PILOTHOUSE_ENGINE_SOCKETS=off``. A socket that
   refuses the connection (its replica died) is dropped, and that call goes through the handle.
   Several replicas on this host take turns.
+* A replica killed hard leaves its socket file. Its name is its pid: the gateway removes a socket that
+  refused it once no process has that pid on this host, and so does a replica of the engine when it
+  starts (``sweep``).
 
 What a socket call skips is Serve's router: requests beyond the replica's ``max_ongoing_requests``
 wait in vLLM's own scheduler queue instead of the router's (Serve's default queue is unbounded too),
@@ -143,6 +146,29 @@ def face(server: Handlers, registry: CollectorRegistry = REGISTRY) -> web.Applic
     return app
 
 
+def _dead(path: Path) -> bool:
+    """Whether the replica that made the socket ``<pid>.sock`` is gone: no process has that pid on this host. A pid
+    taken again since by another process keeps the file (it is refused, and tried again at each rescan)."""
+    try:
+        pid = int(path.stem)
+        if pid <= 0:  # 0 and -1 name process groups, not a process
+            return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):  # not a replica's name; another user's process
+        return False
+    return False
+
+
+def sweep(folder: Path) -> None:
+    """Remove the sockets of replicas that died without removing theirs (killed hard)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.endswith(".sock") and _dead(Path(entry.path)):
+                Path(entry.path).unlink(missing_ok=True)
+
+
 @dataclass
 class SocketServer:
     """A replica's face on its socket; ``close`` stops it and removes the socket."""
@@ -171,6 +197,7 @@ async def serve_socket(server: Handlers, app: str, registry: CollectorRegistry =
         if not private(folder):
             raise PermissionError(f"{folder} or its parent is not this user's alone")
         path.unlink(missing_ok=True)  # a dead process's, whose pid this one reuses
+        sweep(folder)
         # Cancelling the handler when the gateway drops the connection stops the generation, as a handle call's
         # cancellation does.
         runner = web.AppRunner(face(server, registry), handler_cancellation=True, access_log=None)
@@ -252,6 +279,8 @@ async def call(app: str, model: str, timeout_s: float, send: Callable[[ExternalE
             raise
         log.info("engine socket %s refused the connection (%s); dropped", path, exc.__cause__)
         sockets.drop(path)
+        if _dead(path):  # else a rescan would find it and be refused again
+            path.unlink(missing_ok=True)
         return None
 
 
@@ -266,4 +295,4 @@ async def close_clients() -> None:
     await asyncio.gather(*_closing, return_exceptions=True)
 
 
-__all__ = ["ENV", "Handlers", "SocketServer", "call", "close_clients", "face", "serve_socket", "socket_dir"]
+__all__ = ["ENV", "Handlers", "SocketServer", "call", "close_clients", "face", "serve_socket", "socket_dir", "sweep"]

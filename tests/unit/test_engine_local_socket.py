@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,10 @@ def _exists(path: Path) -> bool:
     return path.exists()
 
 
+def _listing(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir())
+
+
 def _make_folder(path: Path, mode: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(mode)
@@ -82,7 +88,7 @@ def _make_folder(path: Path, mode: int) -> None:
 
 def _dead_socket(path: Path) -> None:
     """What a replica killed hard leaves: its socket file, nothing listening."""
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(path))
     dead.close()
@@ -161,16 +167,47 @@ async def test_a_gateway_that_leaves_mid_stream_stops_the_replicas_generation(so
         await server.close()
 
 
-async def test_a_dead_replicas_socket_is_dropped_and_the_call_goes_through_the_handle(
-        sockets: Path, handle: FakeHandle, caplog: pytest.LogCaptureFixture) -> None:
-    """A replica killed hard leaves its socket file behind with nothing listening: refused, not an error."""
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+async def test_a_dead_replicas_socket_is_dropped_removed_and_the_call_goes_through_the_handle(
+        sockets: Path, handle: FakeHandle, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica killed hard leaves its socket file behind with nothing listening: refused once, not an error, and
+    removed, so that the folder's next listing does not offer it again."""
+    monkeypatch.setattr(local_socket, "RESCAN_S", 0.0)  # every call lists the folder again
     caplog.set_level(logging.INFO, local_socket.__name__)
-    _dead_socket(sockets / "4242.sock")
+    dead = sockets / f"{_dead_pid()}.sock"
+    _dead_socket(dead)
     engine = h.HandleEngine(h.endpoint(APP), "small")
     assert (await engine.complete(CHAT, {"messages": []})).body == ANSWER
+    assert not dead.exists()
     assert await _drain(await engine.stream(CHAT, {"messages": []})) == b"".join(CHUNKS)
     assert len(handle.calls) == 2
-    assert sum("refused the connection" in r.getMessage() for r in caplog.records) == 1  # dropped after the first
+    assert sum("refused the connection" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_refusing_socket_whose_pid_a_live_process_has_is_dropped_but_kept(
+        sockets: Path, handle: FakeHandle) -> None:
+    """The pid was taken again since by another process: whose socket it is cannot be told, so it stays."""
+    taken = sockets / f"{os.getppid()}.sock"
+    _dead_socket(taken)
+    assert (await h.HandleEngine(h.endpoint(APP), "small").complete(CHAT, {"messages": []})).body == ANSWER
+    assert taken.exists() and len(handle.calls) == 1
+
+
+async def test_a_starting_replica_removes_the_sockets_of_dead_replicas_and_keeps_the_others(sockets: Path) -> None:
+    dead, alive = sockets / f"{_dead_pid()}.sock", sockets / f"{os.getppid()}.sock"
+    _dead_socket(dead)
+    _dead_socket(alive)
+    server = await local_socket.serve_socket(Replica(), APP, CollectorRegistry())
+    assert server is not None
+    try:
+        assert _listing(sockets) == sorted([alive, server.path])
+    finally:
+        await server.close()
 
 
 async def test_the_handle_is_the_path_without_a_socket_or_for_a_named_deployment(sockets: Path,
