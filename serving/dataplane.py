@@ -665,13 +665,30 @@ class DataPlane:
             return reservation.settle(actual)
         return SettleOp(reservation.id, actual)
 
-    async def _unanswered(self, ctx: _Ctx, stores: Stores, status: int, reason: str, outcome: str) -> None:
+    async def _unanswered(self, ctx: _Ctx, stores: Stores, status: int, reason: str, outcome: str, *,
+                          sent: bool = False) -> None:
         """Record a request that ends without an answer from its backend path, its reservation released in the same
         transaction: nothing is charged. A request whose record is already written (and its reservation settled
-        with it) keeps that record."""
+        with it) keeps that record.
+
+        ``sent``: the client already received the output (a stream's chunks), so the record keeps it, unless the
+        record cannot be built with it (the output may be what failed); an answer the client never got is not
+        recorded as output."""
         if ctx.status_code:
             return
-        ctx.reason, ctx.output = reason, None
+        ctx.reason = reason
+        if sent and ctx.output is not None:
+            try:
+                await self._audit(ctx, stores, status)
+            except AuditUnavailable:
+                raise
+            except Exception:
+                log.warning("request %s: its %s record could not be built with its output; recorded without it",
+                            ctx.request_id, status, exc_info=True)
+            else:
+                self._observe(ctx, outcome)
+                return
+        ctx.output = None
         await self._audit(ctx, stores, status)
         self._observe(ctx, outcome)
 
@@ -963,7 +980,7 @@ class DataPlane:
         Idempotency-Key freed, and the SSE error event to end the stream with."""
         message = self._failed_itself(ctx, exc, " mid-stream")
         with contextlib.suppress(AuditUnavailable):  # logged by _audit; the reservation is held until its expiry
-            await self._unanswered(ctx, stores, 500, message, INTERNAL_ERROR)
+            await self._unanswered(ctx, stores, 500, message, INTERNAL_ERROR, sent=True)
         await self._abandon(ctx, stores)
         return _sse_error(message, INTERNAL_ERROR)
 

@@ -635,13 +635,19 @@ async def test_a_failure_in_the_gateway_mid_stream_ends_it_with_an_error_event_a
         tmp_path: Path, fakes: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A bug while a stream settles (here: in the token metrics, after the backend's last chunk) is the gateway's
     failure: the stream ends with an error event naming the request id, the record says 500, not 499 (a client
-    that left), the budget is given back and the Idempotency-Key freed; the backend's breaker is not told."""
+    that left), and keeps as its output what the client was sent (the workflow stores outputs); the budget is given
+    back and the Idempotency-Key freed; the backend's breaker is not told."""
     primary, fallback = fakes
 
     def broken(*_: Any) -> None:
         raise KeyError("a bug")
 
-    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+    def text(events: list[Any]) -> str:
+        return "".join((c.get("delta") or {}).get("content") or "" for e in events if isinstance(e, dict)
+                       for c in e.get("choices") or ())
+
+    table = make_table(primary, fallback, budget=rule(1.0)).model_copy(update={"audit_store_outputs": True})
+    async with gateway(tmp_path, table) as gw:
         monkeypatch.setattr(Metrics, "used_tokens", broken)
         key = {"Idempotency-Key": "stream-bug"}
         answer = await gw.post(chat(stream=True), headers=key)
@@ -653,12 +659,40 @@ async def test_a_failure_in_the_gateway_mid_stream_ends_it_with_an_error_event_a
         assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
         record = gw.audit(answer)
         assert record.status_code == 500 and record.routing.backend is None
+        assert record.output is not None and text(sse_events(record.output)) == text(events) != ""
         await nothing_charged(gw, record)
         assert gw.breaker("small") is BreakerState.CLOSED
         monkeypatch.undo()
         again = await gw.post(chat(stream=True), headers=key)  # the key was freed: served afresh, not replayed
         assert again.status_code == 200 and "x-pilothouse-idempotent-replay" not in again.headers
         assert sse_events(again.text)[-1] == "[DONE]"
+
+
+async def test_a_mid_stream_500_record_that_cannot_hold_the_output_is_written_without_it(
+        tmp_path: Path, fakes: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The output itself may be what fails a record: then the 500 record is written without it (and says so in the
+    log), rather than no record at all."""
+    primary, fallback = fakes
+    redact = dataplane.redact
+
+    def broken(*_: Any) -> None:
+        raise KeyError("a bug")
+
+    def refuses_outputs(value: Any, store: bool) -> Any:
+        if isinstance(value, str) and "data: " in value:
+            raise ValueError("an output the record cannot hold")
+        return redact(value, store)
+
+    table = make_table(primary, fallback, budget=rule(1.0)).model_copy(update={"audit_store_outputs": True})
+    async with gateway(tmp_path, table) as gw:
+        monkeypatch.setattr(Metrics, "used_tokens", broken)
+        monkeypatch.setattr(dataplane, "redact", refuses_outputs)
+        answer = await gw.post(chat(stream=True))
+        assert sse_events(answer.text)[-1]["error"]["code"] == "internal_error"
+        record = gw.audit(answer)
+        assert record.status_code == 500 and record.output is None
+        await nothing_charged(gw, record)
+        assert any("recorded without it" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_backend_without_an_endpoint_yet_is_skipped_like_an_unreachable_one(tmp_path: Path,
