@@ -149,14 +149,17 @@ class AuditRecord(_Part):
 def content_hash(content: Any) -> str:
     """``sha256:<hex>`` of text as UTF-8, or of anything else as canonical JSON (sorted keys).
 
-    Canonical so the same messages hash the same whichever process or dict order produced them.
+    Canonical so the same messages hash the same whichever process or dict order produced them. An unpaired
+    surrogate (a backend's answer may carry one; requests with one are refused) is hashed as its code point's
+    three bytes (``surrogatepass``) instead of failing the record: valid text hashes as before.
     """
     if isinstance(content, bytes):
         data = content
     elif isinstance(content, str):
-        data = content.encode()
+        data = content.encode("utf-8", "surrogatepass")
     else:
-        data = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        data = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          default=str).encode("utf-8", "surrogatepass")
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 

@@ -4,6 +4,7 @@ and an awaited write is on disk — group committed — before the gateway may a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import sqlite3
 from collections.abc import Awaitable, Iterator
@@ -310,3 +311,14 @@ def test_group_commit_beats_one_commit_per_record(tmp_path: Path) -> None:
         asyncio.run(burst(writer))
         writer.close()
         assert writer.batches <= 300 // 2
+
+
+def test_an_answer_with_an_unpaired_surrogate_is_hashed_and_valid_text_hashes_as_before() -> None:
+    """A backend's answer may carry an unpaired surrogate escape; hashing it must not fail the request's record.
+    Valid text keeps its hash (UTF-8, canonical JSON), so hashes of earlier records still match."""
+    assert content_hash("abc") == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert content_hash([{"role": "user", "content": "é"}]) == "sha256:" + hashlib.sha256(
+        '[{"content":"é","role":"user"}]'.encode()).hexdigest()
+    odd = content_hash("a\ud800")
+    assert odd.startswith("sha256:") and odd not in (content_hash("a"), content_hash("a\ufffd"))
+    assert content_hash({"output": "a\ud800"}).startswith("sha256:")

@@ -721,6 +721,8 @@ async def test_requests_answered_before_routing_have_an_audit_record_too(tmp_pat
             "wrong key": await post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer sk-no"}),
             "too large": await post("/v1/chat/completions", content=b"{" + b" " * (2 << 20) + b"}", headers=A),
             "not utf-8": await post("/v1/chat/completions", content=b'{"model": "\xff"}', headers=A),
+            "not text": await post("/v1/chat/completions", headers=A,  # JSON, but no UTF-8 can carry its text
+                                   content=json.dumps(chat(messages=[{"role": "user", "content": "\ud800"}])).encode()),
             "not json": await post("/v1/completions", content=b"{nope", headers=A),
             "unknown model": await gw.post({**chat(), "model": "wf/nope"}),
             "max_tokens": await gw.post(chat(max_tokens=100_000)),
@@ -729,8 +731,9 @@ async def test_requests_answered_before_routing_have_an_audit_record_too(tmp_pat
         answers["replay"] = await gw.post(chat(), headers={"Idempotency-Key": "k"})
         answers["conflict"] = await gw.post(chat(max_tokens=4), headers={"Idempotency-Key": "k"})
         statuses = {name: r.status_code for name, r in answers.items()}
-        assert statuses == {"no key": 401, "wrong key": 401, "too large": 413, "not utf-8": 400, "not json": 400,
-                            "unknown model": 404, "max_tokens": 400, "replay": 200, "conflict": 409}
+        assert statuses == {"no key": 401, "wrong key": 401, "too large": 413, "not utf-8": 400, "not text": 400,
+                            "not json": 400, "unknown model": 404, "max_tokens": 400, "replay": 200, "conflict": 409}
+        assert answers["not text"].json()["error"]["param"] == "messages[0].content"
         assert primary.requests == 1
 
         records = {name: gw.audit(r) for name, r in answers.items() if name != "replay"}
@@ -742,6 +745,7 @@ async def test_requests_answered_before_routing_have_an_audit_record_too(tmp_pat
         assert "invalid_api_key" in records["wrong key"].routing.reason
         assert records["too large"].tenant == "team-a" and "request_too_large" in records["too large"].routing.reason
         assert "invalid_encoding" in records["not utf-8"].routing.reason
+        assert "invalid_encoding" in records["not text"].routing.reason and records["not text"].inputs_hash
         unknown = records["unknown model"]
         assert unknown.model == "wf/nope" and "model_not_found" in unknown.routing.reason
         assert records["max_tokens"].route == "extract" and records["max_tokens"].inputs_hash.startswith("sha256:")

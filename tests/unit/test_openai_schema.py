@@ -56,7 +56,6 @@ def test_a_valid_chat_request_keeps_unknown_fields_for_the_backend() -> None:
 
 @pytest.mark.parametrize("extra", [
     {"seed": 2**70, "metadata": {"id": -(2**80)}},  # integers beyond 64 bits stay integers, digit for digit
-    {"user": "\ud800"},  # a lone surrogate: JSON, though not UTF-8 once decoded
     {"tags": json.loads("[" * 300 + "]" * 300)},  # deeper than the fast parser goes
     {"temperature": 1, "top_p": 1.0},  # an integer where a number is expected is forwarded as sent
 ])
@@ -82,6 +81,12 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
     (b'"hello"', None, "invalid_type", "got a string"),
     (b"\xff\xfe{}", None, "invalid_encoding", "UTF-8"),
     (b"[" * 100_000, None, "invalid_json", "nested too deeply"),
+    # an unpaired surrogate escape is JSON, but not text that UTF-8 (a backend, a tokenizer, the audit hash) can carry
+    (chat(user="\ud800"), "user", "invalid_encoding", "unpaired UTF-16 surrogate"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a\udc00b"}]}]),
+     "messages[0].content[0].text", "invalid_encoding", "'messages[0].content[0].text'"),
+    (chat(metadata={"k\ud83d": "v"}), "metadata", "invalid_encoding", "a key of 'metadata'"),
+    (json.dumps({"\ud800": 1}).encode(), None, "invalid_encoding", "a key"),
     (json.dumps({"messages": USER}).encode(), "model", "missing_required_parameter", "'model'"),
     (chat(model=""), "model", "empty_string", "empty string"),
     (chat(model=7), "model", "invalid_type", "expected a string, but got a number"),
