@@ -125,7 +125,8 @@ def mutated(draw: st.DrawFn, path: str) -> bytes:
     """A valid body with one field broken: type swap, odd number, removed, emptied, nested or renamed."""
     body = draw(valid[path])
     key = draw(st.sampled_from(sorted(set(body) | set(sampling) | {"messages", "prompt", "input", "model"})))
-    how = draw(st.sampled_from(["swap", "number", "remove", "empty", "nest", "unknown_model", "bad_message"]))
+    how = draw(st.sampled_from(["swap", "number", "remove", "empty", "nest", "unknown_model", "bad_message",
+                                "unpaired_surrogate"]))
     if how == "swap":
         body[key] = draw(json_values)
     elif how == "number":
@@ -139,6 +140,10 @@ def mutated(draw: st.DrawFn, path: str) -> bytes:
         return encoded(body, draw(st.sampled_from([50, 500, 5000])))
     elif how == "unknown_model":
         body["model"] = draw(text)
+    elif how == "unpaired_surrogate":  # "\\udc00" alone: JSON, but no UTF-8 text (hypothesis's text() never has one)
+        odd = draw(st.tuples(text, st.characters(categories=["Cs"]), text).map("".join))
+        field = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}[path]
+        body[field] = [{"role": "user", "content": odd}] if path == CHAT else [odd] if path == EMBEDDINGS else odd
     elif path == CHAT:
         messages = list(body["messages"])
         messages[0] = {**messages[0], draw(st.sampled_from(["role", "content", "name"])): draw(json_values)}
