@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -150,24 +151,37 @@ def content_hash(content: Any) -> str:
     """``sha256:<hex>`` of text as UTF-8, or of anything else as canonical JSON (sorted keys).
 
     Canonical so the same messages hash the same whichever process or dict order produced them. An unpaired
-    surrogate (a backend's answer may carry one; requests with one are refused) is hashed as its code point's
-    three bytes (``surrogatepass``) instead of failing the record: valid text hashes as before.
+    surrogate is hashed as its code point's three bytes (``surrogatepass``) instead of failing: valid text hashes
+    as it always did.
     """
-    if isinstance(content, bytes):
-        data = content
-    elif isinstance(content, str):
-        data = content.encode("utf-8", "surrogatepass")
-    else:
-        data = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          default=str).encode("utf-8", "surrogatepass")
+    data = content if isinstance(content, bytes) else _text(content).encode("utf-8", "surrogatepass")
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else \
+        json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A surrogate left in a decoded str: its JSON escape had no pair. JSON, but no UTF-8 can carry it."""
+
+
 def redact(content: Any, store: bool) -> tuple[Any, str | None]:
-    """(content to store or None, its hash). The hash is kept either way, to correlate records."""
+    """(content to store or None, its hash). The hash is kept either way, to correlate records.
+
+    Content with an unpaired surrogate (a backend's answer may carry the escape; requests with one are refused) is
+    kept and hashed with U+FFFD in its place, as Unicode prescribes for ill-formed text: the record is stored as
+    JSON, which no UTF-8 can carry it in. Found in the canonical text the hash is taken of anyway."""
     if content is None:
         return None, None
-    return (content if store else None), content_hash(content)
+    if isinstance(content, bytes):
+        return (content if store else None), content_hash(content)
+    text = _text(content)
+    if UNPAIRED_SURROGATE.search(text):
+        text = UNPAIRED_SURROGATE.sub("\ufffd", text)
+        content = text if isinstance(content, str) else json.loads(text)
+    return (content if store else None), "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 # -- the table ---------------------------------------------------------------------------------------
@@ -392,9 +406,13 @@ class AuditWriter:
 
     def put(self, record: AuditRecord, settle: SettleOp | None = None) -> asyncio.Future[bool | None]:
         """``write`` as the future of its result (see ``GroupCommitter.put``)."""
+        return self.put_row(as_row(record), settle)  # serialized here: a bad record fails its caller
+
+    def put_row(self, row: dict[str, Any], settle: SettleOp | None = None) -> asyncio.Future[bool | None]:
+        """``put`` of a record its caller serialised (``as_row``) before taking the settlement it rides with."""
         if settle is not None and self.ledger is None:
             raise ValueError("this audit writer has no ledger to settle budgets in")
-        return self._committer.put((as_row(record), settle))  # serialized here: a bad record fails its caller
+        return self._committer.put((row, settle))
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Stop taking records, commit everything queued, stop the thread. Idempotent."""

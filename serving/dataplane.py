@@ -57,6 +57,7 @@ from .audit import (
     RoutingAttempt,
     RoutingDecision,
     TokenUsage,
+    as_row,
     redact,
 )
 from .auth import tenant_of
@@ -1031,10 +1032,11 @@ class DataPlane:
             if usage else None,
             output=output, output_hash=output_hash, status_code=status,
             latency_ms=(time.perf_counter() - ctx.started) * 1000)
+        row = as_row(record)  # serialising is building: a record that cannot be takes no settlement
         settle = self._settlement(ctx, actual)
         ctx.status_code = status
         try:
-            await asyncio.shield(self._writing(stores, stores.writer.put(record, settle), settle))
+            await asyncio.shield(self._writing(stores, stores.writer.put_row(row, settle), settle))
         except Exception as exc:  # a store outage: the writer logged the batch's traceback once, not one per request
             log.error("audit record %s could not be written (%s)", ctx.request_id, type(exc).__name__,
                       exc_info=not isinstance(exc, UNREACHABLE))

@@ -16,7 +16,6 @@ Only the first problem is reported, like OpenAI does; ``param`` names it as Open
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -24,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError, from_json
 
+from .audit import UNPAIRED_SURROGATE
 from .engines import CHAT, COMPLETIONS, EMBEDDINGS
 
 __all__ = [
@@ -407,9 +407,6 @@ def _decode(raw: bytes) -> Any | JSONResponse:
                         "pair or sent as UTF-8.", param or None, "invalid_encoding")
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")  # left in a decoded str only by an escape without its pair
-
-
 def _unpaired_surrogate(value: Any) -> tuple[tuple[int | str, ...], bool] | None:
     """Where the first string holding an unpaired surrogate is, and whether it is a key (then the location is its
     object's): such text cannot be encoded as UTF-8, so neither forwarded as sent, tokenized nor hashed for the
@@ -419,11 +416,11 @@ def _unpaired_surrogate(value: Any) -> tuple[tuple[int | str, ...], bool] | None
     while stack:
         loc, item = stack.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item):
+            if UNPAIRED_SURROGATE.search(item):
                 return loc, False
         elif isinstance(item, dict):
             for key in item:
-                if _SURROGATE.search(key):
+                if UNPAIRED_SURROGATE.search(key):
                     return loc, True
             stack.extend(((*loc, key), child) for key, child in reversed(item.items()))
         elif isinstance(item, list):

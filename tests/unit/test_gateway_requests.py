@@ -695,6 +695,46 @@ async def test_a_mid_stream_500_record_that_cannot_hold_the_output_is_written_wi
         assert any("recorded without it" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("store_outputs", [False, True])
+async def test_an_answer_with_an_unpaired_surrogate_is_served_recorded_and_charged(
+        tmp_path: Path, fakes: Any, store_outputs: bool) -> None:
+    """A backend may send an unpaired surrogate escape: JSON, though no UTF-8 carries it. The client gets the answer
+    as sent; the record keeps it with U+FFFD in its place (it is stored as JSON). Before, a workflow that stores
+    outputs answered 503 with no record and the budget held. (A stream is kept as its SSE text, where the escape is
+    ASCII.)"""
+    primary, fallback = fakes
+    primary.reply_with("odd \ud800 text")
+    table = make_table(primary, fallback, budget=rule(1.0)).model_copy(update={"audit_store_outputs": store_outputs})
+    async with gateway(tmp_path, table) as gw:
+        answer = await gw.post(chat())
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "odd \ud800 text"
+        record = gw.audit(answer)
+        [trail] = record.budget
+        assert record.status_code == 200 and record.output_hash and trail.committed_usd and not trail.released
+        assert record.output == ([{"role": "assistant", "content": "odd \ufffd text"}] if store_outputs else None)
+
+
+async def test_a_record_that_cannot_be_serialised_is_a_500_record_and_nothing_charged(
+        tmp_path: Path, fakes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serialising the record is part of building it: a failure there takes no settlement, so the request gets the
+    500 record and its budget back, not a 503 as though the store were down with the reservation held."""
+    primary, fallback = fakes
+    as_row = dataplane.as_row
+
+    def fails_for_answers(record: Any) -> Any:
+        if record.status_code == 200:
+            raise ValueError("a record this store cannot hold")
+        return as_row(record)
+
+    async with gateway(tmp_path, make_table(primary, fallback, budget=rule(1.0))) as gw:
+        monkeypatch.setattr(dataplane, "as_row", fails_for_answers)
+        answer = await gw.post(chat())
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal_error"
+        record = gw.audit(answer)
+        assert record.status_code == 500
+        await nothing_charged(gw, record)
+
+
 async def test_a_backend_without_an_endpoint_yet_is_skipped_like_an_unreachable_one(tmp_path: Path,
                                                                                    fakes: Any) -> None:
     primary, fallback = fakes
