@@ -178,7 +178,7 @@ def redact(content: Any, store: bool) -> tuple[Any, str | None]:
     if isinstance(content, bytes):
         return (content if store else None), content_hash(content)
     text = _text(content)
-    if UNPAIRED_SURROGATE.search(text):
+    if not text.isascii() and UNPAIRED_SURROGATE.search(text):  # isascii is a flag CPython keeps: O(1)
         text = UNPAIRED_SURROGATE.sub("\ufffd", text)
         content = text if isinstance(content, str) else json.loads(text)
     return (content if store else None), "sha256:" + hashlib.sha256(text.encode()).hexdigest()
