@@ -175,13 +175,11 @@ def redact(content: Any, store: bool) -> tuple[Any, str | None]:
     JSON, which no UTF-8 can carry it in. Found in the canonical text the hash is taken of anyway."""
     if content is None:
         return None, None
-    if isinstance(content, bytes):
-        return (content if store else None), content_hash(content)
     text = _text(content)
     if not text.isascii() and UNPAIRED_SURROGATE.search(text):  # isascii is a flag CPython keeps: O(1)
         text = UNPAIRED_SURROGATE.sub("\ufffd", text)
         content = text if isinstance(content, str) else json.loads(text)
-    return (content if store else None), "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return (content if store else None), content_hash(text)  # the canonical text hashes as its content does
 
 
 # -- the table ---------------------------------------------------------------------------------------

@@ -678,19 +678,19 @@ class DataPlane:
         if ctx.status_code:
             return
         ctx.reason = reason
-        if sent and ctx.output is not None:
-            try:
-                await self._audit(ctx, stores, status)
-            except AuditUnavailable:
+        if not sent:
+            ctx.output = None
+        try:
+            await self._audit(ctx, stores, status)
+        except AuditUnavailable:
+            raise
+        except Exception:
+            if ctx.output is None:
                 raise
-            except Exception:
-                log.warning("request %s: its %s record could not be built with its output; recorded without it",
-                            ctx.request_id, status, exc_info=True)
-            else:
-                self._observe(ctx, outcome)
-                return
-        ctx.output = None
-        await self._audit(ctx, stores, status)
+            log.warning("request %s: its %s record could not be built with its output; recorded without it",
+                        ctx.request_id, status, exc_info=True)
+            ctx.output = None
+            await self._audit(ctx, stores, status)
         self._observe(ctx, outcome)
 
     async def _left(self, ctx: _Ctx, stores: Stores) -> None:
