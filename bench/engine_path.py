@@ -16,8 +16,10 @@ Serve proxy, by the same load generator (aiohttp, its own process), asking the s
   this host (``engines.local_socket``);
 - with ``--ablation``, also **handle passthrough** (a bare ASGI replica calling the engine through
   ``engines.handle.HandleEngine``: the engine path with no gateway logic), **gateway, no budget** (the
-  same gateway without its BudgetPolicy rule: the ledger's share) and **gateway, handle** (the same gateway with
-  ``PILOTHOUSE_ENGINE_SOCKETS=off``: the engine reached through the Serve handle, as before the socket path).
+  same gateway without its BudgetPolicy rule: the ledger's share), **gateway, handle** (the same gateway with
+  ``PILOTHOUSE_ENGINE_SOCKETS=off``: the engine reached through the Serve handle, as before the socket path) and,
+  where ``/dev/shm`` is a RAM file system, **gateway, store in RAM** (the same gateway with its SQLite store
+  there, where an fsync costs nothing: what the durable audit commit it waits for costs on this machine's disk).
 
 A streamed answer reaches the gateway in batches (the engine replica sends the first token at once, then
 what arrived every 50 ms: ``engines.vllm.first_token_then_batched``), while vLLM's own server sends one
@@ -97,7 +99,11 @@ PROMPT = "Extract the vendor, the invoice number, the date and the total of invo
 VARIANTS = [(stream, c) for stream in (False, True) for c in (1, 4)]
 Answer = tuple[int, float, float | None, str | None]  # (completion tokens, seconds, time to first chunk, error)
 INTERLEAVED_AT = 1  # the concurrency at which the targets take turns request by request, in one run
-NOBUDGET_APP, PASSTHROUGH_APP, HANDLE_APP = "nobudget", "handle-passthrough", "over-handle"  # the ablation's apps
+NOBUDGET_APP, PASSTHROUGH_APP, HANDLE_APP, RAM_APP = "nobudget", "handle-passthrough", "over-handle", "store-in-ram"
+# the ablation's gateways (besides the production one at "/"): target → (Serve app, route prefix)
+GATEWAYS = {"gateway, no budget": (NOBUDGET_APP, "/nb"), "gateway, handle": (HANDLE_APP, "/oh"),
+            "gateway, store in RAM": (RAM_APP, "/ram")}
+RAM_DIR = Path("/dev/shm")  # tmpfs on Linux: fsync returns at once
 CLOCKS = {"engine": "vllm:e2e_request_latency_seconds",  # each side's own latency histogram, scraped around a run
           "gateway": "pilothouse_request_duration_seconds"}
 
@@ -208,9 +214,12 @@ def role_ray(config_path: str) -> None:
                                                                    local_socket.ENV: "off"}}}
             serve.run(gateway.Gateway.options(ray_actor_options=over_handle).bind(args.model_dump()),
                       name=HANDLE_APP, route_prefix="/oh", blocking=False)
+            if cfg["ram_folder"]:
+                in_ram = args.model_copy(update={"store_url": f"sqlite:///{cfg['ram_folder']}/store.db"})
+                serve.run(gateway.application(in_ram), name=RAM_APP, route_prefix="/ram", blocking=False)
         apps = {"direct": handle.parse(endpoints[ENGINE])[0], "gateway": gateway.APP_NAME,
-                "handle passthrough": PASSTHROUGH_APP, "gateway, no budget": NOBUDGET_APP,
-                "gateway, handle": HANDLE_APP}  # Serve app per target
+                "handle passthrough": PASSTHROUGH_APP,
+                **{target: app for target, (app, _) in GATEWAYS.items()}}  # Serve app per target
         print(json.dumps({"ready": True, "engine_start_s": round(engine_s, 1), "apps": apps}), flush=True)
         while not stop:
             time.sleep(0.2)
@@ -331,6 +340,8 @@ def summarise(results: list[Answer], elapsed: float,
 def label(title: str) -> str:
     for key, name in (("ServeReplica:gateway", "gateway replica"), ("ServeReplica:nobudget", "no-budget replica"),
                       ("ServeReplica:handle-passthrough", "passthrough replica"),
+                      ("ServeReplica:over-handle", "over-handle replica"),
+                      ("ServeReplica:store-in-ram", "store-in-RAM replica"),
                       ("ServeReplica:engine", "engine replica"),
                       ("VLLM::", "vLLM engine core"), ("ProxyActor", "serve proxy"),
                       ("ServeController", "serve controller"), ("raylet", "raylet"), ("gcs_server", "gcs"),
@@ -405,6 +416,8 @@ def bench(args: argparse.Namespace) -> None:
     console = Console(highlight=False, width=140)
     started = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="pilothouse-engine-bench-"))
+    in_ram = args.ablation and RAM_DIR.is_dir()
+    ram_folder = Path(tempfile.mkdtemp(prefix="pilothouse-engine-bench-", dir=RAM_DIR)) if in_ram else None
     raw: dict[str, dict[str, list[Any]]] = {}
     notes: dict[str, Any] = {}
     ray_proc: Proc | None = None
@@ -413,7 +426,8 @@ def bench(args: argparse.Namespace) -> None:
         port = free_port()
         cfg = folder / "ray.json"
         cfg.write_text(json.dumps({"folder": str(folder), "port": port, "model_dir": str(model_dir),
-                                   "ablation": args.ablation, "throughput_optimized": args.throughput_optimized}))
+                                   "ablation": args.ablation, "throughput_optimized": args.throughput_optimized,
+                                   "ram_folder": str(ram_folder) if ram_folder else None}))
         t0 = time.perf_counter()
         ray_proc = Proc([PY, __file__, "--role", "ray", "--config", str(cfg)], log=folder / "ray.log")
         ready = json.loads(ray_proc.readline(args.start_timeout))
@@ -422,13 +436,11 @@ def bench(args: argparse.Namespace) -> None:
                    "gateway": (f"{base}/v1/chat/completions", KEY, ROUTE_MODEL)}
         if args.ablation:
             targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
-            targets["gateway, no budget"] = (f"{base}/nb/v1/chat/completions", KEY, ROUTE_MODEL)
-            targets["gateway, handle"] = (f"{base}/oh/v1/chat/completions", KEY, ROUTE_MODEL)
+            targets.update({target: (f"{base}{prefix}/v1/chat/completions", KEY, ROUTE_MODEL)
+                            for target, (_, prefix) in GATEWAYS.items() if ram_folder or prefix != "/ram"})
         # each target's Prometheus page: the engine's (vLLM's) for direct, the gateway's own for a gateway
-        pages = {target: url for target, url in (("direct", f"{base}/engines/{ENGINE}/metrics"),
-                                                 ("gateway", f"{base}/metrics"),
-                                                 ("gateway, no budget", f"{base}/nb/metrics"),
-                                                 ("gateway, handle", f"{base}/oh/metrics")) if target in targets}
+        pages = {"direct": f"{base}/engines/{ENGINE}/metrics", "gateway": f"{base}/metrics",
+                 **{target: f"{base}{prefix}/metrics" for target, (_, prefix) in GATEWAYS.items() if target in targets}}
         if args.throughput_optimized:  # each target on its ingress replica's own port
             apps = {target: ready["apps"][target] for target in targets}
             urls, ports = on_replica_ports({target: url for target, (url, _, _) in targets.items()}, apps, port)
@@ -466,6 +478,8 @@ def bench(args: argparse.Namespace) -> None:
     finally:
         if ray_proc is not None:
             ray_proc.stop()
+        if ram_folder is not None:
+            shutil.rmtree(ram_folder, ignore_errors=True)  # memory, not disk: never left behind
     results = {name: {target: pooled(*runs) for target, runs in by_target.items()} for name, by_target in raw.items()}
     report(console, args, results, notes, time.perf_counter() - started)
     shutil.rmtree(folder, ignore_errors=True)  # kept when the run failed: ray.log is in it
@@ -510,6 +524,8 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
         summary["no_budget_ratios"] = ratios["gateway, no budget"]
     if "gateway, handle" in ratios:
         summary["over_handle_ratios"] = ratios["gateway, handle"]
+    if "gateway, store in RAM" in ratios:
+        summary["store_in_ram_ratios"] = ratios["gateway, store in RAM"]
     summary["time_split_mean_ms"] = {name: {t: {"client": r["latency_mean_ms"], **r["clock_mean_ms"]}
                                             for t, r in by_target.items()} for name, by_target in results.items()}
     verdict = "meets" if summary["meets_goal"] else "MISSES"
