@@ -206,17 +206,18 @@ def role_ray(config_path: str) -> None:
         serve.run(gateway.application(args), name=gateway.APP_NAME, route_prefix="/", blocking=False)
         if cfg["ablation"]:  # the same gateway without its BudgetPolicy rule (no ledger), and no gateway at all
             nb = args.model_copy(update={"routing": files["routing_nobudget"]})
-            serve.run(gateway.application(nb), name=NOBUDGET_APP, route_prefix="/nb", blocking=False)
+            prefix = dict(GATEWAYS.values())  # Serve app → route prefix
+            serve.run(gateway.application(nb), name=NOBUDGET_APP, route_prefix=prefix[NOBUDGET_APP], blocking=False)
             serve.run(HandlePassThrough.bind(endpoints[ENGINE]), name=PASSTHROUGH_APP, route_prefix="/hp",
                       blocking=False)
             options = gateway.Gateway.ray_actor_options
             over_handle = {**options, "runtime_env": {"env_vars": {**options["runtime_env"]["env_vars"],
                                                                    local_socket.ENV: "off"}}}
             serve.run(gateway.Gateway.options(ray_actor_options=over_handle).bind(args.model_dump()),
-                      name=HANDLE_APP, route_prefix="/oh", blocking=False)
+                      name=HANDLE_APP, route_prefix=prefix[HANDLE_APP], blocking=False)
             if cfg["ram_folder"]:
                 in_ram = args.model_copy(update={"store_url": f"sqlite:///{cfg['ram_folder']}/store.db"})
-                serve.run(gateway.application(in_ram), name=RAM_APP, route_prefix="/ram", blocking=False)
+                serve.run(gateway.application(in_ram), name=RAM_APP, route_prefix=prefix[RAM_APP], blocking=False)
         apps = {"direct": handle.parse(endpoints[ENGINE])[0], "gateway": gateway.APP_NAME,
                 "handle passthrough": PASSTHROUGH_APP,
                 **{target: app for target, (app, _) in GATEWAYS.items()}}  # Serve app per target
@@ -437,7 +438,7 @@ def bench(args: argparse.Namespace) -> None:
         if args.ablation:
             targets["handle passthrough"] = (f"{base}/hp/v1/chat/completions", None, ENGINE)
             targets.update({target: (f"{base}{prefix}/v1/chat/completions", KEY, ROUTE_MODEL)
-                            for target, (_, prefix) in GATEWAYS.items() if ram_folder or prefix != "/ram"})
+                            for target, (app, prefix) in GATEWAYS.items() if ram_folder or app != RAM_APP})
         # each target's Prometheus page: the engine's (vLLM's) for direct, the gateway's own for a gateway
         pages = {"direct": f"{base}/engines/{ENGINE}/metrics", "gateway": f"{base}/metrics",
                  **{target: f"{base}{prefix}/metrics" for target, (_, prefix) in GATEWAYS.items() if target in targets}}
@@ -470,6 +471,9 @@ def bench(args: argparse.Namespace) -> None:
                     results, cpu = load([targets[t] for t in order], stream, c, args, pids,
                                         clocks[order[0]] if alone else {})
                     for target, result in zip(order, results, strict=True):
+                        if not result["requests"]:
+                            raise SystemExit(f"{target} got no answer in a {args.seconds:g} s run of {name} "
+                                             f"(errors: {result['error_kinds'] or 'none'}): raise --seconds")
                         slot = raw.setdefault(name, {}).setdefault(target, [[], []])
                         slot[0].append(result)
                         slot[1].append(cpu if alone else {})
