@@ -105,7 +105,10 @@ GATEWAYS = {"gateway, no budget": (NOBUDGET_APP, "/nb"), "gateway, handle": (HAN
             "gateway, store in RAM": (RAM_APP, "/ram")}
 RAM_DIR = Path("/dev/shm")  # tmpfs on Linux: fsync returns at once
 CLOCKS = {"engine": "vllm:e2e_request_latency_seconds",  # each side's own latency histogram, scraped around a run
-          "gateway": "pilothouse_request_duration_seconds"}
+          "gateway": "pilothouse_request_duration_seconds",
+          # the gateway's time outside its engine call: its own work and waits, on its own clock. The client's
+          # clock minus the engine's also holds the hops, and moves with this VM's speed more
+          "own": "pilothouse_gateway_overhead_seconds"}
 
 
 def on_replica_ports(urls: dict[str, str], apps: dict[str, str], proxy_port: int,
@@ -245,10 +248,12 @@ async def histogram_totals(session: Any, urls: dict[str, str]) -> dict[str, tupl
     from prometheus_client.parser import text_string_to_metric_families
 
     totals: dict[str, tuple[float, float]] = {}
+    pages: dict[str, str] = {}
     for clock, url in urls.items():
-        async with session.get(url) as r:
-            page = await r.text()
-        samples = [s for family in text_string_to_metric_families(page) if family.name == CLOCKS[clock]
+        if url not in pages:  # the gateway's clocks share its page
+            async with session.get(url) as r:
+                pages[url] = await r.text()
+        samples = [s for family in text_string_to_metric_families(pages[url]) if family.name == CLOCKS[clock]
                    for s in family.samples]
         totals[clock] = (sum(s.value for s in samples if s.name.endswith("_sum")),
                          sum(s.value for s in samples if s.name.endswith("_count")))
@@ -449,7 +454,8 @@ def bench(args: argparse.Namespace) -> None:
             pages = on_replica_ports(pages, apps, port, ports)[0]
             notes["direct_ingress_ports"] = ports
         clocks = {target: {"engine": pages["direct"],
-                           **({"gateway": pages[target]} if target in pages and target != "direct" else {})}
+                           **({"gateway": pages[target], "own": pages[target]} if target in pages and target != "direct"
+                              else {})}
                   for target in targets}
         for url, key, model in targets.values():
             wait_http(url, 60, method="POST", body=request_body(model, 4, False), key=key)
@@ -562,13 +568,15 @@ def report(console: Any, args: argparse.Namespace, results: dict[str, dict[str, 
 
 def time_split(results: dict[str, dict[str, Any]]) -> Any:
     """Where a request's time went, as means (they add up, percentiles do not): the client's clock, the
-    gateway's own (``pilothouse_request_duration_seconds``) and the engine's (vLLM's e2e latency). What a
-    target adds outside the engine is client - engine; how much slower the engine itself decoded under that
-    target's load, its engine time against direct's."""
+    gateway's (``pilothouse_request_duration_seconds``), the gateway's own time outside its engine call
+    (``pilothouse_gateway_overhead_seconds``) and the engine's (vLLM's e2e latency). What a target adds outside
+    the engine is client - engine; how much slower the engine itself decoded under that target's load, its
+    engine time against direct's."""
     from rich.table import Table
 
     table = Table(title="Where a request's time goes (means)")
-    for col in ("variant", "target", "client", "in gateway", "in engine", "outside engine", "engine vs direct"):
+    for col in ("variant", "target", "client", "in gateway", "gateway's own", "in engine", "outside engine",
+                "engine vs direct"):
         table.add_column(col, justify="left" if col in ("variant", "target") else "right")
     for name, by_target in results.items():
         direct_engine = by_target["direct"]["clock_mean_ms"].get("engine")
@@ -576,14 +584,15 @@ def time_split(results: dict[str, dict[str, Any]]) -> Any:
             client, clock = r["latency_mean_ms"], r["clock_mean_ms"]
             engine = clock.get("engine")
             table.add_row(name if target == "direct" else "", target, _ms(client), _ms(clock.get("gateway")),
-                          _ms(engine), _ms(client - engine if client is not None and engine else None),
+                          _ms(clock.get("own")), _ms(engine),
+                          _ms(client - engine if client is not None and engine else None),
                           f"{engine - direct_engine:+.0f} ms" if engine and direct_engine and target != "direct"
                           else "", end_section=target == list(by_target)[-1])
     return table
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f} ms"
+    return "-" if value is None else f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
 
 
 def main() -> None:

@@ -148,6 +148,7 @@ FIGURES: dict[str, Getter] = {
                                                                         "complete_socket_latency_p50_ratio"),
     "engine.outside_engine_mean_ms.c4.direct": _outside_engine("direct"),
     "engine.outside_engine_mean_ms.c4.gateway": _outside_engine("gateway"),
+    "engine.gateway_own_mean_ms.c4": _get("engine", "summary", "time_split_mean_ms", "complete c4", "gateway", "own"),
     "cache.semantic_lookup_p50_ms": _get("semantic_cache", "summary", "lookup_p50_ms"),
     "audit.commit_cpu_us_per_record.batch1.kept": _get("audit_writer", "summary", "kept_batch1_us"),
     "audit.commit_cpu_us_per_record.batch1.pool": _get("audit_writer", "summary", "pool_batch1_us"),
