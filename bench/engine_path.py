@@ -49,15 +49,16 @@ does) and each target is asked on its ingress replica's own direct-ingress port:
 on either path. (The gateway calls the engine over its Unix socket in both modes: ``engines.local_socket``.)
 
 Reported: tokens/s, gateway/direct ratio, TTFT p50 (streams: first content chunk), request p50, and CPU
-seconds per process (c=4, where each run has one target); and where a request's time goes, as means of three
-clocks over the same timed requests (c=4): the client's, the gateway's own (``pilothouse_request_duration_seconds``
-from its ``/metrics``) and the engine's (vLLM's ``vllm:e2e_request_latency_seconds``), so a run shows whether a
-gap is the engine decoding slower or time spent outside it. Results: a rich table and
+seconds per process (c=4, where each run has one target); and where a request's time goes, as means of the
+clocks in ``CLOCKS`` over the same timed requests (c=4): the client's, the gateway's
+(``pilothouse_request_duration_seconds`` from its ``/metrics``), the gateway's own time outside its engine call
+(``pilothouse_gateway_overhead_seconds``) and the engine's (vLLM's ``vllm:e2e_request_latency_seconds``), so a run
+shows whether a gap is the engine decoding slower, the gateway's work, or time spent between. Results: a rich table and
 ``bench/results/engine.json`` whose ``summary`` holds the headline ``tokens_per_s_ratio``: the worst of the four
 variants' ratios.
 
 Run: ``flock /tmp/pilothouse-heavy.lock .venv/bin/python bench/engine_path.py`` (about 5 minutes; with
-``--ablation --rounds 3`` about 7).
+``--ablation --rounds 3``, six targets, about 8).
 """
 
 from __future__ import annotations
