@@ -162,8 +162,15 @@ FIGURES: dict[str, Getter] = {
 }
 
 
+def machine_speeds(docs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each result's reading of the machine's speed (``machine.python_loop_ms``): in ``make bench``'s order they
+    show how the machine drifted over the run, beside the figures measured on it."""
+    return {f"machine.python_loop_ms.{name}": doc["machine"]["python_loop_ms"]
+            for name, doc in docs.items() if "python_loop_ms" in doc.get("machine", {})}
+
+
 def summarise(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    figures = {name: get(docs) for name, get in FIGURES.items()}
+    figures = {**{name: get(docs) for name, get in FIGURES.items()}, **machine_speeds(docs)}
     return {
         "when": machine.measured_at(),
         "machine": {**machine.describe(), "note": "2-core, 24 GiB CI-class VM, no GPU" if os.cpu_count() == 2 else ""},

@@ -90,6 +90,22 @@ def test_the_summary_takes_the_judged_ratio_and_litellms_best_worker_count(monke
     assert figures["gateway.max_rps.litellm"] == 300.0
 
 
+def test_each_result_carries_the_machines_speed_and_the_summary_lists_it_per_benchmark(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM's speed drifts by up to 2.5x over hours: a result written today must say how fast the machine was."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    reading = bench_module("machine").describe()["python_loop_ms"]
+    assert isinstance(reading, float) and 0 < reading < 10_000
+    figures = bench_module("summary").summarise({
+        "failover": {"machine": {"cpus": 2, "python_loop_ms": 16.5}, "client_errors": 0},
+        "retrieval": {"machine": {"cpus": 2, "python_loop_ms": 31.0}},
+        "handle_hop": {"machine": {"cpus": 2}},  # written before the reading existed: nothing is guessed
+    })["figures"]
+    assert {k: v for k, v in figures.items() if k.startswith("machine.")} == {
+        "machine.python_loop_ms.failover": 16.5, "machine.python_loop_ms.retrieval": 31.0}
+    assert figures["failover.client_errors"] == 0
+
+
 def test_added_latency_at_c32_is_taken_within_each_rotating_round(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each round's targets run in a rotated order, each compared with the direct window of its own round; the
     summary takes the median over the rounds, not the sweep's single window."""
