@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--idle-commits", type=int, default=100, help="commits per variant and round, idle table")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    machine.sample_speed()
     from rich.console import Console
     from rich.table import Table
 

@@ -416,6 +416,7 @@ def variant_name(stream: bool, concurrency: int) -> str:
 
 
 def bench(args: argparse.Namespace) -> None:
+    machine.sample_speed()
     from rich.console import Console
 
     from pilothouse.serving.tiny_model import make_tiny_llama

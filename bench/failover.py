@@ -212,6 +212,7 @@ def main() -> None:
     if args.role == "trace":
         role_trace(args.url, args.concurrency, args.duration)
         return
+    machine.sample_speed()
     result = bench(args)
     result |= {"when": machine.measured_at(), "machine": machine.describe("ray")}
     report(result)

@@ -591,6 +591,7 @@ def main() -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
+    machine.sample_speed()
     from rich.console import Console
 
     console = Console(highlight=False, width=120)

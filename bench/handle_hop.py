@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=5, help="SSE batches per streamed answer (default 5)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    machine.sample_speed()
     started = time.perf_counter()
     report(args, measure(args), time.perf_counter() - started)
 

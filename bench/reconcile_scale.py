@@ -494,6 +494,7 @@ def main() -> None:
     parser.add_argument("--log", help="keep the operator's log at this path (default: a temporary file)")
     parser.add_argument("--out", default=str(RESULTS), help="JSON results file")
     args = parser.parse_args()
+    machine.sample_speed()
     if args.profile:
         args.profile = str(Path(args.profile).resolve())
 

@@ -339,6 +339,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(RESULTS), help="JSON results file")
     args = parser.parse_args()
+    machine.sample_speed()
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pilothouse-bench-retrieval-") as tmp:

@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--lookups", type=int, default=100)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    machine.sample_speed()
     with tempfile.TemporaryDirectory() as folder:
         result = asyncio.run(run(min(args.entries, len(ACTIONS) * len(THINGS) * len(PLACES)), args.lookups,
                                  Path(folder)))
