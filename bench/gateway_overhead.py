@@ -602,7 +602,7 @@ def bench(args: argparse.Namespace) -> None:
     cpu: dict[str, Any] = {}
     profile: dict[str, Any] = {}
     paired: dict[str, Any] = {}
-    rotated: dict[str, Any] = {}
+    rotated: dict[int, dict[str, Any]] = {}  # c=32 rounds by replica count
     started = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="pilothouse-gw-bench-"))
     procs: list[Proc] = []
@@ -638,7 +638,7 @@ def bench(args: argparse.Namespace) -> None:
                         row[f"c{c}"] = load(url, model, c, args)
                 results[target + suffix] = row
             if args.c32_rounds and tp == modes[-1]:
-                rotated = rotated_c32(urls, backend_url, args)
+                rotated[args.replicas] = rotated_c32(urls, backend_url, args)
             if args.c256 and args.pairs and tp == modes[-1]:  # the last mode measured: the production one
                 running = args.replicas
                 for n in args.pair_replicas or [args.replicas]:
@@ -648,6 +648,8 @@ def bench(args: argparse.Namespace) -> None:
                         ray_proc, urls, pids = up(folder, fixtures, (backend_url, backend.p.pid), tp, False, n)
                         procs.append(ray_proc)
                         console.print(f"Ray Serve{suffix} up again with {n} replicas of each target")
+                        if args.c32_rounds:  # the CRD's advice, a replica per core: c=32 without one saturated loop
+                            rotated[n] = rotated_c32(urls, backend_url, args)
                     replicas = {target: [pid for pid, name in pids.items() if name == REPLICA[target]] for target in
                                 ("serve passthrough", "pilothouse")}
                     paired[f"pilothouse{suffix}" + (f", {n} replicas" if n != args.replicas else "")] = {
@@ -821,7 +823,7 @@ def _ms(value: float | None) -> str:
 
 def report(console: Any, args: argparse.Namespace, levels: list[int], results: dict[str, dict[str, Any]],
            notes: dict[str, Any], cpu: dict[str, Any], profile: dict[str, Any], paired: dict[str, Any],
-           rotated: dict[str, Any], total_s: float) -> None:
+           rotated: dict[int, dict[str, Any]], total_s: float) -> None:
     from rich.table import Table
 
     direct = results.get("direct", {})
@@ -859,10 +861,11 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                       f"{rest['serve passthrough']} / {rest['pilothouse']} us; machine CPU per request "
                       f"{busy['serve passthrough']} / {busy['pilothouse']} us; machine idle "
                       f"{idle['serve passthrough']} / {idle['pilothouse']}")
-    if rotated:
-        console.print(f"c=32 in {len(rotated['rounds'])} rotating rounds (direct, pass-through, pilothouse), p50 ms: "
-                      + "; ".join(" / ".join(_ms(r[n]["p50_ms"]) for n in r) for r in rotated["rounds"])
-                      + f"; median added p50 {rotated['median_added_p50_ms']}, p99 {rotated['median_added_p99_ms']}")
+    for n, rounds in rotated.items():
+        console.print(f"c=32 in {len(rounds['rounds'])} rotating rounds, {n} replica(s) each (direct, pass-through, "
+                      "pilothouse), p50 ms: "
+                      + "; ".join(" / ".join(_ms(r[t]["p50_ms"]) for t in r) for r in rounds["rounds"])
+                      + f"; median added p50 {rounds['median_added_p50_ms']}, p99 {rounds['median_added_p99_ms']}")
     best = judged(paired)
     if best is not None:
         rps, counts = best["median_rps"], best["replicas"]
@@ -882,7 +885,9 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                                 "cache off (temperature 0.7); SQLite store",
                   "throughput_optimized": args.throughput_optimized, "replicas": args.replicas},
         "results": results, "max_rps_without_errors": max_rps_without_errors(results), "cpu_seconds": cpu,
-        "profile": profile, "paired_max_rps": paired, "max_rps_judged": best, "c32_rounds": rotated, "notes": notes,
+        "profile": profile, "paired_max_rps": paired, "max_rps_judged": best,
+        "c32_rounds": rotated.get(args.replicas, {}),
+        "c32_rounds_by_replicas": {str(n): r for n, r in rotated.items() if n != args.replicas}, "notes": notes,
         "total_s": round(total_s, 1),
     }
     console.print(f"wrote {machine.save(args.output, payload)} in {total_s:.0f} s")

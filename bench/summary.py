@@ -47,13 +47,15 @@ def _gw(target: str, level: str, metric: str) -> Getter:
     return get
 
 
-def _added_c32(target: str, quantile: str) -> Getter:
+def _added_c32(target: str, quantile: str, replicas: int | None = None) -> Getter:
     """Added latency at c=32: the median over the rotating rounds (``--c32-rounds``) when they ran, else the sweep's
-    one window against a direct window of another moment."""
+    one window against a direct window of another moment; with ``replicas``, the rounds at that replica count
+    (``--pair-replicas``) and nothing else."""
     def get(docs: dict[str, dict[str, Any]]) -> Any:
-        rotated = docs.get("gateway_overhead", {}).get("c32_rounds") or {}
-        value = (rotated.get(f"median_added_{quantile}_ms") or {}).get(target)
-        return value if value is not None else _gw(target, "c32", f"added_{quantile}_ms")(docs)
+        doc = docs.get("gateway_overhead", {})
+        rotated = (doc.get("c32_rounds_by_replicas") or {}).get(str(replicas)) if replicas else doc.get("c32_rounds")
+        value = ((rotated or {}).get(f"median_added_{quantile}_ms") or {}).get(target)
+        return value if value is not None or replicas else _gw(target, "c32", f"added_{quantile}_ms")(docs)
     return get
 
 
@@ -116,6 +118,9 @@ FIGURES: dict[str, Getter] = {
     "gateway.added_p99_ms.c32.litellm": _gw("litellm", "c32", "added_p99_ms"),
     "gateway.added_p50_ms.c1.pilothouse": _gw("pilothouse", "c1", "added_p50_ms"),
     "gateway.added_p50_ms.c32.serve_passthrough": _added_c32("serve passthrough", "p50"),
+    "gateway.added_p50_ms.c32.pilothouse.replicas2": _added_c32("pilothouse", "p50", 2),
+    "gateway.added_p50_ms.c32.serve_passthrough.replicas2": _added_c32("serve passthrough", "p50", 2),
+    "gateway.added_p99_ms.c32.pilothouse.replicas2": _added_c32("pilothouse", "p99", 2),
     "gateway.max_rps.pilothouse": _max_rps("pilothouse"),
     "gateway.max_rps.litellm": _max_rps("litellm"),
     "gateway.max_rps.serve_passthrough": _max_rps("serve passthrough"),

@@ -142,6 +142,15 @@ def test_added_latency_at_c32_is_taken_within_each_rotating_round(monkeypatch: p
     assert summarise({"gateway_overhead": {"results": sweep, "c32_rounds": rotated}})["figures"][
         "gateway.added_p50_ms.c32.pilothouse"] == 3.0
     assert summarise({"gateway_overhead": {"results": sweep}})["figures"]["gateway.added_p50_ms.c32.pilothouse"] == 5.7
+    # the rounds at two replicas each (the CRD's advice on 2 cores) are their own figures, never the sweep's window
+    two = {"median_added_p50_ms": {"serve passthrough": 0.4, "pilothouse": 1.2}, "median_added_p99_ms": {}}
+    figures = summarise({"gateway_overhead": {"results": sweep, "c32_rounds": rotated,
+                                              "c32_rounds_by_replicas": {"2": two}}})["figures"]
+    assert (figures["gateway.added_p50_ms.c32.pilothouse"], figures["gateway.added_p50_ms.c32.pilothouse.replicas2"],
+            figures["gateway.added_p50_ms.c32.serve_passthrough.replicas2"]) == (3.0, 1.2, 0.4)
+    assert "gateway.added_p99_ms.c32.pilothouse.replicas2" not in figures
+    assert "gateway.added_p50_ms.c32.pilothouse.replicas2" not in summarise({"gateway_overhead": {"results": sweep}})[
+        "figures"]
 
 
 def test_an_engine_round_pools_its_two_runs_of_a_target(monkeypatch: pytest.MonkeyPatch) -> None:
