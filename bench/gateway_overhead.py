@@ -648,7 +648,7 @@ def bench(args: argparse.Namespace) -> None:
                         ray_proc, urls, pids = up(folder, fixtures, (backend_url, backend.p.pid), tp, False, n)
                         procs.append(ray_proc)
                         console.print(f"Ray Serve{suffix} up again with {n} replicas of each target")
-                        if args.c32_rounds:  # the CRD's advice, a replica per core: c=32 without one saturated loop
+                        if args.c32_rounds:  # a replica per core (the CRD's advice): is one loop the c=32 wait?
                             rotated[n] = rotated_c32(urls, backend_url, args)
                     replicas = {target: [pid for pid, name in pids.items() if name == REPLICA[target]] for target in
                                 ("serve passthrough", "pilothouse")}

@@ -168,8 +168,8 @@ FIGURES: dict[str, Getter] = {
 
 
 def machine_speeds(docs: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Each result's reading of the machine's speed (``machine.python_loop_ms``): in ``make bench``'s order they
-    show how the machine drifted over the run, beside the figures measured on it."""
+    """Each result's reading of the machine's speed during its run (``machine.python_loop_ms``): with ``sources``,
+    how the machine drifted over a ``make bench``, beside the figures measured on it."""
     return {f"machine.python_loop_ms.{name}": doc["machine"]["python_loop_ms"]
             for name, doc in docs.items() if "python_loop_ms" in doc.get("machine", {})}
 
