@@ -24,7 +24,8 @@ per request on the event-loop thread and on the other threads (from ``/proc``), 
 request and idle share (from ``/proc/stat``, read by the load generator over its window).
 ``--pair-replicas 1 2`` runs those windows at each replica count (a Ray instance each), and LiteLLM's c=256 with
 as many workers: each target's max RPS is the median of its best count's windows, and their ratio (paired
-when both peak at the same count) is the figure the 0.75x goal is judged by (``max_rps_judged``).
+when both peak at the same count) is the figure the 0.75x goal is judged by (``max_rps_judged``). With
+``--c32-rounds``, each other replica count also gets its c=32 rounds (``c32_rounds_by_replicas``).
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for options).
 """
@@ -572,7 +573,8 @@ def main() -> None:
     parser.add_argument("--c32-rounds", type=int, default=0,
                         help="that many more c=32 rounds in the last Ray mode measured: the backend directly, the "
                              "pass-through and pilothouse one window each, in an order rotating by round; the added "
-                             "latency is each round's difference to direct, median over the rounds")
+                             "latency is each round's difference to direct, median over the rounds; again at each "
+                             "other --pair-replicas count")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--replicas", type=int, default=1,
                         help="replicas of the pass-through and of the gateway alike (default 1)")

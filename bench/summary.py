@@ -53,9 +53,12 @@ def _added_c32(target: str, quantile: str, replicas: int | None = None) -> Gette
     (``--pair-replicas``) and nothing else."""
     def get(docs: dict[str, dict[str, Any]]) -> Any:
         doc = docs.get("gateway_overhead", {})
-        rotated = (doc.get("c32_rounds_by_replicas") or {}).get(str(replicas)) if replicas else doc.get("c32_rounds")
-        value = ((rotated or {}).get(f"median_added_{quantile}_ms") or {}).get(target)
-        return value if value is not None or replicas else _gw(target, "c32", f"added_{quantile}_ms")(docs)
+        key = f"median_added_{quantile}_ms"
+        if replicas:
+            rounds = (doc.get("c32_rounds_by_replicas") or {}).get(str(replicas)) or {}
+            return (rounds.get(key) or {}).get(target)
+        value = ((doc.get("c32_rounds") or {}).get(key) or {}).get(target)
+        return value if value is not None else _gw(target, "c32", f"added_{quantile}_ms")(docs)
     return get
 
 
