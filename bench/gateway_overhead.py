@@ -176,10 +176,36 @@ def role_load(url: str, model: str, concurrency: int, requests: int, duration: f
 
 
 # ---- role: ray (pass-through + Pilothouse gateway on one Serve instance) ----------------------------
-def role_ray(config_path: str) -> None:
-    import ray
+def passthrough_app(backend: str) -> Any:
+    """The floor of our stack: a FastAPI app that forwards the body to ``backend`` and its answer back, with one
+    pooled ``aiohttp`` session (the client the gateway's external engine uses, so the floor is a fair one)."""
+    import aiohttp
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
+
+    session: list[aiohttp.ClientSession] = []  # created in the serving event loop, on first use
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def whoami(_: Request) -> Response:
+        return Response(b'{"target": "passthrough"}', media_type="application/json")
+
+    async def chat(request: Request) -> Response:
+        if not session:
+            session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)))
+        async with session[0].post(f"{backend}/chat/completions", data=await request.body(),
+                                   headers={"content-type": "application/json"}) as r:
+            return Response(await r.read(), status_code=r.status, media_type="application/json")
+
+    # Plain Starlette routes: no signature inspection (under Ray this is pickled by value from __main__, where
+    # FastAPI could not resolve the postponed annotations).
+    app.add_route("/whoami", whoami, methods=["GET"])
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+    return app
+
+
+def role_ray(config_path: str) -> None:
+    import ray
+    from fastapi import FastAPI
     from ray import serve
 
     from pilothouse.serving import serve as gateway
@@ -194,27 +220,7 @@ def role_ray(config_path: str) -> None:
     @serve.ingress()
     class PassThrough:
         def __serve_build_asgi_app__(self) -> FastAPI:
-            import aiohttp
-
-            # The same client library as the gateway's external engine, so the floor is a fair one.
-            session: list[aiohttp.ClientSession] = []  # created in the replica's event loop, on first use
-            app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-
-            async def whoami(_: Request) -> Response:
-                return Response(b'{"target": "passthrough"}', media_type="application/json")
-
-            async def chat(request: Request) -> Response:
-                if not session:
-                    session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)))
-                async with session[0].post(f"{backend}/chat/completions", data=await request.body(),
-                                           headers={"content-type": "application/json"}) as r:
-                    return Response(await r.read(), status_code=r.status, media_type="application/json")
-
-            # Plain Starlette routes: no signature inspection (this class is pickled by value from __main__,
-            # where FastAPI could not resolve the postponed annotations).
-            app.add_route("/whoami", whoami, methods=["GET"])
-            app.add_route("/v1/chat/completions", chat, methods=["POST"])
-            return app
+            return passthrough_app(backend)
 
     stop = False
 

@@ -133,6 +133,15 @@ FIGURES: dict[str, Getter] = {
     "gateway.max_rps_ratio.replicas2": _ratio_at(2),
     "gateway.event_loop_us_per_request.c256.pilothouse": _loop_us("pilothouse"),
     "gateway.event_loop_us_per_request.c256.serve_passthrough": _loop_us("serve passthrough"),
+    **{f"gateway.instructions_per_request.{level}.{name}": _get("gateway_instructions", "summary",
+                                                                f"{name}_{level}_total_instructions")
+       for level in ("c1", "c8") for name in ("pilothouse", "passthrough", "pilothouse_no_budget")},
+    **{f"gateway.event_loop_instructions_per_request.{level}.{name}": _get(
+        "gateway_instructions", "summary", f"{name}_{level}_event_loop_instructions")
+       for level in ("c1", "c8") for name in ("pilothouse", "passthrough")},
+    **{f"gateway.instructions_ratio.{level}.pilothouse": _get("gateway_instructions", "summary",
+                                                              f"pilothouse_{level}_vs_passthrough_ratio")
+       for level in ("c1", "c8")},
     "failover.client_errors": _get("failover", "client_errors"),
     "failover.reroute_ms": _get("failover", "reroute_ms"),
     "failover.return_ms": _get("failover", "return_ms"),

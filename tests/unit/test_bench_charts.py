@@ -188,3 +188,72 @@ def test_engine_targets_at_c1_take_turns_and_each_is_timed_by_its_own_requests(
         assert result["elapsed_s"] == pytest.approx(sum(result["latency_s"]), abs=0.002)
     per_token = [r["elapsed_s"] / r["tokens"] for r in (first, second)]
     assert per_token[1] > 1.5 * per_token[0]
+
+
+COUNTED = """
+import sys, threading
+def work(n):
+    return sum(range(n))
+print("ready", flush=True)
+sys.stdin.readline()  # counting is switched on before this line arrives
+helper = threading.Thread(target=work, args=(100_000,))
+helper.start()
+work(400_000)
+helper.join()
+print("done", flush=True)
+sys.stdin.readline()  # and dumped before this one
+"""
+
+
+@pytest.mark.skipif(shutil.which("callgrind_control") is None,
+                    reason="valgrind is not installed: apt-get install valgrind")
+def test_instructions_are_read_per_thread_from_a_real_callgrind_dump(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The gateway's instruction counts come from callgrind's per-thread dump files: the main thread (the event
+    loop's) is thread 1, only what ran while counting was on is counted, and the other threads are summed apart."""
+    import subprocess
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    counted = bench_module("gateway_instructions")
+    out = tmp_path / "callgrind.out"
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                             f"--callgrind-out-file={out}", "-q", sys.executable, "-S", "-c", COUNTED],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
+        proc.stdin.write("exit\n")
+        proc.stdin.flush()
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    threads = counted.instructions_by_thread(out, 1)
+    assert set(threads) == {1, 2}  # the main thread and the helper; nothing from other dumps (the one at exit)
+    assert threads[1] > 2 * threads[2] > 0  # four times the helper's work, plus the thread start and join
+    assert threads[1] < 200_000_000  # the interpreter's start-up (imports, before counting) is not in it
+    split = counted.per_request(threads, 2)
+    assert split == {"event_loop": round(threads[1] / 2), "other_threads": round(threads[2] / 2),
+                     "total": round((threads[1] + threads[2]) / 2)}
+    assert counted.instructions_by_thread(out, 2) == {}  # a dump that was never taken
+
+
+def test_the_summary_lists_instructions_per_request_and_the_ratio_to_the_passthrough(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    results = {"passthrough": {"c1": {"event_loop": 600, "other_threads": 0, "total": 600}},
+               "pilothouse": {"c1": {"event_loop": 1200, "other_threads": 600, "total": 1800}},
+               "pilothouse, no budget": {"c1": {"event_loop": 1100, "other_threads": 100, "total": 1200}}}
+    doc = {"machine": {"cpus": 2}, "summary": bench_module("gateway_instructions").summarise(results)}
+    figures = bench_module("summary").summarise({"gateway_instructions": doc})["figures"]
+    assert figures["gateway.instructions_per_request.c1.pilothouse"] == 1800
+    assert figures["gateway.instructions_per_request.c1.passthrough"] == 600
+    assert figures["gateway.instructions_per_request.c1.pilothouse_no_budget"] == 1200
+    assert figures["gateway.event_loop_instructions_per_request.c1.pilothouse"] == 1200
+    assert figures["gateway.instructions_ratio.c1.pilothouse"] == 3.0
+    assert "gateway.instructions_per_request.c8.pilothouse" not in figures  # not measured: not guessed
