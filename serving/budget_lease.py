@@ -37,7 +37,17 @@ from typing import Any
 
 from pilothouse.operator.api.routing import BudgetRule
 
-from .ledger import USD_EPSILON, Denied, LeaseCharge, Ledger, Reservation, ReserveOp, SettleOp, reservation_id
+from .ledger import (
+    USD_EPSILON,
+    Denied,
+    LeaseCharge,
+    Ledger,
+    Reservation,
+    ReserveOp,
+    SettleOp,
+    per_request_denial,
+    reservation_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +144,7 @@ class Leases:
                     at: datetime) -> Claim | None:
         """This request's worst case from one of the policy's leases, opening one if none has room; None:
         reserve it alone (its policy refuses it alone, it is near a cap, or a lease is not worth it)."""
-        if ReserveOp(namespace, rule.policy, rule, worst_cost, worst_tokens, request_id, at).per_request_denial():
+        if per_request_denial(namespace, rule, worst_cost, worst_tokens):
             return None  # the exact path refuses it, and says why
         key = (namespace, rule.policy)
         claim = self._take(key, rule, worst_cost, worst_tokens, request_id, at)

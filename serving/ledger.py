@@ -147,6 +147,16 @@ TotalsKey = tuple[str, str, str, datetime]
 _ZERO = (0.0, 0, 0.0, 0)  # committed USD, committed tokens, reserved USD, reserved tokens
 
 
+def per_request_denial(namespace: str, rule: BudgetRule, worst_cost_usd: float, worst_tokens: int) -> Denied | None:
+    """The refusal of a request whose worst case alone is above the rule's per-request caps, or None. A function of
+    its own so the budget leases' hot path can ask without building a ``ReserveOp`` (~18,000 instructions a request)."""
+    if (cap := rule.per_request_max_cost_usd) is not None and worst_cost_usd > cap + USD_EPSILON:
+        return Denied(namespace, rule.policy, "perRequest", "USD", cap, worst_cost_usd)
+    if (cap_tokens := rule.per_request_max_tokens) is not None and worst_tokens > cap_tokens:
+        return Denied(namespace, rule.policy, "perRequest", "tokens", cap_tokens, worst_tokens)
+    return None
+
+
 @dataclass(frozen=True)
 class ReserveOp:
     """One request's reservation against one policy; checked for sense when built, before any queueing."""
@@ -167,12 +177,7 @@ class ReserveOp:
         object.__setattr__(self, "at", _utc(self.at))
 
     def per_request_denial(self) -> Denied | None:
-        rule = self.rule
-        if (cap := rule.per_request_max_cost_usd) is not None and self.worst_cost_usd > cap + USD_EPSILON:
-            return Denied(self.namespace, self.policy, "perRequest", "USD", cap, self.worst_cost_usd)
-        if (cap_tokens := rule.per_request_max_tokens) is not None and self.worst_tokens > cap_tokens:
-            return Denied(self.namespace, self.policy, "perRequest", "tokens", cap_tokens, self.worst_tokens)
-        return None
+        return per_request_denial(self.namespace, self.rule, self.worst_cost_usd, self.worst_tokens)
 
     @cached_property
     def bounds(self) -> list[tuple[datetime, datetime]]:
