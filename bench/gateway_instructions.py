@@ -16,9 +16,10 @@ under ``valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes``:
 - **pilothouse, no budget**: the same gateway without the BudgetPolicy rule: the ledger's share.
 
 The backend (``gateway_overhead``'s FakeBackend, 20 ms) and the load generator (its load role) run natively. Each
-target gets ``--warmup`` requests uncounted; then counting is switched on (``callgrind_control -i on``), ``--requests``
-requests are sent at each concurrency, and the counts are dumped (``callgrind_control -d``) and read per thread. At
-concurrency 1 every request commits its own audit transaction; at 8 the group commit shares them.
+target gets ``--warmup`` requests uncounted; then, for each concurrency, the counters are zeroed and counting is
+switched on (``callgrind_control --zero``, ``--instr=on``), ``--requests`` requests are sent, and the counts are dumped
+(``--dump``), read per thread, and counting is switched off again. At concurrency 1 every request commits its own audit
+transaction; at 8 the group commit shares them.
 
 Reported per target and concurrency: instructions per request on the event loop's thread (the main thread: what
 bounds a replica's requests per second) and on all other threads (the audit and ledger writers), their total, and
@@ -26,7 +27,7 @@ each total's ratio to the pass-through's. Not under Ray Serve: its replica wrapp
 and Ray does not start under valgrind in minutes. Results: a rich table and ``bench/results/gateway_instructions.json``
 (its ``summary`` is what ``summary.py`` reads).
 
-Run: ``.venv/bin/python bench/gateway_instructions.py`` (about 3 minutes; needs ``valgrind``, on Debian
+Run: ``.venv/bin/python bench/gateway_instructions.py`` (about 2 minutes; needs ``valgrind``, on Debian
 ``apt-get install valgrind``).
 """
 
@@ -116,6 +117,7 @@ def count(target: str, config: dict[str, Any], folder: Path, args: argparse.Name
         go.wait_http(url, 300, method="POST", body=go.chat_body(model))  # imports under valgrind: ~15 s
         load(url, target, max(args.concurrency), args.warmup)
         for part, concurrency in enumerate(args.concurrency, start=1):
+            # zeroed first: without it, the second level's dump held wrapped-around totals (~6e16 a request)
             subprocess.run(["callgrind_control", "--zero", str(proc.p.pid)], check=True, capture_output=True)
             subprocess.run(["callgrind_control", "--instr=on", str(proc.p.pid)], check=True, capture_output=True)
             answered = load(url, target, concurrency, args.requests)
