@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import aiohttp
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace as otel
@@ -93,6 +94,7 @@ DEFAULT_STORE_URL = "sqlite:///.pilothouse/pilothouse.db"
 STALE_RESERVATION = timedelta(minutes=30)  # far above the longest request (timeouts x attempts + queue)
 IDEMPOTENCY_RETENTION = timedelta(hours=24)
 MAX_UNRELEASED = 10_000  # Idempotency-Key claims kept in memory for the next upkeep to release (row ids: ~1 MB)
+MAX_ENGINES = 1024  # HTTP backends' engines kept for reuse (a table lists tens)
 REQUEST_ID_HEADER = "x-pilothouse-request-id"
 CACHE_HEADER = "x-pilothouse-cache"
 REPLAY_HEADER = "x-pilothouse-idempotent-replay"
@@ -251,6 +253,9 @@ class DataPlane:
         self._tables_seen = -1
         self._unreleased: set[str] = set()
         """Idempotency-Key claims a store outage kept failed requests from giving back; the next upkeep does."""
+        self._external: dict[tuple[str | None, str, str | None, aiohttp.ClientSession], ExternalEngine] = {}
+        """The HTTP backends' engines, by what makes one (endpoint, model, key, client): they hold no per-request
+        state, and building one per request was ~23,000 instructions on the event loop (its ClientTimeout ~7,000)."""
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def stores(self) -> Stores:
@@ -768,7 +773,14 @@ class DataPlane:
         try:
             if is_local(backend.endpoint):
                 return HandleEngine.for_backend(backend)
-            return ExternalEngine.for_backend(backend, shared_client(), backend_api_key(backend))
+            client, api_key = shared_client(), backend_api_key(backend)
+            key = (backend.endpoint, backend.model, api_key, client)
+            engine = self._external.get(key)
+            if engine is None:
+                if len(self._external) >= MAX_ENGINES:  # tables come and go: drop the old ones wholesale
+                    self._external.clear()
+                engine = self._external[key] = ExternalEngine.for_backend(backend, client, api_key)
+            return engine
         except ValueError as exc:
             raise BackendError(Failure(ErrorClass.CONNECTION, str(exc))) from None
 

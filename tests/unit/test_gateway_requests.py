@@ -393,6 +393,28 @@ async def test_metrics_endpoint(tmp_path: Path, fakes: Any) -> None:
         assert 'pilothouse_table_revision{workflow="wf"}' in metrics.text
 
 
+async def test_a_rotated_backend_key_is_used_from_the_next_request(tmp_path: Path, fakes: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway keeps each HTTP backend's engine for reuse; a key rotated in the Secret (its env var) must still
+    reach the backend with the very next request, and the old key must not."""
+    primary, fallback = fakes
+    ref = SecretKeyRef(name="openai-key", key="api.key")
+    table = make_table(primary, fallback)
+    table = table.model_copy(update={"routes": [r.model_copy(update={"backends": [
+        b.model_copy(update={"api_key_secret_ref": ref}) for b in r.backends]}) for r in table.routes]})
+    monkeypatch.setenv(ref.env_var, "sk-old")
+    primary.api_key = "sk-old"
+    async with gateway(tmp_path, table) as gw:
+        assert (await gw.post(chat())).status_code == 200
+        assert (await gw.post(chat())).status_code == 200
+        primary.api_key = "sk-new"  # the backend takes only the new key from now on
+        monkeypatch.setenv(ref.env_var, "sk-new")
+        r = await gw.post(chat())
+        assert r.status_code == 200, r.text
+        assert gw.audit(r).routing.attempts[0].error_class is None  # the primary answered: no fallback
+        assert primary.served["/v1/chat/completions"] == 3 and fallback.requests == 0
+
+
 def test_helpers() -> None:
     assert trace_id("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01") == "0af7651916cd43dd8448eb211c80319c"
     assert len(trace_id("garbage")) == 32 and trace_id(None) != trace_id(None)
