@@ -92,14 +92,23 @@ def per_request(threads: dict[int, int], requests: int) -> dict[str, int]:
             "total": round((main + rest) / requests)}
 
 
+def model_for(target: str) -> str:
+    """The model a target is asked for: the pass-through forwards the backend's own, the gateways route."""
+    return go.model_for("serve passthrough" if target == BASELINE else "pilothouse")
+
+
 def load(url: str, target: str, concurrency: int, requests: int) -> dict[str, Any]:
     """``requests`` requests at ``concurrency`` from ``gateway_overhead``'s load generator; its result line."""
-    model = go.model_for("serve passthrough" if target == BASELINE else "pilothouse")
-    out = subprocess.run([go.PY, go.__file__, "--role", "load", "--url", url, "--model", model,
+    out = subprocess.run([go.PY, go.__file__, "--role", "load", "--url", url, "--model", model_for(target),
                           "--concurrency", str(concurrency), "--requests", str(requests), "--seconds", "1e9",
                           "--warmup", "0"], capture_output=True, text=True, check=True, cwd=go.ROOT)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+def control(pid: int, option: str) -> None:
+    """One ``callgrind_control`` command to the counted process."""
+    subprocess.run(["callgrind_control", option, str(pid)], check=True, capture_output=True)
 
 
 def count(target: str, config: dict[str, Any], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -113,16 +122,15 @@ def count(target: str, config: dict[str, Any], folder: Path, args: argparse.Name
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     results: dict[str, Any] = {}
     try:
-        model = go.model_for("serve passthrough" if target == BASELINE else "pilothouse")
-        go.wait_http(url, 300, method="POST", body=go.chat_body(model))  # imports under valgrind: ~15 s
+        go.wait_http(url, 300, method="POST", body=go.chat_body(model_for(target)))  # imports under valgrind: ~15 s
         load(url, target, max(args.concurrency), args.warmup)
         for part, concurrency in enumerate(args.concurrency, start=1):
             # zeroed first: without it, the second level's dump held wrapped-around totals (~6e16 a request)
-            subprocess.run(["callgrind_control", "--zero", str(proc.p.pid)], check=True, capture_output=True)
-            subprocess.run(["callgrind_control", "--instr=on", str(proc.p.pid)], check=True, capture_output=True)
+            control(proc.p.pid, "--zero")
+            control(proc.p.pid, "--instr=on")
             answered = load(url, target, concurrency, args.requests)
-            subprocess.run(["callgrind_control", "--dump", str(proc.p.pid)], check=True, capture_output=True)
-            subprocess.run(["callgrind_control", "--instr=off", str(proc.p.pid)], check=True, capture_output=True)
+            control(proc.p.pid, "--dump")
+            control(proc.p.pid, "--instr=off")
             if answered["errors"] or answered["ok"] != args.requests:
                 raise RuntimeError(f"{target} at c={concurrency}: {answered['ok']} answered, "
                                    f"{answered['errors']} errors ({answered['error_kinds']})")
@@ -134,6 +142,12 @@ def count(target: str, config: dict[str, Any], folder: Path, args: argparse.Name
     return results
 
 
+def ratio(results: dict[str, dict[str, Any]], target: str, level: str) -> float | None:
+    """``target``'s total at ``level`` over the pass-through's, or None where the pass-through was not counted."""
+    base = results.get(BASELINE, {}).get(level)
+    return results[target][level]["total"] / base["total"] if base else None
+
+
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The flat figures ``summary.py`` reads: totals and event-loop counts per target and concurrency, and each
     gateway's total as a ratio to the pass-through's."""
@@ -143,9 +157,9 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for level, row in levels.items():
             summary[f"{name}_{level}_total_instructions"] = row["total"]
             summary[f"{name}_{level}_event_loop_instructions"] = row["event_loop"]
-            base = results.get(BASELINE, {}).get(level)
-            if target != BASELINE and base:
-                summary[f"{name}_{level}_vs_passthrough_ratio"] = round(row["total"] / base["total"], 2)
+            times = ratio(results, target, level)
+            if target != BASELINE and times is not None:
+                summary[f"{name}_{level}_vs_passthrough_ratio"] = round(times, 2)
     return summary
 
 
@@ -159,10 +173,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         table.add_column(column, justify="left" if column == "target" else "right")
     for target, levels in results.items():
         for level, row in levels.items():
-            base = results.get(BASELINE, {}).get(level)
-            ratio = f"{row['total'] / base['total']:.2f}x" if base else "-"
+            times = ratio(results, target, level)
             table.add_row(target, level[1:], f"{row['event_loop']:,}", f"{row['other_threads']:,}",
-                          f"{row['total']:,}", ratio)
+                          f"{row['total']:,}", "-" if times is None else f"{times:.2f}x")
     Console(highlight=False, width=120).print(table)
 
 

@@ -235,8 +235,9 @@ def test_instructions_are_read_per_thread_from_a_real_callgrind_dump(
         proc.kill()
     threads = counted.instructions_by_thread(out, 1)
     assert set(threads) == {1, 2}  # the main thread and the helper; nothing from other dumps (the one at exit)
-    assert threads[1] > 2 * threads[2] > 0  # four times the helper's work, plus the thread start and join
-    assert threads[1] < 200_000_000  # the interpreter's start-up (imports, before counting) is not in it
+    # four times the helper's work, plus the thread's start and join; the interpreter's start-up, before counting was
+    # on, would add ~40 million more (measured: 4.0x the helper's count with it off at start-up, 6.3x with it on)
+    assert 3 * threads[2] < threads[1] < 5 * threads[2] and threads[2] > 0
     split = counted.per_request(threads, 2)
     assert split == {"event_loop": round(threads[1] / 2), "other_threads": round(threads[2] / 2),
                      "total": round((threads[1] + threads[2]) / 2)}
