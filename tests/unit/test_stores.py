@@ -8,7 +8,12 @@ file: a deferred ``create_all`` that read the schema before that writer committe
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,16 +57,19 @@ def test_a_store_opens_while_another_connection_writes(tmp_path: Path, store: st
     other.close()
 
 
+def _shared_table(tmp_path: Path) -> tuple[str, sa.Engine]:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engine = stores.writer(stores.open_engine(url, purpose="test", busy_timeout_s=0, synchronous="NORMAL")[0])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (writer INTEGER, n INTEGER)")
+    return url, engine
+
+
 def test_writers_in_one_process_take_turns_without_the_busy_handler(tmp_path: Path) -> None:
     """Two threads writing one SQLite file through ``begin_write`` queue on the process's lock: with no busy
     timeout at all, neither ever meets SQLITE_BUSY (through ``engine.begin()`` alone they do at once)."""
-    from pilothouse.serving import stores
-
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    engines = [stores.writer(stores.open_engine(url, purpose="test", busy_timeout_s=0, synchronous="NORMAL")[0])
-               for _ in range(2)]
-    with engines[0].begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE t (writer INTEGER, n INTEGER)")
+    url, first = _shared_table(tmp_path)
+    engines = [first, stores.writer(stores.open_engine(url, purpose="test", busy_timeout_s=0, synchronous="NORMAL")[0])]
     errors: list[BaseException] = []
 
     def write(i: int) -> None:
@@ -81,6 +89,99 @@ def test_writers_in_one_process_take_turns_without_the_busy_handler(tmp_path: Pa
     assert errors == []
     with engines[0].connect() as conn:
         assert conn.exec_driver_sql("SELECT COUNT(*) FROM t").scalar() == 300
+
+
+_WRITER = """
+import sys, time
+from pilothouse.serving import stores
+url, who, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+engine = stores.writer(stores.open_engine(url, purpose="test", busy_timeout_s=0, synchronous="NORMAL")[0])
+print("ready", flush=True)
+sys.stdin.readline()
+for n in range(rows):
+    with stores.begin_write(engine) as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (?, ?)", (who, n))
+        time.sleep(0.0005)
+"""
+
+
+def test_writers_in_two_processes_take_turns_without_the_busy_handler(tmp_path: Path) -> None:
+    """Two gateway replicas write one store: with no busy timeout at all, neither meets SQLITE_BUSY, because they
+    queue on the store's writer lock (through ``engine.begin()`` alone the second one fails at once)."""
+    url, engine = _shared_table(tmp_path)
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, url, str(i), "300"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for w in writers:  # both started and connected, then both let go at once: their writes overlap
+        assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+    for w in writers:
+        assert w.stdin is not None
+        w.stdin.write("go\n")
+        w.stdin.flush()
+    for w in writers:
+        _, err = w.communicate(timeout=120)
+        assert w.returncode == 0, err
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT writer, COUNT(*) FROM t GROUP BY writer").all() == [(0, 300), (1, 300)]
+
+
+def test_a_writer_killed_holding_the_store_lets_the_next_one_in(tmp_path: Path) -> None:
+    """``kill -9`` of a process mid-write (the gateway drill's fault) must not leave the store locked for the others:
+    the kernel drops a dead process's lock."""
+    _, engine = _shared_table(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pilothouse.serving import stores\n"
+        "stores.writer_queue(sys.argv[1]).__enter__()\nprint('holding', flush=True)\ntime.sleep(600)\n"),
+        str(tmp_path / "shared.db")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    wrote = threading.Event()
+
+    def write() -> None:
+        with stores.begin_write(engine) as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES (9, 1)")
+        wrote.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert not wrote.wait(0.5)  # queued behind the holder
+    holder.kill()
+    holder.wait()
+    assert wrote.wait(30)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT writer FROM t").scalars().all() == [9]
+
+
+def test_a_forked_child_does_not_share_its_parents_turn(tmp_path: Path) -> None:
+    """A forked child inherits its parent's open lock file, and with it the parent's lock: it opens its own."""
+    queue = stores.writer_queue(str(tmp_path / "shared.db"))
+    with queue:
+        child = os.fork()
+        if child == 0:  # the child: its own descriptor, which the parent's lock keeps out
+            code = 1
+            try:
+                fd = queue._descriptor()
+                assert fd is not None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_without_the_lock_file_writers_fall_back_to_the_busy_handler(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A store whose lock file cannot be opened (here a directory is in its place) still takes writes, and says why
+    other processes' writers will wait in SQLite's busy handler."""
+    (tmp_path / f"shared.db{stores.WRITER_LOCK_SUFFIX}").mkdir()
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engine = stores.writer(stores.open_engine(url, purpose="test", busy_timeout_s=1, synchronous="NORMAL")[0])
+    with caplog.at_level(logging.WARNING, logger="pilothouse.serving.stores"), stores.begin_write(engine) as conn:
+        conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT n FROM t").scalars().all() == [1]
+    assert "busy handler instead of queueing" in caplog.text
 
 
 def test_a_group_commit_that_finds_the_file_locked_past_the_busy_timeout_is_retried(tmp_path: Path) -> None:
