@@ -197,7 +197,7 @@ class WriterQueue:
         self.lock_path = path.with_name(path.name + WRITER_LOCK_SUFFIX)
         self._threads = threading.Lock()
         self._fd: int | None = None
-        self._pid = 0
+        self._opened = False
 
     def __enter__(self) -> None:
         self._threads.acquire()
@@ -211,27 +211,44 @@ class WriterQueue:
 
     def __exit__(self, *_: object) -> None:
         try:
-            if self._fd is not None and self._pid == os.getpid():
+            if self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
 
     def _descriptor(self) -> int | None:
-        """This process's open lock file. Opened again in a forked child: a child shares its parent's open file,
-        and with it the parent's lock, so the two would not exclude each other."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
+        """This process's open lock file, opened on first use; None where it cannot be (said once)."""
+        if not self._opened:
+            self._opened = True
             try:
                 self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
-                self._fd = None
                 log.warning("cannot open %s (%s): writers of this store in other processes will meet SQLite's "
                             "busy handler instead of queueing", self.lock_path, exc)
         return self._fd
 
+    def forget(self) -> None:
+        """Start afresh in a forked child. The child shares its parent's open lock file, and with it the parent's
+        lock: kept, the two would not exclude each other, and a parent dying with the lock held would leave it held
+        while the child lives. A thread lock some parent thread held at the fork would never be released."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._threads = threading.Lock()
+        self._fd = None
+        self._opened = False
+
 
 _writer_queues: dict[Path, WriterQueue] = {}
 _writer_queues_guard = threading.Lock()
+
+
+def _forget_writer_queues() -> None:
+    for queue in _writer_queues.values():
+        queue.forget()
+
+
+os.register_at_fork(after_in_child=_forget_writer_queues)
 
 
 def _queue(engine: sa.Engine) -> contextlib.AbstractContextManager[Any]:

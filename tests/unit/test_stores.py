@@ -151,13 +151,15 @@ def test_a_writer_killed_holding_the_store_lets_the_next_one_in(tmp_path: Path) 
 
 
 def test_a_forked_child_does_not_share_its_parents_turn(tmp_path: Path) -> None:
-    """A forked child inherits its parent's open lock file, and with it the parent's lock: it opens its own."""
+    """A process forked while its parent writes inherits the parent's open lock file, and with it the parent's lock,
+    and the parent's thread lock held: it starts afresh, its own descriptor kept out by the parent's lock."""
     queue = stores.writer_queue(str(tmp_path / "shared.db"))
     with queue:
         child = os.fork()
-        if child == 0:  # the child: its own descriptor, which the parent's lock keeps out
+        if child == 0:
             code = 1
             try:
+                assert queue._threads.acquire(blocking=False)  # not the parent's, held at the fork
                 fd = queue._descriptor()
                 assert fd is not None
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
