@@ -244,6 +244,10 @@ _writer_queues_guard = threading.Lock()
 
 
 def _forget_writer_queues() -> None:
+    """In a forked child: every queue starts afresh (``WriterQueue.forget``), and so does the registry's guard, which
+    a parent thread may have held at the fork."""
+    global _writer_queues_guard
+    _writer_queues_guard = threading.Lock()
     for queue in _writer_queues.values():
         queue.forget()
 

@@ -111,15 +111,19 @@ def test_writers_in_two_processes_take_turns_without_the_busy_handler(tmp_path: 
     url, engine = _shared_table(tmp_path)
     writers = [subprocess.Popen([sys.executable, "-c", _WRITER, url, str(i), "300"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for w in writers:  # both started and connected, then both let go at once: their writes overlap
-        assert w.stdout is not None and w.stdout.readline().strip() == "ready"
-    for w in writers:
-        assert w.stdin is not None
-        w.stdin.write("go\n")
-        w.stdin.flush()
-    for w in writers:
-        _, err = w.communicate(timeout=120)
-        assert w.returncode == 0, err
+    try:
+        for w in writers:  # both started and connected, then both let go at once: their writes overlap
+            assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+        for w in writers:
+            assert w.stdin is not None
+            w.stdin.write("go\n")
+            w.stdin.flush()
+        for w in writers:
+            _, err = w.communicate(timeout=120)
+            assert w.returncode == 0, err
+    finally:
+        for w in writers:
+            w.kill()
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT writer, COUNT(*) FROM t GROUP BY writer").all() == [(0, 300), (1, 300)]
 
@@ -132,7 +136,6 @@ def test_a_writer_killed_holding_the_store_lets_the_next_one_in(tmp_path: Path) 
         "import sys, time\nfrom pilothouse.serving import stores\n"
         "stores.writer_queue(sys.argv[1]).__enter__()\nprint('holding', flush=True)\ntime.sleep(600)\n"),
         str(tmp_path / "shared.db")], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
     wrote = threading.Event()
 
     def write() -> None:
@@ -140,11 +143,13 @@ def test_a_writer_killed_holding_the_store_lets_the_next_one_in(tmp_path: Path) 
             conn.exec_driver_sql("INSERT INTO t VALUES (9, 1)")
         wrote.set()
 
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    assert not wrote.wait(0.5)  # queued behind the holder
-    holder.kill()
-    holder.wait()
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        threading.Thread(target=write, daemon=True).start()
+        assert not wrote.wait(0.5)  # queued behind the holder
+    finally:
+        holder.kill()
+        holder.wait()
     assert wrote.wait(30)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT writer FROM t").scalars().all() == [9]
