@@ -13,7 +13,9 @@ from before it is answered 410 Gone ("too old resource version"), and kopf lists
 Each of those makes kopf misbehave in ways a real cluster never would; this subclass fixes them.
 It also forgets each request once served: kmock keeps every request and walks that log to route
 the next one (O(requests²) per run), which made the emulator, not the operator, the bottleneck
-beyond a few thousand calls. Nothing here asserts on the request log.
+beyond a few thousand calls. Nothing here asserts on the request log. And it finds the object a
+request names by its key, as an API server does, where kmock compares the request with every stored
+object: with 1000 ModelDeployments, 200 workflows and their Events, that scan was 60% of the emulator's CPU.
 """
 
 from __future__ import annotations
@@ -133,6 +135,14 @@ class Emulator(kmock.KubernetesEmulator):
             for payload in self._payloads:
                 if len(payload._requests) > 64:
                     del payload._requests[:]
+
+    def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list[Any]:
+        """kmock's private lookup (its ``__get_objs``), by key when the request names one object in its namespace:
+        a fetch, a patch, a delete, a create's answer. Listings and cluster-wide requests scan, as kmock does."""
+        if not strict or request.name is None:
+            return super()._KubernetesEmulator__get_objs(request, strict)  # type: ignore[misc]
+        key = (request.resource, request.namespace, request.name)
+        return [self._objects[key]] if key in self._objects else []
 
     def _generate_name(self, resource: Any, namespace: str | None, prefix: str) -> str:
         """A name from ``generateName`` that no live object has: API servers since Kubernetes 1.31 retry on a
