@@ -10,20 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import httpx
-
 from .api import ModelDeployment, Resource, RoutingTable
 from .api.common import SecretKeyRef
 from .budget import SpendReader
 from .conditions import Observation, merge
-from .health import Health
+from .health import EndpointProber, Health
 from .slo import SloReader
 
 R = TypeVar("R", bound=Resource)
 
 
 class Env(Protocol):
-    http: httpx.AsyncClient
+    prober: EndpointProber
     spend: SpendReader
     slo: SloReader | None  # workflow run figures for AutonomousWorkflow status; None: not reported
     default_milvus_uri: str | None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 from typing import Any, TypeVar
 
-import httpx
 import lightkube
 from lightkube import codecs
 from lightkube.core.exceptions import ApiError
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 from .api import GROUP, KINDS, VERSION, ModelDeployment, Resource, RoutingTable
 from .api.common import SecretKeyRef
 from .budget import SpendReader
-from .health import Health, classify_vllm
+from .health import EndpointProber, Health, classify_vllm
 from .render_gateway import ROUTING_FILE, routing_configmap
 from .slo import SloReader
 
@@ -41,10 +40,10 @@ def parse(kind: type[R], raw: dict[str, Any]) -> R:
 class ClusterEnv:
     """``Env`` for the in-cluster operator."""
 
-    def __init__(self, client: lightkube.AsyncClient, http: httpx.AsyncClient, spend: SpendReader,
+    def __init__(self, client: lightkube.AsyncClient, prober: EndpointProber, spend: SpendReader,
                  default_milvus_uri: str | None, slo: SloReader | None = None) -> None:
         self.client = client
-        self.http = http
+        self.prober = prober
         self.spend = spend
         self.slo = slo
         self.default_milvus_uri = default_milvus_uri

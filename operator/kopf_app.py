@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
 import httpx2
 import kopf
 import lightkube
@@ -34,6 +33,7 @@ from .api import GROUP, VERSION, AutonomousWorkflow, BudgetPolicy, ModelDeployme
 from .budget import SqlSpendReader
 from .conditions import Observation
 from .env import Outcome, status_doc
+from .health import EndpointProber
 from .k8s import ClusterEnv, parse
 from .manifests import describe
 from .render_gateway import GATEWAY_IMAGE
@@ -199,15 +199,19 @@ async def refresh_workflows(namespace: str, rt: Runtime) -> bool:
     refused a write and the pass must be repeated."""
     if rt.env is None:
         return True
-    complete = True
-    for raw in await rt.env.list_raw(AutonomousWorkflow, namespace):
-        try:
-            await sync(AutonomousWorkflow, raw, rt, force_apply=False)
-        except kopf.PermanentError:
-            pass  # InvalidSpec: its own handlers report it
-        except kopf.TemporaryError as exc:  # a wait (retry_after) is its own handlers' to retry; an API error is ours
-            complete = complete and not isinstance(exc.__cause__, ApiError | httpx2.TransportError)
-    return complete
+    # All at once, as many in flight as the reconcile slots allow. One after another, each workflow's API calls (read
+    # its table, write it, write its status) waited on the previous workflow's, and on a slot among the models'
+    # health checks: 4.2 s for 200 workflows against 1.5 s at once (bench/reconcile_scale.py, on the emulator).
+    outcomes = await asyncio.gather(*(sync(AutonomousWorkflow, raw, rt, force_apply=False)
+                                      for raw in await rt.env.list_raw(AutonomousWorkflow, namespace)),
+                                    return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, kopf.TemporaryError):  # a wait (retry_after) is its handlers' to retry; API errors ours
+            if isinstance(outcome.__cause__, ApiError | httpx2.TransportError):
+                return False
+        elif isinstance(outcome, BaseException) and not isinstance(outcome, kopf.PermanentError):
+            raise outcome  # InvalidSpec (PermanentError) is its own handlers' to report; anything else is a bug
+    return True
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
@@ -222,7 +226,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
         client = lightkube.AsyncClient(field_manager="pilothouse")  # in-cluster, else $KUBECONFIG
-        rt.env = ClusterEnv(client, httpx.AsyncClient(), SqlSpendReader(rt.config.store_url), rt.config.milvus_uri,
+        rt.env = ClusterEnv(client, EndpointProber(), SqlSpendReader(rt.config.store_url), rt.config.milvus_uri,
                             SloReader(rt.config.store_url))
 
     @kopf.on.cleanup(registry=registry)
@@ -231,7 +235,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
         for task in [*rt.refreshing.values(), *rt.checking.values()]:
             task.cancel()
         if env is not None:
-            await env.http.aclose()
+            await env.prober.aclose()
             await env.client.close()
 
     @kopf.on.probe(registry=registry, id="reconciled")

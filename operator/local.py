@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import httpx
-
 from . import budget_policy, model_deployment, vector_index, workflow
 from .api import AutonomousWorkflow, BudgetPolicy, ModelDeployment, Resource, RoutingTable, VectorIndex
 from .api.common import SecretKeyRef
 from .budget import SqlSpendReader
 from .env import Outcome, status_doc
-from .health import Health
+from .health import EndpointProber, Health
 from .manifests import Bundle
 from .slo import SloReader
 
@@ -39,7 +37,7 @@ class LocalEnv:
     state_dir: Path
     secrets: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     objects: dict[tuple[str, str, str], Resource] = field(default_factory=dict)
-    http: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
+    prober: EndpointProber = field(default_factory=EndpointProber)
     # ModelDeployment name → endpoint of its engine running in the local Ray Serve (``serve://<app>``),
     # as ``serving.engines.vllm.deploy_local_engines`` returned it; absent = not started (yet).
     engine_endpoints: dict[str, str] = field(default_factory=dict)

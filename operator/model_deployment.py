@@ -6,7 +6,7 @@ from .api import ModelDeployment
 from .api.model_deployment import Engine
 from .conditions import Observation
 from .env import Env, Outcome
-from .health import probe_external
+from .health import PROBE_TIMEOUT_S
 from .render_model import endpoint, render
 
 
@@ -25,8 +25,8 @@ async def reconcile(md: ModelDeployment, env: Env) -> Outcome:
                     f"variable {ref.env_var})")],
                 retry_after=30,
             )
-        health = await probe_external(env.http, md.spec.external.url, key,
-                                      timeout=min(md.spec.external.timeout_seconds, 5.0))
+        health = await env.prober.probe(md.spec.external.url, key,
+                                        timeout=min(md.spec.external.timeout_seconds, PROBE_TIMEOUT_S))
     else:
         health = await env.vllm_health(md)
     progressing = Observation("Progressing", not health.ready and health.reason == "PodsNotReady",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from . import milvus
 from .api import VectorIndex
 from .conditions import Observation
 from .env import Env, Outcome
@@ -20,6 +19,10 @@ async def _uri_and_token(vi: VectorIndex, env: Env) -> tuple[str | None, str | N
 
 
 async def reconcile(vi: VectorIndex, env: Env) -> Outcome:
+    # pymilvus on the first VectorIndex, not at start-up: it brings pandas, pyarrow and gRPC, most of an idle
+    # operator's memory, which a cluster without a VectorIndex never needs.
+    from . import milvus
+
     uri, token = await _uri_and_token(vi, env)
     if uri is None:
         return Outcome(phase="Failed", observations=[Observation(
@@ -61,6 +64,8 @@ async def reconcile(vi: VectorIndex, env: Env) -> Outcome:
 
 async def finalize(vi: VectorIndex, env: Env) -> str:
     """Honour reclaimPolicy on delete; raises MilvusUnreachable so the finalizer retries."""
+    from . import milvus  # see reconcile
+
     if vi.spec.reclaim_policy == "Retain":
         return f"reclaimPolicy Retain: kept Milvus collection(s) behind alias {vi.alias}"
     uri, token = await _uri_and_token(vi, env)

@@ -87,7 +87,7 @@ def run(
         try:
             return await local.reconcile_all(bundle, env)
         finally:
-            await env.http.aclose()
+            await env.prober.aclose()
 
     out.print(localrun.status_table(asyncio.run(go()), f"Pilothouse local reconcile ({directory})"))
     out.print(f"RoutingTables and status: {state_dir}/routing/, {state_dir}/status.json")

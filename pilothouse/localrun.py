@@ -256,7 +256,7 @@ async def local_stack(bundle: manifests.Bundle, state_dir: Path, *, port: int | 
         finally:
             for retriever in stack.retrievers.values():
                 retriever.close()
-            await env.http.aclose()
+            await env.prober.aclose()
     finally:
         with suppress(Exception):
             serve.shutdown()

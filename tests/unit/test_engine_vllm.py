@@ -344,5 +344,5 @@ async def test_local_mode_routes_to_the_started_engine(tmp_path: Path) -> None:
     try:
         outcome = await model_deployment.reconcile(vllm_md(str(tmp_path)), env)
     finally:
-        await env.http.aclose()
+        await env.prober.aclose()
     assert outcome.status["endpoint"] == "serve://engine-small" and outcome.phase == "Ready"

@@ -23,7 +23,7 @@ async def store_condition(tmp_path: Path, gateway: dict[str, Any], *, in_cluster
         outcome = await workflow_reconciler.reconcile(workflow(retrieve=False, gateway=gateway), env,
                                                       in_cluster=in_cluster)
     finally:
-        await env.http.aclose()
+        await env.prober.aclose()
     assert outcome.phase == "Ready"  # a warning, never a failure: the gateway serves either way
     return next((o for o in outcome.observations if o.type == "EphemeralStore"), None)
 

@@ -273,7 +273,7 @@ async def test_the_rerank_model_gets_a_route_and_being_down_degrades_the_workflo
         try:
             outcome = await workflow_reconciler.reconcile(wf, env)
         finally:
-            await env.http.aclose()
+            await env.prober.aclose()
     assert outcome.routing_table is not None
     route = next(r for r in outcome.routing_table.routes if r.step == "context")
     assert route.max_tokens == 1 and [b.model_deployment for b in route.backends] == ["judge"]
