@@ -148,6 +148,11 @@ FIGURES: dict[str, Getter] = {
     "reconcile.all_ready_s": _get("reconcile_scale", "reconcile", "all_ready_s"),
     "reconcile.operator_peak_rss_mb": _get("reconcile_scale", "reconcile", "operator_peak_rss_mb"),
     "reconcile.recompile_all_s": _get("reconcile_scale", "reconcile", "recompile_all_s"),
+    "reconcile.operator_idle_rss_mb": _get("reconcile_scale", "reconcile", "operator_idle_rss_mb"),
+    "reconcile.operator_steady_rss_mb": _get("reconcile_scale", "reconcile", "operator_steady_rss_mb"),
+    "reconcile.operator_steady_cpu_pct": _get("reconcile_scale", "reconcile", "operator_steady_cpu_pct"),
+    **{f"reconcile.probe_cpu_us.{level}.{client}": _get("probe_client", "summary", f"cpu_us_per_probe.{level}.{client}")
+       for level in ("c1", "c32") for client in ("aiohttp", "httpx")},
     "retrieval.dense_p50_ms": _get("retrieval", "summary", "dense_p50_ms"),
     "retrieval.hybrid_p50_ms": _get("retrieval", "summary", "hybrid_p50_ms"),
     "retrieval.keyword_only_p50_ms": _get("retrieval", "summary", "keyword_only_p50_ms"),

@@ -94,12 +94,11 @@ class EndpointProber:
 
     Why aiohttp and not httpx: the operator probes every external model each health interval (1000 models at
     10 s is 100 probes a second), so the client's CPU per call is most of an idle operator's CPU. Against a
-    local OpenAI-style server (bench/README, "reconcile_scale.py"), httpx 0.28 spent 0.7-1.7 ms of CPU a call
-    and aiohttp 0.07-0.19 ms, concurrency 1 to 32.
+    local OpenAI-style server (``bench/probe_client.py``), httpx 0.28 spent 0.7-2 ms of CPU a call and aiohttp
+    0.07-0.2 ms, concurrency 1 to 32.
 
-    A proxy comes from ``HTTP(S)_PROXY`` / ``NO_PROXY``, decided once per endpoint, as the gateway decides it for
-    its calls to the same endpoints. The session belongs to the event loop that made it; a prober used from
-    another loop (a test's, a second ``asyncio.run``) starts a session of its own there.
+    Proxies: :func:`env_proxy`. The session belongs to the event loop that made it; a prober used from another
+    loop (a test's, a second ``asyncio.run``) starts a session of its own there.
     """
 
     def __init__(self) -> None:
