@@ -6,6 +6,7 @@ same on every API server and emulator, and the operator owns these objects outri
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any, TypeVar
 
@@ -51,6 +52,9 @@ class ClusterEnv:
         # Without it every workflow reconcile listed and validated every model in the namespace:
         # O(workflows x models) per tick, more than a core at 1000 models x 200 workflows.
         self._cache: dict[tuple[str, str], dict[str, tuple[str | None, Resource | None]]] = {}
+        # One listing per namespace and kind however many reconciles ask at once: at start-up 32 workflow reconciles
+        # found the cache empty together, and each listed and validated all 1000 models.
+        self._priming: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def secret(self, namespace: str, ref: SecretKeyRef) -> str | None:
         try:
@@ -88,10 +92,12 @@ class ClusterEnv:
     async def list(self, kind: type[R], namespace: str) -> dict[str, R]:
         key = (kind.KIND, namespace)
         if key not in self._cache:
-            raws = await self.list_raw(kind, namespace)
-            self._cache[key] = {}
-            for raw in raws:
-                self.observe(kind, raw)
+            async with self._priming.setdefault(key, asyncio.Lock()):
+                if key not in self._cache:  # the reconcile that held the lock primed it
+                    raws = await self.list_raw(kind, namespace)
+                    self._cache[key] = {}
+                    for raw in raws:
+                        self.observe(kind, raw)
         return {name: obj for name, (_, obj) in self._cache[key].items() if obj is not None}  # type: ignore[misc]
 
     async def vllm_health(self, md: ModelDeployment) -> Health:

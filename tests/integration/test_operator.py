@@ -335,3 +335,24 @@ async def test_index_spec_change_reindexes_behind_the_alias(emulator, kube, oper
                    if e[0] == kmock.resource("v1/events") and emulator.objects[e].raw.get("reason") == "Reindexed")
 
     await eventually(reindexed)
+
+
+async def test_reconciles_that_find_the_dependency_cache_empty_together_list_it_once(
+        emulator: kmock.KubernetesEmulator, kube: lightkube.AsyncClient) -> None:
+    """Workflow reconciles read their namespace's ModelDeployments from a cache the watch keeps fresh. At start-up
+    many find it empty at once; one listing (and one validation of each model) must serve them all."""
+    from pilothouse.operator.api import ModelDeployment
+    from pilothouse.operator.health import EndpointProber
+    from pilothouse.operator.k8s import ClusterEnv
+
+    for i in range(20):
+        await apply(kube, {"apiVersion": "pilothouse.io/v1alpha1", "kind": "ModelDeployment",
+                           "metadata": {"name": f"m{i}"},
+                           "spec": {"model": {"name": "m"}, "engine": "external",
+                                    "external": {"url": "http://127.0.0.1:9/v1"}}})
+    env = ClusterEnv(kube, EndpointProber(), spend=None, default_milvus_uri=None)  # type: ignore[arg-type]
+    served = emulator.served  # type: ignore[attr-defined]
+    listings = await asyncio.gather(*(env.list(ModelDeployment, "default") for _ in range(16)))
+    assert emulator.served - served == 1  # type: ignore[attr-defined]
+    assert all(sorted(found) == sorted(f"m{i}" for i in range(20)) for found in listings)
+    assert await env.list(ModelDeployment, "default") == listings[0] and emulator.served - served == 1  # type: ignore[attr-defined]
