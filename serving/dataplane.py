@@ -39,7 +39,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from fastapi import Request
@@ -82,10 +82,11 @@ from .openai_schema import (
 )
 from .refusals import CTX_STATE
 from .router import Plan, Rejection, next_after_failure, plan, worst_case_cost
-from .semantic_cache import HIT_HEADER_VALUE as SEMANTIC_HIT
-from .semantic_cache import Probe, SemanticCache, open_semantic_cache
 from .stores import UNREACHABLE
 from .table_source import TableSource
+
+if TYPE_CHECKING:
+    from .semantic_cache import Probe, SemanticCache
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -97,6 +98,8 @@ MAX_UNRELEASED = 10_000  # Idempotency-Key claims kept in memory for the next up
 MAX_ENGINES = 1024  # HTTP backends' engines kept for reuse (a table lists tens)
 REQUEST_ID_HEADER = "x-pilothouse-request-id"
 CACHE_HEADER = "x-pilothouse-cache"
+SEMANTIC_HIT = "semantic"
+"""``x-pilothouse-cache`` on a semantic hit (an exact hit says ``hit``)."""
 REPLAY_HEADER = "x-pilothouse-idempotent-replay"
 RUN_ID_HEADER = "x-pilothouse-run-id"  # a workflow run's id, sent by the runtime; kept in the audit record
 COST_HEADER = "x-pilothouse-cost-usd"  # what the answer cost (the committed amount; 0 for a cache hit)
@@ -328,6 +331,10 @@ class DataPlane:
             await old.aclose()
         if table.semantic_cache is None:
             return
+        # Imported with the first table that asks for a semantic cache: it brings pymilvus (pandas, pyarrow, gRPC),
+        # ~100 MiB of a replica's memory that a gateway without one never needs.
+        from .semantic_cache import open_semantic_cache
+
         try:
             cache = await open_semantic_cache(table, metrics=self.metrics)
         except Exception as exc:  # no embedding model: serve without the semantic cache, and say why

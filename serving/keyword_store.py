@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .retrieval import Hit
+from .retriever import Hit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pilothouse.operator.api.workflow import RERANK_MAX_TOKENS, AutonomousWorkflow, Rerank
 
-from .retrieval import Hit
+from .retriever import Hit
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder

@@ -1,6 +1,7 @@
 """Retrieval for workflow steps: dense + BM25 on the VectorIndex's Milvus collection, fused with RRF.
 
-What a caller (the workflow runtime) relies on is only :class:`Retriever` and :class:`RetrievalResult`:
+What a caller (the workflow runtime) relies on is only :class:`Retriever` and :class:`RetrievalResult`
+(:mod:`.retriever`):
 the result always says which mode actually answered and whether that was a degraded choice, so
 the run's audit record and the response can flag it (DESIGN.md §6: vector store down → keyword-only,
 never a 5xx).
@@ -16,9 +17,9 @@ import contextlib
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cache
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
@@ -26,44 +27,16 @@ from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
 from .breaker import Breaker, BreakerConfig
 from .errors import ErrorClass
 from .hot_index import HotIndex
+from .keyword_store import KeywordStore, UnsupportedFilter
 from .milvus_client import MILVUS_FAILURES, failure_text, open_milvus, unreachable
+from .retriever import Hit, Mode, RetrievalResult, Retriever
+
+__all__ = ["Hit", "MilvusRetriever", "Mode", "RetrievalResult", "Retriever"]  # the contract, re-exported
 
 if TYPE_CHECKING:
     from pilothouse.operator.api.vector_index import HotIndex as HotIndexSpec
 
     from .embeddings import Embedder
-    from .keyword_store import KeywordStore
-
-Mode = Literal["hybrid", "dense", "keyword", "keyword-only"]
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One retrieved chunk; ``score`` is the fused (or single-path) score, higher is better."""
-
-    id: str
-    text: str
-    score: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class RetrievalResult:
-    """``hot``: the dense ranking came from the in-process hot index (Milvus supplied the hits' content)."""
-
-    hits: list[Hit]
-    mode: Mode
-    degraded: bool = False
-    reason: str = ""
-    latency_ms: float = 0.0
-    hot: bool = False
-
-
-class Retriever(Protocol):
-    """Search one VectorIndex. Synchronous (pymilvus is); async callers use ``asyncio.to_thread``."""
-
-    def search(self, query: str, *, top_k: int, mode: Mode, filter: str | None = None) -> RetrievalResult: ...
-
 
 # -- Milvus implementation --------------------------------------------------------------------------
 
@@ -284,8 +257,6 @@ class MilvusRetriever:
         return [_hit(h["id"], h["entity"], sign * float(h["distance"])) for h in found[0]]
 
     def _degraded(self, query: str, top_k: int, filter: str | None, code: str, reason: str) -> RetrievalResult:
-        from .keyword_store import UnsupportedFilter  # keyword_store imports Hit from here
-
         self._metrics.degraded.labels(self.index, code).inc()
         if self.keyword_store is None:
             return RetrievalResult(hits=[], mode="keyword-only", degraded=True,

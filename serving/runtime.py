@@ -47,7 +47,7 @@ from .audit import ActionTaken, AuditLog, AuditRecord, HumanDecision, RetrievalH
 from .confidence import score
 from .metrics import Metrics
 from .rerank import local_path_problems, rerank, reranker_for
-from .retrieval import Retriever
+from .retriever import Retriever
 from .runs import DONE, STEP_COMPENSATED, STEP_FAILED, NotWaiting, Run, RunError, RunStore, StepRecord
 
 log = logging.getLogger(__name__)

@@ -75,8 +75,6 @@ from .milvus_client import open_milvus, unreachable
 
 log = logging.getLogger(__name__)
 
-HIT_HEADER_VALUE = "semantic"
-"""Value of the gateway's ``x-pilothouse-cache`` header on a semantic hit (an exact hit says ``hit``)."""
 DEFAULT_THRESHOLD = 0.95
 LITE_FILE = "semantic-cache.db"  # in the gateway's state directory, when the table names no Milvus
 MAX_BODY_BYTES = 65_535  # Milvus VARCHAR limit
