@@ -6,19 +6,16 @@ from "wait" (PodsNotReady) from "the provider is down or the key is wrong" (Endp
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from pilothouse.egress import KEEPALIVE_EXPIRY_S, env_proxy
+
 from .conditions import Observation
 
 PROBE_TIMEOUT_S = 5.0
-PROBE_KEEPALIVE_S = 4.0  # under uvicorn's (vLLM's) default 5 s keep-alive timeout: rarely reuse a closing connection
 
 
 @dataclass(frozen=True)
@@ -77,39 +74,25 @@ def classify_vllm(rayservice: dict[str, Any] | None, pods: list[dict[str, Any]],
                   f"(at least {min_replicas} replica(s))", ready_replicas=ready_pods)
 
 
-@functools.lru_cache(maxsize=4096)
-def env_proxy(base_url: str) -> str | None:
-    """The proxy ``HTTP(S)_PROXY`` / ``NO_PROXY`` choose for an endpoint, decided once per endpoint (what httpx's
-    ``trust_env`` did for the probes before). Not aiohttp's ``trust_env``: it reads the environment and ``~/.netrc``
-    again on every request. The gateway decides its calls to the same endpoints the same way, in its own layer
-    (``serving.engines.external.env_proxy``): the operator does not import the data plane."""
-    parts = urllib.parse.urlsplit(base_url)
-    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
-        return None
-    return urllib.request.getproxies().get(parts.scheme)
-
-
 class EndpointProber:
     """Probes external ModelDeployments' endpoints over one pooled aiohttp session, made on first use.
 
     Why aiohttp and not httpx: the operator probes every external model each health interval (1000 models at
     10 s is 100 probes a second), so the client's CPU per call is most of an idle operator's CPU. Against a
-    local OpenAI-style server (``bench/probe_client.py``), httpx 0.28 spent 0.7-2 ms of CPU a call and aiohttp
-    0.07-0.2 ms, concurrency 1 to 32.
+    local OpenAI-style server (``bench/probe_client.py``), httpx 0.28 spent 571-1,561 us of CPU a probe and
+    aiohttp 67-143 us, concurrency 1 to 32.
 
-    Proxies: :func:`env_proxy`. The session belongs to the event loop that made it; a prober used from another
-    loop (a test's, a second ``asyncio.run``) starts a session of its own there.
+    Proxies and keep-alive as the gateway's calls to the same endpoints have them (:mod:`pilothouse.egress`). The
+    session belongs to the event loop that made it: it is made on the first probe after start or ``aclose``.
     """
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _client(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._loop is not loop:
-            connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=PROBE_KEEPALIVE_S)
-            self._session, self._loop = aiohttp.ClientSession(connector=connector), loop
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=KEEPALIVE_EXPIRY_S)
+            self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def probe(self, base_url: str, api_key: str | None, timeout: float = PROBE_TIMEOUT_S) -> Health:
@@ -135,6 +118,6 @@ class EndpointProber:
         return Health(True, "EndpointHealthy", f"GET {url} answered")
 
     async def aclose(self) -> None:
-        if self._session is not None and not self._session.closed and self._loop is asyncio.get_running_loop():
-            await self._session.close()
-        self._session = self._loop = None
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

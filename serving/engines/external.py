@@ -29,18 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import aiohttp
 import orjson
-import yarl
 from pydantic_core import from_json
 
+from pilothouse.egress import KEEPALIVE_EXPIRY_S, env_proxy
 from pilothouse.operator.api.routing import Backend
 from pilothouse.serving.errors import ErrorClass, Failure, classify, error_message
 
@@ -49,7 +47,6 @@ from . import CHAT, COMPLETIONS, EMBEDDINGS, PATHS, BackendError, EngineResult, 
 CONNECT_TIMEOUT_S = 5.0
 POOL_TIMEOUT_S = 5.0
 DEFAULT_TIMEOUT_S = 60.0
-KEEPALIVE_EXPIRY_S = 4.0  # under uvicorn's (vLLM's) default 5 s keep-alive timeout
 
 
 def loads(data: bytes | str) -> Any:
@@ -88,21 +85,6 @@ def create_client(*, max_connections: int = 512, keepalive_expiry_s: float = KEE
     """
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=keepalive_expiry_s)
     return aiohttp.ClientSession(connector=connector, timeout=_timeout(DEFAULT_TIMEOUT_S))
-
-
-@functools.lru_cache(maxsize=1024)
-def env_proxy(base_url: str) -> str | None:
-    """The proxy ``HTTP(S)_PROXY`` / ``NO_PROXY`` choose for a backend, decided once per base URL.
-
-    Managed-inference egress often needs a proxy. aiohttp's ``trust_env`` decides it on every
-    request instead, reading the environment and parsing ``~/.netrc`` in a worker thread, twice per
-    call: measured, that was a third of the gateway's event-loop time and two thread hand-offs per
-    request. A proxy's credentials go in its URL (``http://user:pass@proxy:3128``).
-    """
-    url = yarl.URL(base_url)
-    if url.host is None or urllib.request.proxy_bypass(url.host):
-        return None
-    return urllib.request.getproxies().get(url.scheme)
 
 
 _shared: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
