@@ -52,6 +52,7 @@ bench: setup .venv-litellm/.installed  ## side-by-side benchmarks; tables on std
 	$(PY) bench/probe_client.py
 	$(PY) bench/gateway_overhead.py --throughput-optimized on --c256 --pairs 5 --pair-replicas 1 2 --c32-rounds 3
 	$(PY) bench/gateway_instructions.py
+	$(PY) bench/serve_share.py
 	$(PY) bench/failover.py
 	$(PY) bench/retrieval.py
 	$(PY) bench/engine_path.py

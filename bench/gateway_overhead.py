@@ -761,22 +761,37 @@ def rotated_c32(urls: dict[str, str], backend_url: str, args: argparse.Namespace
     """
     targets = {"direct": (f"{backend_url}/chat/completions", BACKEND_MODEL),
                **{t: (urls[t], model_for(t)) for t in ("serve passthrough", "pilothouse")}}
+    return rotating_rounds(targets, args.c32_rounds, args)
+
+
+def rotating_rounds(targets: dict[str, tuple[str, str]], rounds: int, args: argparse.Namespace,
+                    cpu_pids: dict[str, int] | None = None) -> dict[str, Any]:
+    """``rounds`` c=32 rounds of one window per target (name -> URL and model; the first is the baseline every
+    other is compared with), the order rotating by round; each target's median added p50 and p99 over the rounds.
+    ``cpu_pids``: targets whose serving process's CPU per answered request is recorded too (``cpu_us_per_request``)."""
     names = list(targets)
-    rounds = []
-    for i in range(args.c32_rounds):
+    measured_rounds = []
+    for i in range(rounds):
         shift = i % len(names)
-        measured = {n: load(*targets[n], 32, args) for n in names[shift:] + names[:shift]}
-        rounds.append({n: {k: measured[n].get(k) for k in ("p50_ms", "p99_ms", "rps", "errors")} for n in names})
+        measured: dict[str, dict[str, Any]] = {}
+        for n in names[shift:] + names[:shift]:
+            pid = (cpu_pids or {}).get(n)
+            before = cpu_seconds(pid) if pid else 0.0
+            window = load(*targets[n], 32, args)
+            measured[n] = {k: window.get(k) for k in ("p50_ms", "p99_ms", "rps", "errors")}
+            if pid and window.get("ok"):
+                measured[n]["cpu_us_per_request"] = round((cpu_seconds(pid) - before) / window["ok"] * 1e6, 1)
+        measured_rounds.append({n: measured[n] for n in names})
 
     def median_added(metric: str) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
         for n in names[1:]:
-            added = [r[n][metric] - r["direct"][metric] for r in rounds if r[n]["errors"] == 0
-                     and r[n][metric] is not None and r["direct"][metric] is not None]
+            added = [r[n][metric] - r[names[0]][metric] for r in measured_rounds if r[n]["errors"] == 0
+                     and r[n][metric] is not None and r[names[0]][metric] is not None]
             out[n] = round(statistics.median(added), 2) if added else None
         return out
 
-    return {"concurrency": 32, "rounds": rounds, "median_added_p50_ms": median_added("p50_ms"),
+    return {"concurrency": 32, "rounds": measured_rounds, "median_added_p50_ms": median_added("p50_ms"),
             "median_added_p99_ms": median_added("p99_ms")}
 
 

@@ -142,6 +142,11 @@ FIGURES: dict[str, Getter] = {
     **{f"gateway.instructions_ratio.{level}.pilothouse": _get("gateway_instructions", "summary",
                                                               f"pilothouse_{level}_vs_passthrough_ratio")
        for level in ("c1", "c8")},
+    **{f"gateway.serve_share.{figure}.c32.{target}": _get("serve_share", "summary", f"{target}_{figure}")
+       for figure in ("added_p50_ms", "cpu_per_request_us")
+       for target in ("serve_pilothouse", "serve_passthrough", "uvicorn_pilothouse", "uvicorn_passthrough")},
+    **{f"gateway.serve_share.p50_ms.c32.{app}": _get("serve_share", "summary", f"{app}_serve_share_p50_ms")
+       for app in ("pilothouse", "passthrough")},
     "failover.client_errors": _get("failover", "client_errors"),
     "failover.reroute_ms": _get("failover", "reroute_ms"),
     "failover.return_ms": _get("failover", "return_ms"),

@@ -153,6 +153,41 @@ def test_added_latency_at_c32_is_taken_within_each_rotating_round(monkeypatch: p
         "figures"]
 
 
+def test_serves_share_is_each_apps_added_latency_under_serve_less_under_uvicorn(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same two apps under Serve and under plain uvicorn in one rotating run: each app's share is taken from the
+    medians over rounds, and a serving process's CPU per request is its CPU over the window's answered requests."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    serve_share = bench_module("serve_share")
+    go = serve_share.go
+    p50 = {"direct": 25.0, "serve passthrough": 28.0, "serve pilothouse": 37.0, "uvicorn passthrough": 25.5,
+           "uvicorn pilothouse": 26.5}
+    cpu = dict.fromkeys(range(1, 5), 0.0)
+    pid_of = {"serve passthrough": 1, "serve pilothouse": 2, "uvicorn passthrough": 3, "uvicorn pilothouse": 4}
+    drift = iter([0.0] * 5 + [4.0] * 5 + [1.0] * 5)  # round 2 runs on a slower machine: every target alike
+
+    def load(url: str, model: str, concurrency: int, args: object) -> dict[str, object]:
+        slow = next(drift)
+        if url in pid_of:
+            cpu[pid_of[url]] += 0.5 if url.endswith("pilothouse") else 0.25  # over 1,000 answers
+        return {"p50_ms": p50[url] + slow, "p99_ms": 2 * (p50[url] + slow), "rps": 125.0, "errors": 0, "ok": 1000}
+
+    monkeypatch.setattr(go, "load", load)
+    monkeypatch.setattr(go, "cpu_seconds", lambda pid: cpu[pid])
+    targets = {name: (name, "m") for name in p50}
+    rounds = go.rotating_rounds(targets, 3, type("Args", (), {})(), pid_of)
+    assert rounds["median_added_p50_ms"] == {"serve passthrough": 3.0, "serve pilothouse": 12.0,
+                                             "uvicorn passthrough": 0.5, "uvicorn pilothouse": 1.5}
+    summary = serve_share.summarise(rounds)
+    assert (summary["pilothouse_serve_share_p50_ms"], summary["passthrough_serve_share_p50_ms"]) == (10.5, 2.5)
+    assert summary["serve_pilothouse_cpu_per_request_us"] == 500.0
+    assert summary["uvicorn_passthrough_cpu_per_request_us"] == 250.0
+    assert "direct_cpu_per_request_us" not in summary  # the backend's process is not one of the apps
+    figures = bench_module("summary").summarise({"serve_share": {"summary": summary}})["figures"]
+    assert figures["gateway.serve_share.p50_ms.c32.pilothouse"] == 10.5
+    assert figures["gateway.serve_share.added_p50_ms.c32.uvicorn_pilothouse"] == 1.5
+
+
 def test_an_engine_round_pools_its_two_runs_of_a_target(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each round runs a target twice (palindromic order): its tokens/s is that pair's, so a round whose machine
     slowed between the two runs counts the two halves together, not as two rounds."""
