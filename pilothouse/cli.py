@@ -284,6 +284,13 @@ def serve(
                      "(what the operator deploys): ~3x the requests per second of the default proxy, "
                      "one more process and a few seconds more to start."),
     ] = False,
+    direct_port: Annotated[
+        int | None,
+        typer.Option("--direct-port", min=1, max=65535,
+                     help="Also answer on this port from the gateway replica's own server, past Serve's per-request "
+                     "ingress (bench/serve_share.py), on --host; Serve's queue, request metrics and autoscaler do "
+                     "not see those requests."),
+    ] = None,
 ) -> None:
     """Run the gateway (OpenAI API) on a local Ray Serve, from a RoutingTable file."""
     from pilothouse.serving.auth import ApiKeyError, ApiKeys
@@ -302,10 +309,27 @@ def serve(
         ApiKeys(api_keys)
     except ApiKeyError as exc:
         raise fail(str(exc), "a mapping like `sk-...: team-a`, or a directory of one key file per tenant") from None
+    if direct_port is not None:
+        _check_direct_port(host, port, direct_port)
     from pilothouse.serving import serve as gateway
 
     gateway.run(str(routing), host=host, port=port, api_keys=str(api_keys) if api_keys else None,
-                store_url=_absolute_store_url(store_url), throughput_optimized=throughput_optimized)
+                store_url=_absolute_store_url(store_url), throughput_optimized=throughput_optimized,
+                direct_port=direct_port)
+
+
+def _check_direct_port(host: str, port: int, direct_port: int) -> None:
+    """Refuse a direct port that cannot be had, before Ray starts: the replica's own failure would come back from
+    Serve as a deployment error after seconds."""
+    from pilothouse.serving.direct import listen
+
+    if direct_port == port:
+        raise fail(f"--direct-port {direct_port} is --port too", "give the direct port a port of its own")
+    try:
+        listen(host, direct_port).close()
+    except OSError as exc:
+        raise fail(f"--direct-port {direct_port} on {host}: {exc.strerror or exc}",
+                   "pick a free port, or leave --direct-port out") from None
 
 
 def _absolute_store_url(store_url: str) -> str:

@@ -36,12 +36,16 @@ from ray.serve import Application
 
 from pilothouse.operator.api.gateway import THROUGHPUT_OPTIMIZED_ENV
 
+from .direct import DirectServer
 from .gateway import MiB, build_app
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "gateway"  # the application name the operator's RayService renders
 MAX_ONGOING_REQUESTS = 512
+# The direct port's bound: uvicorn counts open connections (idle keep-alive ones too) as well as requests in flight,
+# so it leaves room for a load balancer's connection pools on top of the requests Serve would take.
+DIRECT_MAX_CONNECTIONS = 4 * MAX_ONGOING_REQUESTS
 # The app on the replica's own event loop (Serve's throughput-optimized preset does the same): one thread
 # hand-off less per request. The gateway's code never blocks its loop (stores and files go to threads).
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
@@ -63,20 +67,40 @@ class GatewayArgs(BaseModel):
                                   "None: $PILOTHOUSE_STORE_URL, else sqlite:///.pilothouse/pilothouse.db.")
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP collector base URL for request spans; "
                                       "None: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing.")
+    direct_port: int | None = Field(default=None, ge=0, le=65535, description=(
+        "Also answer on this TCP port from a server of the replica's own, past Serve's per-request ingress wrapper "
+        "(serving/direct.py: what that skips, and what it costs a request); replicas on one host share it. "
+        "None: Serve's ingress only."))
+    direct_host: str = Field(default="0.0.0.0", min_length=1,
+                             description="The address the direct port listens on (all interfaces by default).")
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=MAX_ONGOING_REQUESTS, logging_config=LOGGING,
                   ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}})
 @serve.ingress()
 class Gateway:
-    """One gateway replica; the FastAPI app is built when the replica starts."""
+    """One gateway replica; the FastAPI app is built when the replica starts, and served on the direct port too
+    when the args name one."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    async def __init__(self, args: dict[str, Any]) -> None:
         self.args = GatewayArgs.model_validate(args)
+        args = self.args
+        self.gateway_app = build_app(args.routing, api_keys=args.api_keys, max_body_bytes=args.max_body_bytes,
+                                     store_url=args.store_url, otlp_endpoint=args.otlp_endpoint)
+        self.direct: DirectServer | None = None
+        if args.direct_port is not None:
+            self.direct = await DirectServer.start(self.gateway_app, args.direct_host, args.direct_port,
+                                                   limit=DIRECT_MAX_CONNECTIONS)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_app(self.args.routing, api_keys=self.args.api_keys, max_body_bytes=self.args.max_body_bytes,
-                         store_url=self.args.store_url, otlp_endpoint=self.args.otlp_endpoint)
+        return self.gateway_app  # not ``app``: the name of the ASGI wrapper's own property
+
+    async def __del__(self) -> None:
+        """The direct port's requests finish first; then Serve's wrapper runs the app's shutdown (its stores)."""
+        direct = getattr(self, "direct", None)  # absent when __init__ failed before it
+        if direct is not None:
+            await direct.close()
+        await super().__del__()  # type: ignore[misc]  # the ASGI wrapper @serve.ingress adds after this class
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -109,7 +133,7 @@ def start(args: GatewayArgs, *, host: str, port: int) -> None:
 
 
 def run(routing: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
-        throughput_optimized: bool = False, store_url: str | None = None) -> None:
+        throughput_optimized: bool = False, store_url: str | None = None, direct_port: int | None = None) -> None:
     """``pilothouse serve``: a local Ray, the gateway on ``host:port``, until SIGINT or SIGTERM.
 
     Always ``serve.shutdown()`` then ``ray.shutdown()`` on the way out: a driver that dies without
@@ -117,7 +141,8 @@ def run(routing: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: st
     """
     import ray
 
-    args = GatewayArgs(routing=routing, api_keys=api_keys, store_url=store_url)
+    args = GatewayArgs(routing=routing, api_keys=api_keys, store_url=store_url, direct_port=direct_port,
+                       direct_host=host)
     os.environ.update(ray_env(throughput_optimized=throughput_optimized))
     stop = threading.Event()
 
@@ -129,7 +154,8 @@ def run(routing: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: st
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         start(args, host=host, port=port)
-        print(f"pilothouse gateway on http://{host}:{port}/v1 (RoutingTable {routing}); Ctrl-C stops it",
+        direct = f", direct port http://{host}:{direct_port}/v1" if direct_port is not None else ""
+        print(f"pilothouse gateway on http://{host}:{port}/v1{direct} (RoutingTable {routing}); Ctrl-C stops it",
               flush=True)
         while not stop.wait(1.0):
             pass

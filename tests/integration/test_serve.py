@@ -61,13 +61,15 @@ def write(path: Path, t: RoutingTable) -> None:
 @dataclass(frozen=True)
 class Served:
     url: str  # http://127.0.0.1:PORT
+    direct_url: str  # the gateway replica's direct port
     routing: Path
     store_url: str
     startup_s: float
     fake: FakeBackend
 
-    def client(self, api_key: str = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=10)
+    def client(self, api_key: str = KEY, *, direct: bool = False) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.direct_url if direct else self.url}/v1", api_key=api_key, max_retries=0,
+                             timeout=10)
 
 
 def kill_leftovers(children: list[psutil.Process]) -> None:
@@ -84,21 +86,23 @@ def kill_leftovers(children: list[psutil.Process]) -> None:
 
 
 @contextlib.contextmanager
-def served_gateway(folder: Path, routing: Path) -> Iterator[tuple[str, str]]:
-    """Local Ray with Serve and the gateway on a free port (API key ``KEY`` → team-a, a SQLite store in
-    ``folder``): yields (base URL, store URL); Serve, Ray and any stray child are gone afterwards."""
+def served_gateway(folder: Path, routing: Path) -> Iterator[tuple[str, str, str]]:
+    """Local Ray with Serve and the gateway on a free port, and on a direct port (API key ``KEY`` → team-a, a SQLite
+    store in ``folder``): yields (base URL, direct URL, store URL); Serve, Ray and any stray child are gone
+    afterwards."""
     keys = folder / "keys.yaml"
     keys.write_text(f"{KEY}: team-a\n")
     store_url = f"sqlite:///{folder.resolve()}/store.db"
-    port = serve_port()
+    port, direct_port = serve_port(), serve_port()
     os.environ.update(gateway.ray_env())
     # Children that predate Ray (the session's PostgreSQL server) are not ours to kill afterwards.
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        args = gateway.GatewayArgs(routing=str(routing), api_keys=str(keys), store_url=store_url)
+        args = gateway.GatewayArgs(routing=str(routing), api_keys=str(keys), store_url=store_url,
+                                   direct_port=direct_port, direct_host="127.0.0.1")
         gateway.start(args, host="127.0.0.1", port=port)
-        yield f"http://127.0.0.1:{port}", store_url
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{direct_port}", store_url
     finally:
         children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         serve.shutdown()
@@ -113,8 +117,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         routing = folder / "routing.json"
         write(routing, table(1, "extract", endpoint=fake.url))
         started = time.perf_counter()
-        with served_gateway(folder, routing) as (url, store_url):
-            yield Served(url, routing, store_url, time.perf_counter() - started, fake)
+        with served_gateway(folder, routing) as (url, direct_url, store_url):
+            yield Served(url, direct_url, routing, store_url, time.perf_counter() - started, fake)
 
 
 def test_models_through_the_openai_client(served: Served) -> None:
@@ -180,6 +184,29 @@ def test_chat_through_ray_serve_with_the_openai_client(served: Served) -> None:
         client.chat.completions.create(model="wf/nope", messages=messages)
     metrics = httpx.get(f"{served.url}/metrics").text
     assert 'pilothouse_requests_total{backend="small",outcome="ok",route="wf/extract"} 2.0' in metrics
+
+
+def test_the_direct_port_serves_the_same_gateway_past_serves_ingress(served: Served) -> None:
+    """The replica's own server answers with the same app and state as Serve's ingress: the same keys, the same
+    table, the same audit trail and metrics, on the replica's event loop."""
+    client = served.client(direct=True)
+    messages = [{"role": "user", "content": "hello over the direct port"}]
+    raw = client.chat.completions.with_raw_response.create(model="wf/extract", messages=messages, max_tokens=8,
+                                                            extra_headers={"x-pilothouse-run-id": "direct-port"})
+    done = raw.parse()
+    assert done.usage is not None and done.usage.completion_tokens == 8
+    with pytest.raises(openai.AuthenticationError):
+        served.client("sk-wrong", direct=True).models.list()
+    assert httpx.get(f"{served.direct_url}/readyz").json()["status"] == "ready"
+
+    def recorded() -> AuditRecord | None:
+        with AuditLog(served.store_url, create=False) as log:
+            return next((r for r in log.tail(50) if r.run_id == "direct-port"), None)
+
+    record = eventually_sync(recorded, timeout=10)
+    assert record.id == raw.headers["x-pilothouse-request-id"] and record.status_code == 200
+    # one app, one set of counters: Serve's ingress reports the request the direct port served
+    assert 'outcome="ok",route="wf/extract"' in httpx.get(f"{served.url}/metrics").text
 
 
 def test_hot_reload_in_the_replica(served: Served) -> None:

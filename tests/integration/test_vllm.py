@@ -87,7 +87,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         started = time.perf_counter()
         # Serve (and the gateway) first: the engines join the same Serve instance.
         route_file = folder / "routing.json"
-        with served_gateway(folder, route_file) as (url, store_url):
+        with served_gateway(folder, route_file) as (url, _, store_url):
             endpoints = engine.deploy_local_engines([small_model(model_dir)])
             write(route_file, routing(endpoints["small"], fake.url))
             deadline = time.monotonic() + 15

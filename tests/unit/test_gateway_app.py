@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -329,6 +330,23 @@ def test_app_builder_is_importable_as_a_serve_config_import_path(routing: Path) 
     assert isinstance(builder({"routing": str(routing)}), Application)
     with pytest.raises(ValueError, match="routing_file"):
         builder({"routing": str(routing), "routing_file": "typo"})  # unknown args are config errors
+    with pytest.raises(ValueError, match="direct_port"):
+        builder({"routing": str(routing), "direct_port": 70000})
+
+
+def test_cli_serve_refuses_a_direct_port_it_cannot_have_before_starting_ray(routing: Path) -> None:
+    with socket.socket() as taken:  # held by another process's socket, not shared
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for argv, said in ((["--direct-port", str(port)], "in use"), (["--port", "8123", "--direct-port", "8123"],
+                                                                     "is --port too")):
+            result = subprocess.run([sys.executable, "-m", "pilothouse", "serve", "--routing", str(routing), *argv],
+                                    capture_output=True, text=True, timeout=60, check=False)
+            assert result.returncode == 2, result.stderr
+            first, *rest = result.stderr.splitlines()
+            assert first.startswith("error: --direct-port") and said in first and "Traceback" not in result.stderr
+            assert rest and all(line.startswith("hint: ") for line in rest)
 
 
 @pytest.mark.parametrize("content", [None, "{}"])

@@ -1,0 +1,92 @@
+"""The gateway's own HTTP server inside its Serve replica: the direct port, past Serve's per-request ingress wrapper.
+
+Why: under Serve every request to the gateway passes through Serve's wrapper in the replica (its ASGI wrapper and
+middlewares, the request's metadata and ids, its metrics and access-log record) on the same event loop as the
+gateway: ~250-300 us of CPU a request on this project's 2-core machine, for the bare pass-through and the gateway
+alike (``bench/serve_share.py``). On top of the gateway's own work that is what makes one replica's loop the
+bottleneck at c=32. The direct port serves the same app, built once, from a uvicorn server on the replica's own
+event loop, as the engine replicas serve the gateway on their Unix sockets (``engines.local_socket``).
+
+What a request on the direct port does not get from Serve: routing by queue length across replicas (replicas on
+one host share the port through ``SO_REUSEPORT``, and the kernel spreads connections), Serve's queue of
+``max_ongoing_requests`` (here uvicorn answers 503 beyond ``limit`` open connections or requests in flight: it
+counts both), Serve's request metrics
+(the gateway's own ``/metrics`` count every request either way) and the autoscaler's view of the load. Serve's
+ingress keeps answering on its own port meanwhile; the app's lifespan (its table refresh, its stores) is Serve's,
+run once, and the direct server only adds a way in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import uvicorn
+from starlette.types import ASGIApp
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 30.0
+"""How long a stopping replica lets requests in flight on the direct port finish (Serve's own default for a
+replica's graceful shutdown is 20 s; a request held past it is cut)."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handlers: the process is Ray's worker, whose SIGTERM is Ray's to handle
+    (uvicorn's would take it on the main thread and re-raise it after its own shutdown)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` that other replicas on this host may share (``SO_REUSEPORT``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class DirectServer:
+    """A running direct server; ``close`` stops taking connections and waits for the requests in flight."""
+
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    address: tuple[str, int]
+
+    @classmethod
+    async def start(cls, app: ASGIApp, host: str, port: int, *, limit: int) -> DirectServer:
+        """Serve ``app`` on ``host:port`` from the running loop; raises ``OSError`` when the port cannot be bound
+        (taken by a process that does not share it), so the replica fails to start with the reason."""
+        sock = listen(host, port)
+        config = uvicorn.Config(app, lifespan="off", access_log=False, log_config=None, limit_concurrency=limit,
+                                timeout_graceful_shutdown=GRACE_S)
+        server = _Server(config)
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="pilothouse-direct-port")
+        while not server.started:
+            if task.done():  # failed before it listened: its exception, not a hang
+                task.result()
+                raise RuntimeError("the direct server stopped before it started")
+            await asyncio.sleep(0.01)
+        address = sock.getsockname()[:2]
+        log.info("gateway: direct port on %s:%d", *address)
+        return cls(server, task, (str(address[0]), int(address[1])))
+
+    async def close(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):  # a failed server has nothing left to stop; its error was logged
+            await self.task

@@ -1,0 +1,79 @@
+"""The gateway's direct port (``serving.direct``): a uvicorn server on the running loop that replicas on one host
+share, that refuses what it cannot hold, and that lets the requests in flight finish when the replica stops."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from pilothouse.serving.direct import DirectServer, listen
+
+
+def app(delay_s: float = 0.0, name: str = "a") -> Starlette:
+    async def answer(_: Request) -> JSONResponse:
+        await asyncio.sleep(delay_s)
+        return JSONResponse({"served_by": name})
+
+    return Starlette(routes=[Route("/", answer)])
+
+
+async def test_it_serves_the_app_and_a_stopping_replica_finishes_what_it_started() -> None:
+    server = await DirectServer.start(app(delay_s=0.5), "127.0.0.1", 0, limit=8)
+    url = f"http://127.0.0.1:{server.address[1]}/"
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(url)).json() == {"served_by": "a"}
+        in_flight = asyncio.create_task(client.get(url))
+        await asyncio.sleep(0.2)  # the request is in the app when the stop comes
+        await server.close()
+        assert (await in_flight).status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            await client.get(url)
+
+
+async def test_replicas_on_one_host_share_the_port() -> None:
+    first = await DirectServer.start(app(name="first"), "127.0.0.1", 0, limit=8)
+    port = first.address[1]
+    second = await DirectServer.start(app(name="second"), "127.0.0.1", port, limit=8)
+    try:
+        await first.close()  # the port still answers: the other replica holds it too
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{port}/")).json() == {"served_by": "second"}
+    finally:
+        await second.close()
+
+
+async def test_beyond_its_limit_it_answers_503_instead_of_queueing_and_then_serves_again() -> None:
+    """uvicorn's limit counts open connections as well as requests in flight."""
+    server = await DirectServer.start(app(delay_s=0.3), "127.0.0.1", 0, limit=2)
+    url = f"http://127.0.0.1:{server.address[1]}/"
+    try:
+        limits = httpx.Limits(max_keepalive_connections=0)  # each request on a connection of its own
+        async with httpx.AsyncClient(limits=limits) as client:
+            codes = [r.status_code for r in await asyncio.gather(*(client.get(url) for _ in range(6)))]
+            assert 503 in codes, codes
+            assert (await client.get(url)).status_code == 200
+    finally:
+        await server.close()
+
+
+async def test_a_port_another_process_holds_fails_the_start_with_the_reason() -> None:
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: nobody may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match="in use"):
+            await DirectServer.start(app(), "127.0.0.1", taken.getsockname()[1], limit=8)
+
+
+def test_the_listening_socket_is_shareable() -> None:
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+    finally:
+        sock.close()
