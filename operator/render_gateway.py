@@ -16,6 +16,11 @@ from .render_model import LABELS
 
 GATEWAY_IMAGE = "ghcr.io/pilothouse/pilothouse:0.1.0"
 PORT = 8000
+SERVE_PORT = 8001
+"""Serve's own ingress in a Deployment's gateway pod. The pod's traffic (the Service, the probes) comes in on
+``PORT``, the gateway replica's direct port (``serving/direct.py``): with one replica a pod and the Service
+spreading requests over pods, Serve's ingress would add its per-request wrapper and a proxy hop and route nowhere
+else (``bench/serve_share.py``). A RayService keeps Serve's ingress, which routes across the cluster's replicas."""
 ROUTING_FILE = "routing.json"
 MOUNT = "/etc/pilothouse/routing"
 KEYS_MOUNT = "/etc/pilothouse/api-keys"
@@ -72,8 +77,8 @@ def _container(wf: AutonomousWorkflow, table: RoutingTable, image: str) -> dict[
         "name": "gateway",
         "image": image,
         # All interfaces: the Service and the kubelet's probes come in on the pod's address.
-        "args": ["serve", "--routing", f"{MOUNT}/{ROUTING_FILE}", "--host", "0.0.0.0", "--port", str(PORT),
-                 "--throughput-optimized", *(["--api-keys", path] if (path := _keys_file(wf)) else [])],
+        "args": ["serve", "--routing", f"{MOUNT}/{ROUTING_FILE}", "--host", "0.0.0.0", "--port", str(SERVE_PORT),
+                 "--direct-port", str(PORT), *(["--api-keys", path] if (path := _keys_file(wf)) else [])],
         "ports": [{"name": "http", "containerPort": PORT}],
         "env": _secret_env(wf, table),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},

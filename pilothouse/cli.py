@@ -281,7 +281,7 @@ def serve(
     throughput_optimized: Annotated[
         bool,
         typer.Option("--throughput-optimized", help="Serve's throughput-optimized mode with HAProxy on --port "
-                     "(what the operator deploys): ~3x the requests per second of the default proxy, "
+                     "(what the operator's RayService runs): ~3x the requests per second of the default proxy, "
                      "one more process and a few seconds more to start."),
     ] = False,
     direct_port: Annotated[

