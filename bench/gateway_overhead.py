@@ -22,6 +22,9 @@ gives the pass-through and the gateway N replicas each (default 1). ``--c256 --p
 c=256 windows of the pass-through and the gateway in the last Serve mode measured, each with its replicas' CPU
 per request on the event-loop thread and on the other threads (from ``/proc``), and the whole machine's CPU per
 request and idle share (from ``/proc/stat``, read by the load generator over its window).
+With ``--c32-rounds`` in the throughput-optimized mode the gateway replica also answers on its direct port
+(``GatewayArgs.direct_port``: how a Deployment's gateway pod is reached, past Serve's ingress), measured as the target
+``pilothouse, direct port`` in those rounds only.
 ``--pair-replicas 1 2`` runs those windows at each replica count (a Ray instance each), and LiteLLM's c=256 with
 as many workers: each target's max RPS is the median of its best count's windows, and their ratio (paired
 when both peak at the same count) is the figure the 0.75x goal is judged by (``max_rps_judged``). With
@@ -236,10 +239,11 @@ def role_ray(config_path: str) -> None:
         serve.run(PassThrough.options(num_replicas=replicas).bind(), name="passthrough", route_prefix="/pt",
                   blocking=False)
 
-        args = gateway.GatewayArgs(routing=cfg["routing"], api_keys=cfg["keys"], store_url=cfg["store_url"])
+        args = gateway.GatewayArgs(routing=cfg["routing"], api_keys=cfg["keys"], store_url=cfg["store_url"],
+                                   direct_port=cfg.get("direct_port"), direct_host="127.0.0.1")
         serve.run(gateway.application(args, replicas=replicas), name=gateway.APP_NAME, route_prefix="/", blocking=False)
         if cfg.get("routing_nobudget"):  # ablation: the same gateway with no BudgetPolicy rule (no ledger work)
-            nb = args.model_copy(update={"routing": cfg["routing_nobudget"]})
+            nb = args.model_copy(update={"routing": cfg["routing_nobudget"], "direct_port": None})
             serve.run(gateway.application(nb, replicas=replicas), name="nobudget", route_prefix="/nb", blocking=False)
         print(json.dumps({"ready": True}), flush=True)
         while not stop:
@@ -383,6 +387,9 @@ def loop_and_rest(before: dict[tuple[int, int], float], after: dict[tuple[int, i
 
 
 REPLICA = {"serve passthrough": "passthrough replica", "pilothouse": "gateway replica"}  # target -> label()
+DIRECT = "pilothouse, direct port"
+"""The gateway replica on its own server (``GatewayArgs.direct_port``), past Serve's ingress: how a Deployment's gateway
+pod is reached (``operator/render_gateway.py``); a RayService's through Serve's ingress (``pilothouse``)."""
 
 
 def label(title: str) -> str:
@@ -493,27 +500,30 @@ def write_fixtures(folder: Path, backend_url: str, **backend: Any) -> dict[str, 
 
 
 def start_ray(folder: Path, fixtures: dict[str, Any], backend_url: str, tp: bool,
-              ablation: bool, replicas: int = 1) -> tuple[Proc, int]:
+              ablation: bool, replicas: int = 1, direct_port: int | None = None) -> tuple[Proc, int]:
     port = free_port()
     cfg = folder / f"ray-{'tp' if tp else 'default'}.json"
     if not ablation:
         fixtures = {k: v for k, v in fixtures.items() if k != "routing_nobudget"}
     cfg.write_text(json.dumps({**fixtures, "backend": backend_url, "port": port, "throughput_optimized": tp,
-                               "replicas": replicas}))
+                               "replicas": replicas, "direct_port": direct_port}))
     proc = Proc([PY, __file__, "--role", "ray", "--config", str(cfg)], log=folder / f"ray-{tp}.log")
     proc.readline(180)
     return proc, port
 
 
 def up(folder: Path, fixtures: dict[str, Any], backend: tuple[str, int], tp: bool, ablation: bool,
-       replicas: int) -> tuple[Proc, dict[str, str], dict[int, str]]:
+       replicas: int, direct_port: int | None = None) -> tuple[Proc, dict[str, str], dict[int, str]]:
     """A Ray instance serving every Ray target, each answering: (its process, target -> URL, pid -> label).
-    ``backend``: the backend's URL and pid."""
-    ray_proc, port = start_ray(folder, fixtures, backend[0], tp, ablation, replicas)
+    ``backend``: the backend's URL and pid; ``direct_port``: the gateway replicas' direct port too (the target
+    ``pilothouse, direct port``)."""
+    ray_proc, port = start_ray(folder, fixtures, backend[0], tp, ablation, replicas, direct_port)
     urls = {"serve passthrough": f"http://127.0.0.1:{port}/pt/v1/chat/completions",
             "pilothouse": f"http://127.0.0.1:{port}/v1/chat/completions"}
     if ablation:
         urls["pilothouse, no budget"] = f"http://127.0.0.1:{port}/nb/v1/chat/completions"
+    if direct_port is not None:
+        urls[DIRECT] = f"http://127.0.0.1:{direct_port}/v1/chat/completions"
     for target, url in urls.items():
         wait_http(url, 60, method="POST", body=chat_body(model_for(target)))
     pids = {pid: label(title) for pid, title in proc_tree(ray_proc.p.pid).items()}
@@ -626,12 +636,16 @@ def bench(args: argparse.Namespace) -> None:
         for tp in modes:
             suffix = " (tp)" if tp else ""
             t0 = time.perf_counter()
+            # the production mode's gateway replica answers on its direct port too: a Deployment's pod's way in
+            direct_port = free_port() if tp and args.c32_rounds else None
             ray_proc, urls, pids = up(folder, fixtures, (backend_url, backend.p.pid), tp, args.ablation,
-                                      args.replicas)
+                                      args.replicas, direct_port)
             procs.append(ray_proc)
             notes[f"ray_start_s{suffix}"] = round(time.perf_counter() - t0, 1)
             console.print(f"Ray Serve{suffix} up in {notes[f'ray_start_s{suffix}']} s: {urls}")
             for target, url in urls.items():
+                if target == DIRECT:
+                    continue  # measured in the c=32 rounds only, beside the same replica through Serve's ingress
                 model = model_for(target)
                 row: dict[str, Any] = {}
                 for c in levels:
@@ -760,7 +774,7 @@ def rotated_c32(urls: dict[str, str], backend_url: str, args: argparse.Namespace
     one round, and the median over rounds is the figure the <= 5 ms goal is judged by.
     """
     targets = {"direct": (f"{backend_url}/chat/completions", BACKEND_MODEL),
-               **{t: (urls[t], model_for(t)) for t in ("serve passthrough", "pilothouse")}}
+               **{t: (urls[t], model_for(t)) for t in ("serve passthrough", "pilothouse", DIRECT) if t in urls}}
     return rotating_rounds(targets, args.c32_rounds, args)
 
 
@@ -885,8 +899,8 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                       f"{busy['serve passthrough']} / {busy['pilothouse']} us; machine idle "
                       f"{idle['serve passthrough']} / {idle['pilothouse']}")
     for n, rounds in rotated.items():
-        console.print(f"c=32 in {len(rounds['rounds'])} rotating rounds, {n} replica(s) each (direct, pass-through, "
-                      "pilothouse), p50 ms: "
+        console.print(f"c=32 in {len(rounds['rounds'])} rotating rounds, {n} replica(s) each "
+                      f"({', '.join(rounds['rounds'][0]) if rounds['rounds'] else '-'}), p50 ms: "
                       + "; ".join(" / ".join(_ms(r[t]["p50_ms"]) for t in r) for r in rounds["rounds"])
                       + f"; median added p50 {rounds['median_added_p50_ms']}, p99 {rounds['median_added_p99_ms']}")
     best = judged(paired)

@@ -10,6 +10,8 @@ Targets, every one in each round, the order rotating by round (``gateway_overhea
 - **direct**: the 20 ms backend (``gateway_overhead``'s FakeBackend), the baseline of every round;
 - **serve passthrough**, **serve pilothouse**: ``gateway_overhead``'s Ray instance in Serve's throughput-optimized
   mode (HAProxy on the Serve port, direct ingress: what the operator renders for a cluster), one replica each;
+- **serve pilothouse, direct port**: the same gateway replica on its direct port (``GatewayArgs.direct_port``,
+  ``serving.direct``): a uvicorn server of the replica's own, on its event loop, past Serve's per-request ingress;
 - **uvicorn passthrough**, **uvicorn pilothouse**: the same apps with the same fixtures, each in a process of its
   own under uvicorn with uvloop and httptools (the server Serve's direct ingress runs inside a replica;
   ``gateway_instructions``'s server role). The uvicorn gateway has a store file of its own.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -39,6 +42,8 @@ RESULTS = go.ROOT / "bench" / "results" / "serve_share.json"
 SERVER = go.ROOT / "bench" / "gateway_instructions.py"
 APPS = {"passthrough": "serve passthrough", "pilothouse": "pilothouse"}
 """App -> its name among ``gateway_overhead``'s Ray targets (and so its model and replica label there)."""
+DIRECT = "serve pilothouse, direct port"
+"""The gateway replica's own server (``serving.direct``): the same replica, past Serve's per-request ingress."""
 
 
 def start_uvicorn(app: str, config: Path, folder: Path) -> tuple[go.Proc, str]:
@@ -81,7 +86,7 @@ def summarise(rounds: dict[str, Any]) -> dict[str, Any]:
 
 
 def slug(target: str) -> str:
-    return target.replace(" ", "_")
+    return re.sub(r"\W+", "_", target)
 
 
 def _ms(value: float | None) -> str:
@@ -126,11 +131,14 @@ def bench(args: argparse.Namespace) -> None:
                                       "store_url": f"sqlite:///{folder}/store-uvicorn.db"}))
         targets = {"direct": (f"{backend_url}/chat/completions", go.BACKEND_MODEL)}
         cpu_pids: dict[str, int] = {}
-        ray_proc, urls, pids = go.up(folder, fixtures, (backend_url, backend.p.pid), True, False, 1)
+        ray_proc, urls, pids = go.up(folder, fixtures, (backend_url, backend.p.pid), True, False, 1,
+                                     direct_port=go.free_port())
         procs.append(ray_proc)
         for app, ray_name in APPS.items():
             targets[f"serve {app}"] = (urls[ray_name], go.model_for(ray_name))
             cpu_pids[f"serve {app}"] = next(pid for pid, name in pids.items() if name == go.REPLICA[ray_name])
+        targets[DIRECT] = (urls[go.DIRECT], go.model_for("pilothouse"))
+        cpu_pids[DIRECT] = cpu_pids["serve pilothouse"]  # the same replica, reached on its own server
         for app, ray_name in APPS.items():
             proc, url = start_uvicorn(app, config, folder)
             procs.append(proc)

@@ -121,6 +121,8 @@ FIGURES: dict[str, Getter] = {
     "gateway.added_p99_ms.c32.litellm": _gw("litellm", "c32", "added_p99_ms"),
     "gateway.added_p50_ms.c1.pilothouse": _gw("pilothouse", "c1", "added_p50_ms"),
     "gateway.added_p50_ms.c32.serve_passthrough": _added_c32("serve passthrough", "p50"),
+    "gateway.added_p50_ms.c32.pilothouse_direct_port": _added_c32("pilothouse, direct port", "p50"),
+    "gateway.added_p99_ms.c32.pilothouse_direct_port": _added_c32("pilothouse, direct port", "p99"),
     "gateway.added_p50_ms.c32.pilothouse.replicas2": _added_c32("pilothouse", "p50", 2),
     "gateway.added_p50_ms.c32.serve_passthrough.replicas2": _added_c32("serve passthrough", "p50", 2),
     "gateway.added_p99_ms.c32.pilothouse.replicas2": _added_c32("pilothouse", "p99", 2),
@@ -144,7 +146,8 @@ FIGURES: dict[str, Getter] = {
        for level in ("c1", "c8")},
     **{f"gateway.serve_share.{figure}.c32.{target}": _get("serve_share", "summary", f"{target}_{figure}")
        for figure in ("added_p50_ms", "cpu_per_request_us")
-       for target in ("serve_pilothouse", "serve_passthrough", "uvicorn_pilothouse", "uvicorn_passthrough")},
+       for target in ("serve_pilothouse", "serve_pilothouse_direct_port", "serve_passthrough", "uvicorn_pilothouse",
+                      "uvicorn_passthrough")},
     **{f"gateway.serve_share.p50_ms.c32.{app}": _get("serve_share", "summary", f"{app}_serve_share_p50_ms")
        for app in ("pilothouse", "passthrough")},
     "failover.client_errors": _get("failover", "client_errors"),
