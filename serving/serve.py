@@ -20,7 +20,8 @@ Settings measured on a 2-core machine (DESIGN.md §9) and kept here as defaults:
   the mode holds a stopping ingress replica for 30 s unless the draining period is zeroed (done here).
 - ``direct_port`` (``pilothouse serve --direct-port``, what the operator renders for a Deployment's pod, one
   replica each): the replica's own server on that port as well, past Serve's ingress (``direct``): at c=32 the
-  gateway added 6.2-8.1 ms there against 13.8-22.4 through HAProxy and Serve's wrapper (bench/serve_share.py).
+  gateway added 2.99 ms there against 7.16 through HAProxy and Serve's wrapper (bench/gateway_overhead.py), 6.2-8.1
+  against 13.8-22.4 in bench/serve_share.py's slower runs.
 """
 
 from __future__ import annotations
@@ -86,13 +87,12 @@ class Gateway:
     when the args name one."""
 
     async def __init__(self, args: dict[str, Any]) -> None:
-        self.args = GatewayArgs.model_validate(args)
-        args = self.args
-        self.gateway_app = build_app(args.routing, api_keys=args.api_keys, max_body_bytes=args.max_body_bytes,
-                                     store_url=args.store_url, otlp_endpoint=args.otlp_endpoint)
+        self.args = config = GatewayArgs.model_validate(args)
+        self.gateway_app = build_app(config.routing, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes,
+                                     store_url=config.store_url, otlp_endpoint=config.otlp_endpoint)
         self.direct: DirectServer | None = None
-        if args.direct_port is not None:
-            self.direct = await DirectServer.start(self.gateway_app, args.direct_host, args.direct_port,
+        if config.direct_port is not None:
+            self.direct = await DirectServer.start(self.gateway_app, config.direct_host, config.direct_port,
                                                    limit=DIRECT_MAX_CONNECTIONS)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
