@@ -153,7 +153,7 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     gateway's total as a ratio to the pass-through's."""
     summary: dict[str, Any] = {}
     for target, levels in results.items():
-        name = re.sub(r"\W+", "_", target).strip("_")
+        name = go.figure_name(target)
         for level, row in levels.items():
             summary[f"{name}_{level}_total_instructions"] = row["total"]
             summary[f"{name}_{level}_event_loop_instructions"] = row["event_loop"]

@@ -854,8 +854,14 @@ def profiled(url: str, model: str, args: argparse.Namespace, pids: dict[int, str
     return result
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def fmt_ms(value: float | None, digits: int = 1) -> str:
+    """A table cell of milliseconds; ``-`` for a figure not measured."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def figure_name(target: str) -> str:
+    """A target's name as a summary key part: ``pilothouse, no budget`` -> ``pilothouse_no_budget``."""
+    return re.sub(r"\W+", "_", target).strip("_")
 
 
 def report(console: Any, args: argparse.Namespace, levels: list[int], results: dict[str, dict[str, Any]],
@@ -876,8 +882,8 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
             for q in ("p50", "p99"):
                 base, got = d.get(f"{q}_ms"), r.get(f"{q}_ms")
                 r[f"added_{q}_ms"] = round(got - base, 2) if got is not None and base is not None else None
-            table.add_row(target, str(c), _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), _ms(r.get("added_p50_ms")),
-                          _ms(r.get("added_p99_ms")), f"{r.get('rps', 0):.0f}", str(r.get("errors")))
+            cells = (fmt_ms(r.get(k)) for k in ("p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms"))
+            table.add_row(target, str(c), *cells, f"{r.get('rps', 0):.0f}", str(r.get("errors")))
     console.print(table)
     for k, v in cpu.items():
         console.print(f"CPU seconds during {k} ({args.duration:.0f} s): {v}")
@@ -901,7 +907,7 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
     for n, rounds in rotated.items():
         console.print(f"c=32 in {len(rounds['rounds'])} rotating rounds, {n} replica(s) each "
                       f"({', '.join(rounds['rounds'][0]) if rounds['rounds'] else '-'}), p50 ms: "
-                      + "; ".join(" / ".join(_ms(r[t]["p50_ms"]) for t in r) for r in rounds["rounds"])
+                      + "; ".join(" / ".join(fmt_ms(r[t]["p50_ms"]) for t in r) for r in rounds["rounds"])
                       + f"; median added p50 {rounds['median_added_p50_ms']}, p99 {rounds['median_added_p99_ms']}")
     best = judged(paired)
     if best is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -75,22 +74,17 @@ def summarise(rounds: dict[str, Any]) -> dict[str, Any]:
     its serving process's median CPU per request, and Serve's share per app."""
     summary: dict[str, Any] = {}
     for target, value in rounds["median_added_p50_ms"].items():
-        summary[f"{slug(target)}_added_p50_ms"] = value
+        summary[f"{go.figure_name(target)}_added_p50_ms"] = value
     for target in rounds["rounds"][0] if rounds["rounds"] else ():
         cpu = [r[target]["cpu_us_per_request"] for r in rounds["rounds"] if "cpu_us_per_request" in r[target]]
         if cpu:
-            summary[f"{slug(target)}_cpu_per_request_us"] = round(statistics.median(cpu), 1)
+            summary[f"{go.figure_name(target)}_cpu_per_request_us"] = round(statistics.median(cpu), 1)
     for app, share in serve_share(rounds).items():
         summary[f"{app}_serve_share_p50_ms"] = share
     return summary
 
 
-def slug(target: str) -> str:
-    return re.sub(r"\W+", "_", target)
 
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def report(rounds: dict[str, Any], summary: dict[str, Any], args: argparse.Namespace) -> None:
@@ -103,14 +97,14 @@ def report(rounds: dict[str, Any], summary: dict[str, Any], args: argparse.Names
         table.add_column(column, justify="left" if column == "target" else "right")
     for target in rounds["rounds"][0]:
         rps = statistics.median(r[target]["rps"] or 0.0 for r in rounds["rounds"])
-        cpu = summary.get(f"{slug(target)}_cpu_per_request_us")
-        table.add_row(target, _ms(rounds["median_added_p50_ms"].get(target, 0.0)),
-                      _ms(rounds["median_added_p99_ms"].get(target, 0.0)), f"{rps:,.0f}",
+        cpu = summary.get(f"{go.figure_name(target)}_cpu_per_request_us")
+        table.add_row(target, go.fmt_ms(rounds["median_added_p50_ms"].get(target, 0.0), 2),
+                      go.fmt_ms(rounds["median_added_p99_ms"].get(target, 0.0), 2), f"{rps:,.0f}",
                       "-" if cpu is None else f"{cpu:,.0f}")
     console = Console(highlight=False, width=120)
     console.print(table)
     console.print("Serve's share of the added p50 (under Serve less under uvicorn), ms: "
-                  + ", ".join(f"{app} {_ms(v)}" for app, v in serve_share(rounds).items()))
+                  + ", ".join(f"{app} {go.fmt_ms(v, 2)}" for app, v in serve_share(rounds).items()))
 
 
 def bench(args: argparse.Namespace) -> None:

@@ -10,10 +10,9 @@ event loop, as the engine replicas serve the gateway on their Unix sockets (``en
 What a request on the direct port does not get from Serve: routing by queue length across replicas (replicas on
 one host share the port through ``SO_REUSEPORT``, and the kernel spreads connections), Serve's queue of
 ``max_ongoing_requests`` (here uvicorn answers 503 beyond ``limit`` open connections or requests in flight: it
-counts both), Serve's request metrics
-(the gateway's own ``/metrics`` count every request either way) and the autoscaler's view of the load. Serve's
-ingress keeps answering on its own port meanwhile; the app's lifespan (its table refresh, its stores) is Serve's,
-run once, and the direct server only adds a way in.
+counts both), Serve's request metrics (the gateway's own ``/metrics`` count every request either way) and the
+autoscaler's view of the load. Serve's ingress keeps answering on its own port meanwhile; the app's lifespan (its
+table refresh, its stores) is Serve's, run once, and the direct server only adds a way in.
 """
 
 from __future__ import annotations
@@ -73,8 +72,10 @@ class DirectServer:
         """Serve ``app`` on ``host:port`` from the running loop; raises ``OSError`` when the port cannot be bound
         (taken by a process that does not share it), so the replica fails to start with the reason."""
         sock = listen(host, port)
+        # No proxy-headers middleware (uvicorn's default): it would rewrite every request's client address from
+        # X-Forwarded-For, which nothing in the gateway reads, and no proxy on this host forwards to this port.
         config = uvicorn.Config(app, lifespan="off", access_log=False, log_config=None, limit_concurrency=limit,
-                                timeout_graceful_shutdown=GRACE_S)
+                                timeout_graceful_shutdown=GRACE_S, proxy_headers=False)
         server = _Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="pilothouse-direct-port")
         while not server.started:

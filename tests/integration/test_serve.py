@@ -189,6 +189,13 @@ def test_chat_through_ray_serve_with_the_openai_client(served: Served) -> None:
 def test_the_direct_port_serves_the_same_gateway_past_serves_ingress(served: Served) -> None:
     """The replica's own server answers with the same app and state as Serve's ingress: the same keys, the same
     table, the same audit trail and metrics, on the replica's event loop."""
+
+    def served_ok() -> float:
+        line = 'pilothouse_requests_total{backend="small",outcome="ok",route="wf/extract"} '
+        text = httpx.get(f"{served.url}/metrics").text  # through Serve's ingress
+        return next((float(row[len(line):]) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+    before = served_ok()
     client = served.client(direct=True)
     messages = [{"role": "user", "content": "hello over the direct port"}]
     raw = client.chat.completions.with_raw_response.create(model="wf/extract", messages=messages, max_tokens=8,
@@ -206,7 +213,7 @@ def test_the_direct_port_serves_the_same_gateway_past_serves_ingress(served: Ser
     record = eventually_sync(recorded, timeout=10)
     assert record.id == raw.headers["x-pilothouse-request-id"] and record.status_code == 200
     # one app, one set of counters: Serve's ingress reports the request the direct port served
-    assert 'outcome="ok",route="wf/extract"' in httpx.get(f"{served.url}/metrics").text
+    assert served_ok() == before + 1
 
 
 def test_hot_reload_in_the_replica(served: Served) -> None:
