@@ -9,10 +9,10 @@ event loop, as the engine replicas serve the gateway on their Unix sockets (``en
 
 What a request on the direct port does not get from Serve: routing by queue length across replicas (replicas on
 one host share the port through ``SO_REUSEPORT``, and the kernel spreads connections), Serve's queue of
-``max_ongoing_requests`` (here uvicorn answers 503 beyond ``limit`` open connections or requests in flight: it
-counts both), Serve's request metrics (the gateway's own ``/metrics`` count every request either way) and the
-autoscaler's view of the load. Serve's ingress keeps answering on its own port meanwhile; the app's lifespan (its
-table refresh, its stores) is Serve's, run once, and the direct server only adds a way in.
+``max_ongoing_requests`` (here a request beyond ``requests`` in flight is answered 503 at once, as an OpenAI error
+with ``Retry-After``: ``InFlightLimit``), Serve's request metrics (the gateway's own ``/metrics`` count every request
+either way) and the autoscaler's view of the load. Serve's ingress keeps answering on its own port meanwhile; the
+app's lifespan (its table refresh, its stores) is Serve's, run once, and the direct server only adds a way in.
 """
 
 from __future__ import annotations
@@ -25,9 +25,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .openai_schema import openai_error
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+"""What an overloaded replica asks a refused client to wait (``Retry-After``): the gateway's requests take tens of
+milliseconds to seconds, so a second frees most of what was in flight."""
 
 GRACE_S = 30.0
 """How long a stopping replica lets requests in flight on the direct port finish (Serve's own default for a
@@ -41,6 +47,38 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class InFlightLimit:
+    """Answers a request beyond ``limit`` in flight with OpenAI's error object (503, code ``overloaded``,
+    ``Retry-After``) instead of letting it wait on a replica that is already behind.
+
+    Why not uvicorn's own ``limit_concurrency`` alone: past it uvicorn answers ``text/plain`` "Service Unavailable",
+    which an OpenAI SDK reports as an unparsed error, and it counts open connections too, so a load balancer's idle
+    keep-alive pool would turn requests away from a replica with nothing in flight. uvicorn's limit stays, set
+    higher, as the bound on connections.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            refusal = openai_error(503, f"This gateway replica has {self.limit} requests in flight, its limit; "
+                                   f"retry after {RETRY_AFTER_S} s, or add replicas.", code="overloaded",
+                                   headers={"Retry-After": str(RETRY_AFTER_S)})
+            await refusal(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -68,13 +106,15 @@ class DirectServer:
     address: tuple[str, int]
 
     @classmethod
-    async def start(cls, app: ASGIApp, host: str, port: int, *, limit: int) -> DirectServer:
-        """Serve ``app`` on ``host:port`` from the running loop; raises ``OSError`` when the port cannot be bound
-        (taken by a process that does not share it), so the replica fails to start with the reason."""
+    async def start(cls, app: ASGIApp, host: str, port: int, *, requests: int, connections: int) -> DirectServer:
+        """Serve ``app`` on ``host:port`` from the running loop, at most ``requests`` in flight (``InFlightLimit``)
+        and ``connections`` open (beyond it uvicorn answers a plain 503); raises ``OSError`` when the port cannot
+        be bound (taken by a process that does not share it), so the replica fails to start with the reason."""
         sock = listen(host, port)
         # No proxy-headers middleware (uvicorn's default): it would rewrite every request's client address from
         # X-Forwarded-For, which nothing in the gateway reads, and no proxy on this host forwards to this port.
-        config = uvicorn.Config(app, lifespan="off", access_log=False, log_config=None, limit_concurrency=limit,
+        config = uvicorn.Config(InFlightLimit(app, requests), lifespan="off", access_log=False, log_config=None,
+                                limit_concurrency=connections,
                                 timeout_graceful_shutdown=GRACE_S, proxy_headers=False)
         server = _Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="pilothouse-direct-port")

@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "gateway"  # the application name the operator's RayService renders
 MAX_ONGOING_REQUESTS = 512
-# The direct port's bound: uvicorn counts open connections (idle keep-alive ones too) as well as requests in flight,
-# so it leaves room for a load balancer's connection pools on top of the requests Serve would take.
+# The direct port's bound on open connections (idle keep-alive ones too, which uvicorn counts with the requests in
+# flight): room for a load balancer's connection pools on top of the MAX_ONGOING_REQUESTS requests it takes.
 DIRECT_MAX_CONNECTIONS = 4 * MAX_ONGOING_REQUESTS
 # The app on the replica's own event loop (Serve's throughput-optimized preset does the same): one thread
 # hand-off less per request. The gateway's code never blocks its loop (stores and files go to threads).
@@ -93,7 +93,8 @@ class Gateway:
         self.direct: DirectServer | None = None
         if config.direct_port is not None:
             self.direct = await DirectServer.start(self.gateway_app, config.direct_host, config.direct_port,
-                                                   limit=DIRECT_MAX_CONNECTIONS)
+                                                   requests=MAX_ONGOING_REQUESTS,
+                                                   connections=DIRECT_MAX_CONNECTIONS)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.gateway_app  # not ``app``: the name of the ASGI wrapper's own property

@@ -25,7 +25,7 @@ def app(delay_s: float = 0.0, name: str = "a") -> Starlette:
 
 
 async def test_it_serves_the_app_and_a_stopping_replica_finishes_what_it_started() -> None:
-    server = await DirectServer.start(app(delay_s=0.5), "127.0.0.1", 0, limit=8)
+    server = await DirectServer.start(app(delay_s=0.5), "127.0.0.1", 0, requests=8, connections=32)
     url = f"http://127.0.0.1:{server.address[1]}/"
     async with httpx.AsyncClient() as client:
         assert (await client.get(url)).json() == {"served_by": "a"}
@@ -38,9 +38,9 @@ async def test_it_serves_the_app_and_a_stopping_replica_finishes_what_it_started
 
 
 async def test_replicas_on_one_host_share_the_port() -> None:
-    first = await DirectServer.start(app(name="first"), "127.0.0.1", 0, limit=8)
+    first = await DirectServer.start(app(name="first"), "127.0.0.1", 0, requests=8, connections=32)
     port = first.address[1]
-    second = await DirectServer.start(app(name="second"), "127.0.0.1", port, limit=8)
+    second = await DirectServer.start(app(name="second"), "127.0.0.1", port, requests=8, connections=32)
     try:
         await first.close()  # the port still answers: the other replica holds it too
         async with httpx.AsyncClient() as client:
@@ -49,17 +49,35 @@ async def test_replicas_on_one_host_share_the_port() -> None:
         await second.close()
 
 
-async def test_beyond_its_limit_it_answers_503_instead_of_queueing_and_then_serves_again() -> None:
-    """uvicorn's limit counts open connections as well as requests in flight."""
-    server = await DirectServer.start(app(delay_s=0.3), "127.0.0.1", 0, limit=2)
+async def test_beyond_its_requests_in_flight_it_answers_an_openai_503_at_once_and_then_serves_again() -> None:
+    """A refusal an OpenAI SDK can read (its error object, code ``overloaded``) with ``Retry-After``, not uvicorn's
+    plain-text page; the requests it took still complete."""
+    server = await DirectServer.start(app(delay_s=0.3), "127.0.0.1", 0, requests=2, connections=32)
     url = f"http://127.0.0.1:{server.address[1]}/"
     try:
-        limits = httpx.Limits(max_keepalive_connections=0)  # each request on a connection of its own
-        async with httpx.AsyncClient(limits=limits) as client:
-            codes = [r.status_code for r in await asyncio.gather(*(client.get(url) for _ in range(6)))]
-            assert 503 in codes, codes
-            assert (await client.get(url)).status_code == 200
+        async with httpx.AsyncClient() as client:
+            answers = await asyncio.gather(*(client.get(url) for _ in range(6)))
+            assert sorted(r.status_code for r in answers) == [200, 200, 503, 503, 503, 503]
+            refused = next(r for r in answers if r.status_code == 503)
+            assert refused.json()["error"]["code"] == "overloaded" and "limit" in refused.json()["error"]["message"]
+            assert refused.headers["retry-after"] == "1"
+            assert (await client.get(url)).json() == {"served_by": "a"}
     finally:
+        await server.close()
+
+
+async def test_idle_connections_do_not_count_against_the_requests_in_flight() -> None:
+    """A load balancer keeps a pool of idle keep-alive connections open: they must not turn requests away."""
+    server = await DirectServer.start(app(), "127.0.0.1", 0, requests=2, connections=32)
+    host, port = server.address
+    idle = [await asyncio.open_connection(host, port) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.1)  # the server has accepted them
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://{host}:{port}/")).status_code == 200
+    finally:
+        for _, writer in idle:
+            writer.close()
         await server.close()
 
 
@@ -68,7 +86,7 @@ async def test_a_port_another_process_holds_fails_the_start_with_the_reason() ->
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(OSError, match="in use"):
-            await DirectServer.start(app(), "127.0.0.1", taken.getsockname()[1], limit=8)
+            await DirectServer.start(app(), "127.0.0.1", taken.getsockname()[1], requests=8, connections=32)
 
 
 def test_the_listening_socket_is_shareable() -> None:
