@@ -24,7 +24,9 @@ per request on the event-loop thread and on the other threads (from ``/proc``), 
 request and idle share (from ``/proc/stat``, read by the load generator over its window).
 With ``--c32-rounds`` in the throughput-optimized mode the gateway replica also answers on its direct port
 (``GatewayArgs.direct_port``: how a Deployment's gateway pod is reached, past Serve's ingress), measured as the target
-``pilothouse, direct port`` in those rounds only.
+``pilothouse, direct port`` in those rounds (at every replica count), and with ``--pair-direct-port N`` in the
+``--pairs`` windows at N replicas too, a third target beside the pass-through and the gateway through Serve's ingress
+(``max_rps_judged_direct_port``).
 ``--pair-replicas 1 2`` runs those windows at each replica count (a Ray instance each), and LiteLLM's c=256 with
 as many workers: each target's max RPS is the median of its best count's windows, and their ratio (paired
 when both peak at the same count) is the figure the 0.75x goal is judged by (``max_rps_judged``). With
@@ -591,6 +593,9 @@ def main() -> None:
                              "pass-through and pilothouse one window each, in an order rotating by round; the added "
                              "latency is each round's difference to direct, median over the rounds; again at each "
                              "other --pair-replicas count")
+    parser.add_argument("--pair-direct-port", type=int, nargs="+", default=[], metavar="N",
+                        help="with --c32-rounds: at these replica counts the --pairs windows measure the gateway's "
+                             "direct port too, a third target in each window (max_rps_judged_direct_port)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--replicas", type=int, default=1,
                         help="replicas of the pass-through and of the gateway alike (default 1)")
@@ -667,15 +672,19 @@ def bench(args: argparse.Namespace) -> None:
                     if n != running:
                         running = n
                         ray_proc.stop()
-                        ray_proc, urls, pids = up(folder, fixtures, (backend_url, backend.p.pid), tp, False, n)
+                        ray_proc, urls, pids = up(folder, fixtures, (backend_url, backend.p.pid), tp, False, n,
+                                                  free_port() if args.c32_rounds else None)
                         procs.append(ray_proc)
                         console.print(f"Ray Serve{suffix} up again with {n} replicas of each target")
                         if args.c32_rounds:  # a replica per core (the CRD's advice): is one loop the c=32 wait?
                             rotated[n] = rotated_c32(urls, backend_url, args)
                     replicas = {target: [pid for pid, name in pids.items() if name == REPLICA[target]] for target in
                                 ("serve passthrough", "pilothouse")}
+                    replicas[DIRECT] = replicas["pilothouse"]  # the same replicas, past Serve's ingress
+                    gateways = ("pilothouse", DIRECT) if DIRECT in urls and n in args.pair_direct_port else (
+                        "pilothouse",)
                     paired[f"pilothouse{suffix}" + (f", {n} replicas" if n != args.replicas else "")] = {
-                        "replicas": n, **alternate(urls, args, replicas)}
+                        "replicas": n, **alternate(urls, args, replicas, gateways)}
             ray_proc.stop()
         if not args.no_litellm:
             try:
@@ -724,20 +733,24 @@ MACHINE_KEYS = ("machine_busy_us_per_request", "loadgen_us_per_request", "machin
 PER_WINDOW = ("event_loop_us_per_request", "other_threads_us_per_request", *MACHINE_KEYS)
 
 
-def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str, list[int]]) -> dict[str, Any]:
-    """Max-RPS windows at c=256, the pass-through and the gateway taking turns (which one goes first alternates).
+def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str, list[int]],
+              gateways: tuple[str, ...] = ("pilothouse",)) -> dict[str, Any]:
+    """Max-RPS windows at c=256, the pass-through and each of ``gateways`` taking turns (the order rotates by
+    window).
 
     This machine's speed drifts by tens of percent within minutes, and the sweep above measures each target's
     c=256 once, minutes apart: its ratio says as much about the drift as about the gateway. Here each window
-    has the other target's beside it; the median of the pairs' ratios is the figure the goal is judged by.
-    Each window also records its replicas' CPU per request, event-loop thread and other threads apart
-    (``loop_and_rest``): what stands between the two targets' RPS.
+    has the pass-through's beside it; the median of a gateway's ratios is the figure the goal is judged by
+    (``median_ratios``; ``median_ratio`` is pilothouse's). Each window also records its replicas' CPU per request,
+    event-loop thread and other threads apart (``loop_and_rest``): what stands between the targets' RPS.
+    ``replicas``: each target's replica pids (the direct port's are the gateway's).
     """
-    targets = ["serve passthrough", "pilothouse"]
+    targets = ["serve passthrough", *gateways]
     rounds = []
     for i in range(args.pairs):
         window: dict[str, dict[str, float | None]] = {key: {} for key in ("rps", *PER_WINDOW)}
-        for target in targets if i % 2 == 0 else targets[::-1]:
+        shift = i % len(targets)
+        for target in targets[shift:] + targets[:shift]:
             before = thread_cpu(replicas[target])
             r = load(urls[target], model_for(target), 256, args)
             loop, rest = loop_and_rest(before, thread_cpu(replicas[target]), replicas[target])
@@ -747,9 +760,10 @@ def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str
             window["other_threads_us_per_request"][target] = round(rest / sent * 1e6, 1) if sent else None
             for key in MACHINE_KEYS:
                 window[key][target] = r.get(key)
-        base, got = window["rps"]["serve passthrough"], window["rps"]["pilothouse"]
-        rounds.append({**window, "ratio": round(got / base, 3) if base and got is not None else None})
-    ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
+        base = window["rps"]["serve passthrough"]
+        ratios = {g: round(got / base, 3) if base and (got := window["rps"][g]) is not None else None
+                  for g in gateways}
+        rounds.append({**window, "ratios": ratios, "ratio": ratios.get("pilothouse")})
 
     def median_of(key: str) -> dict[str, float | None]:
         out = {}
@@ -758,8 +772,10 @@ def alternate(urls: dict[str, str], args: argparse.Namespace, replicas: dict[str
             out[target] = round(statistics.median(values), 3) if values else None
         return out
 
-    return {"concurrency": 256, "rounds": rounds,
-            "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
+    medians = {g: round(statistics.median(found), 3) if (found := [r["ratios"][g] for r in rounds
+                                                                   if r["ratios"][g] is not None]) else None
+               for g in gateways}
+    return {"concurrency": 256, "rounds": rounds, "median_ratios": medians, "median_ratio": medians.get("pilothouse"),
             **{f"median_{key}": median_of(key) for key in ("rps", *PER_WINDOW)}}
 
 
@@ -817,18 +833,23 @@ def max_rps_without_errors(results: dict[str, dict[str, Any]]) -> dict[str, floa
             for target, row in results.items()}
 
 
-def judged(paired: dict[str, Any]) -> dict[str, Any] | None:
-    """Each target's max RPS, the best of its replica counts' medians, and their ratio: the pairs' median
-    where both peak at one count (the same windows), else the ratio of the two peaks (not paired)."""
-    counts = [v for v in paired.values() if v.get("median_ratio") is not None]
+def judged(paired: dict[str, Any], target: str = "pilothouse") -> dict[str, Any] | None:
+    """``target``'s and the pass-through's max RPS, each the best of its replica counts' medians, and their ratio:
+    the pairs' median where both peak at one count (the same windows), else the ratio of the two peaks (not
+    paired). Only counts whose windows measured ``target`` are compared."""
+    def ratio(pairs: dict[str, Any]) -> float | None:
+        return (pairs.get("median_ratios") or {}).get(target, pairs.get("median_ratio") if target == "pilothouse"
+                                                      else None)
+
+    counts = [v for v in paired.values() if ratio(v) is not None]
     if not counts:
         return None
-    best = {t: max(counts, key=lambda v, t=t: v["median_rps"][t] or 0.0) for t in ("serve passthrough", "pilothouse")}
+    best = {t: max(counts, key=lambda v, t=t: v["median_rps"][t] or 0.0) for t in ("serve passthrough", target)}
     rps = {t: v["median_rps"][t] for t, v in best.items()}
-    same = best["serve passthrough"] is best["pilothouse"]
-    ratio = best["pilothouse"]["median_ratio"] if same else round(rps["pilothouse"] / rps["serve passthrough"], 3)
+    same = best["serve passthrough"] is best[target]
+    peak_ratio = ratio(best[target]) if same else round(rps[target] / rps["serve passthrough"], 3)
     return {"replicas": {t: v["replicas"] for t, v in best.items()}, "median_rps": rps, "paired": same,
-            "ratio": ratio}
+            "ratio": peak_ratio}
 
 
 def profiled(url: str, model: str, args: argparse.Namespace, pids: dict[int, str], folder: Path,
@@ -893,29 +914,28 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                 shares = ", ".join(f"{k} {v:.0%}" for k, v in list(summary["share_of_busy"].items())[:10])
                 console.print(f"py-spy {name} ({mode}, c=32): {summary['busy_samples']} busy samples: {shares}")
     for target, pairs in paired.items():
-        rounds = "; ".join(f"{r['rps']['serve passthrough'] or 0:.0f} / {r['rps']['pilothouse'] or 0:.0f} RPS"
-                           for r in pairs["rounds"])
-        console.print(f"{target} vs serve passthrough, {pairs['replicas']} replica(s) each, alternating c=256 windows: "
-                      f"{rounds}: ratios {[r['ratio'] for r in pairs['rounds']]}, median {pairs['median_ratio']}")
-        loop, rest = pairs["median_event_loop_us_per_request"], pairs["median_other_threads_us_per_request"]
-        busy, idle = pairs["median_machine_busy_us_per_request"], pairs["median_machine_idle_share"]
-        console.print(f"  medians, pass-through / pilothouse: replica CPU per request on the event loop "
-                      f"{loop['serve passthrough']} / {loop['pilothouse']} us, on other threads "
-                      f"{rest['serve passthrough']} / {rest['pilothouse']} us; machine CPU per request "
-                      f"{busy['serve passthrough']} / {busy['pilothouse']} us; machine idle "
-                      f"{idle['serve passthrough']} / {idle['pilothouse']}")
+        names = list(pairs["median_rps"])  # the pass-through first, then the gateways measured beside it
+        rounds = "; ".join(" / ".join(f"{r['rps'][t] or 0:.0f}" for t in names) + " RPS" for r in pairs["rounds"])
+        console.print(f"{target}: {' / '.join(names)}, {pairs['replicas']} replica(s) each, rotating c=256 windows: "
+                      f"{rounds}; median ratio to the pass-through {pairs['median_ratios']}")
+        medians = {key: " / ".join(str(pairs[f"median_{key}"][t]) for t in names) for key in PER_WINDOW}
+        console.print(f"  medians, {' / '.join(names)}: replica CPU per request on the event loop "
+                      f"{medians['event_loop_us_per_request']} us, on other threads "
+                      f"{medians['other_threads_us_per_request']} us; machine CPU per request "
+                      f"{medians['machine_busy_us_per_request']} us; machine idle {medians['machine_idle_share']}")
     for n, rounds in rotated.items():
         console.print(f"c=32 in {len(rounds['rounds'])} rotating rounds, {n} replica(s) each "
                       f"({', '.join(rounds['rounds'][0]) if rounds['rounds'] else '-'}), p50 ms: "
                       + "; ".join(" / ".join(fmt_ms(r[t]["p50_ms"]) for t in r) for r in rounds["rounds"])
                       + f"; median added p50 {rounds['median_added_p50_ms']}, p99 {rounds['median_added_p99_ms']}")
-    best = judged(paired)
-    if best is not None:
-        rps, counts = best["median_rps"], best["replicas"]
-        console.print(f"max RPS (each target's best replica count): pass-through {rps['serve passthrough']} "
-                      f"({counts['serve passthrough']}), pilothouse {rps['pilothouse']} ({counts['pilothouse']}): "
-                      f"ratio {best['ratio']}"
-                      + ("" if best["paired"] else " (the two peaks at different counts: not paired)"))
+    best, direct_best = judged(paired), judged(paired, DIRECT)
+    for name, found in (("pilothouse", best), (DIRECT, direct_best)):
+        if found is not None:
+            rps, counts = found["median_rps"], found["replicas"]
+            console.print(f"max RPS (each target's best replica count): pass-through {rps['serve passthrough']} "
+                          f"({counts['serve passthrough']}), {name} {rps[name]} ({counts[name]}): "
+                          f"ratio {found['ratio']}"
+                          + ("" if found["paired"] else " (the two peaks at different counts: not paired)"))
     for k, v in notes.items():
         console.print(f"{k}: {v}")
     payload = {
@@ -929,6 +949,7 @@ def report(console: Any, args: argparse.Namespace, levels: list[int], results: d
                   "throughput_optimized": args.throughput_optimized, "replicas": args.replicas},
         "results": results, "max_rps_without_errors": max_rps_without_errors(results), "cpu_seconds": cpu,
         "profile": profile, "paired_max_rps": paired, "max_rps_judged": best,
+        "max_rps_judged_direct_port": direct_best,
         "c32_rounds": rotated.get(args.replicas, {}),
         "c32_rounds_by_replicas": {str(n): r for n, r in rotated.items() if n != args.replicas}, "notes": notes,
         "total_s": round(total_s, 1),

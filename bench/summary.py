@@ -126,6 +126,7 @@ FIGURES: dict[str, Getter] = {
     "gateway.added_p50_ms.c32.pilothouse.replicas2": _added_c32("pilothouse", "p50", 2),
     "gateway.added_p50_ms.c32.serve_passthrough.replicas2": _added_c32("serve passthrough", "p50", 2),
     "gateway.added_p99_ms.c32.pilothouse.replicas2": _added_c32("pilothouse", "p99", 2),
+    "gateway.added_p50_ms.c32.pilothouse_direct_port.replicas2": _added_c32("pilothouse, direct port", "p50", 2),
     "gateway.max_rps.pilothouse": _max_rps("pilothouse"),
     "gateway.max_rps.litellm": _max_rps("litellm"),
     "gateway.max_rps.serve_passthrough": _max_rps("serve passthrough"),
@@ -133,6 +134,10 @@ FIGURES: dict[str, Getter] = {
     "gateway.max_rps_ratio.paired_median": _paired_ratio,
     "gateway.max_rps_ratio.replicas1": _ratio_at(1),
     "gateway.max_rps_ratio.replicas2": _ratio_at(2),
+    # the gateway's direct port (a Deployment's pod's way in) in the same rotating windows, at its best count
+    "gateway.max_rps.pilothouse_direct_port": _get("gateway_overhead", "max_rps_judged_direct_port", "median_rps",
+                                                   "pilothouse, direct port"),
+    "gateway.max_rps_ratio.direct_port": _get("gateway_overhead", "max_rps_judged_direct_port", "ratio"),
     "gateway.event_loop_us_per_request.c256.pilothouse": _loop_us("pilothouse"),
     "gateway.event_loop_us_per_request.c256.serve_passthrough": _loop_us("serve passthrough"),
     **{f"gateway.instructions_per_request.{level}.{name}": _get("gateway_instructions", "summary",

@@ -70,6 +70,50 @@ def test_max_rps_is_each_targets_best_replica_count_and_paired_only_where_both_p
     assert judged({}) is None
 
 
+def test_the_direct_port_shares_the_rotating_max_rps_windows_and_is_judged_on_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each c=256 window has the pass-through beside every gateway, the order rotating; each gateway's ratio is its
+    own, a window with errors sustains nothing, and the direct port is judged only where it was measured."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    gateway_overhead = bench_module("gateway_overhead")
+    direct = gateway_overhead.DIRECT
+    rps = {"serve passthrough": [2000.0, 2200.0, 1800.0], "pilothouse": [1500.0, 1650.0, 1500.0],
+           direct: [1900.0, 2000.0, 1700.0]}
+    order: list[str] = []
+
+    def load(url: str, model: str, concurrency: int, args: object) -> dict[str, object]:
+        order.append(url)
+        window = len([u for u in order if u == url]) - 1
+        errors = 3 if url == direct and window == 1 else 0
+        return {"rps": rps[url][window], "errors": errors, "sent": 1000}
+
+    monkeypatch.setattr(gateway_overhead, "load", load)
+    monkeypatch.setattr(gateway_overhead, "thread_cpu", lambda pids: {})
+    urls = {t: t for t in rps}
+    pids = {t: [1] for t in rps}
+    args = type("Args", (), {"pairs": 3})()
+    two = gateway_overhead.alternate(urls, args, pids, ("pilothouse", direct))
+    assert order == ["serve passthrough", "pilothouse", direct, "pilothouse", direct, "serve passthrough",
+                     direct, "serve passthrough", "pilothouse"]
+    assert [r["ratios"] for r in two["rounds"]] == [{"pilothouse": 0.75, direct: 0.95},
+                                                    {"pilothouse": 0.75, direct: None},
+                                                    {"pilothouse": 0.833, direct: 0.944}]
+    assert two["median_ratios"] == {"pilothouse": 0.75, direct: 0.947} and two["median_ratio"] == 0.75
+    assert two["median_rps"][direct] == 1800.0  # the window with errors is left out
+    order.clear()
+    one = gateway_overhead.alternate(urls, type("Args", (), {"pairs": 2})(), pids)
+    assert order == ["serve passthrough", "pilothouse", "pilothouse", "serve passthrough"]
+    paired = {"one": {"replicas": 1, **one}, "two": {"replicas": 2, **two}}
+    judged = gateway_overhead.judged(paired, direct)
+    assert judged == {"replicas": {"serve passthrough": 2, direct: 2}, "paired": True, "ratio": 0.947,
+                      "median_rps": {"serve passthrough": 2000.0, direct: 1800.0}}
+    assert gateway_overhead.judged({"one": {"replicas": 1, **one}}, direct) is None  # never measured: no figure
+    figures = bench_module("summary").summarise({"gateway_overhead": {"max_rps_judged_direct_port": judged}})[
+        "figures"]
+    assert (figures["gateway.max_rps.pilothouse_direct_port"], figures["gateway.max_rps_ratio.direct_port"]) == (
+        1800.0, 0.947)
+
+
 def test_the_summary_takes_the_judged_ratio_and_litellms_best_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     results = {"serve passthrough (tp)": {"c256": {"rps": 2400.0, "errors": 0}},
