@@ -49,6 +49,11 @@ class _Server(uvicorn.Server):
         yield
 
 
+ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz", "/metrics"})
+"""The gateway's probe and scrape paths, answered whatever is in flight: a liveness probe refused under load would
+have the kubelet restart a pod that is only busy, and a refused scrape would hide the load it is under."""
+
+
 class InFlightLimit:
     """Answers a request beyond ``limit`` in flight with OpenAI's error object (503, code ``overloaded``,
     ``Retry-After``) instead of letting it wait on a replica that is already behind.
@@ -56,7 +61,7 @@ class InFlightLimit:
     Why not uvicorn's own ``limit_concurrency`` alone: past it uvicorn answers ``text/plain`` "Service Unavailable",
     which an OpenAI SDK reports as an unparsed error, and it counts open connections too, so a load balancer's idle
     keep-alive pool would turn requests away from a replica with nothing in flight. uvicorn's limit stays, set
-    higher, as the bound on connections.
+    higher, as the bound on connections. ``ALWAYS_ANSWERED`` paths neither count nor wait.
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
@@ -65,7 +70,7 @@ class InFlightLimit:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in ALWAYS_ANSWERED:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:

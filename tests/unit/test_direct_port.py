@@ -21,7 +21,7 @@ def app(delay_s: float = 0.0, name: str = "a") -> Starlette:
         await asyncio.sleep(delay_s)
         return JSONResponse({"served_by": name})
 
-    return Starlette(routes=[Route("/", answer)])
+    return Starlette(routes=[Route("/", answer), Route("/healthz", answer), Route("/metrics", answer)])
 
 
 async def test_it_serves_the_app_and_a_stopping_replica_finishes_what_it_started() -> None:
@@ -62,6 +62,21 @@ async def test_beyond_its_requests_in_flight_it_answers_an_openai_503_at_once_an
             assert refused.json()["error"]["code"] == "overloaded" and "limit" in refused.json()["error"]["message"]
             assert refused.headers["retry-after"] == "1"
             assert (await client.get(url)).json() == {"served_by": "a"}
+    finally:
+        await server.close()
+
+
+async def test_probes_and_scrapes_are_answered_while_the_requests_in_flight_are_at_the_limit() -> None:
+    """A liveness probe refused under load would have the kubelet restart a pod that is only busy."""
+    server = await DirectServer.start(app(delay_s=0.3), "127.0.0.1", 0, requests=1, connections=32)
+    url = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        async with httpx.AsyncClient() as client:
+            busy = asyncio.create_task(client.get(f"{url}/"))
+            await asyncio.sleep(0.1)  # the one request the replica takes is in flight
+            assert (await client.get(f"{url}/")).status_code == 503
+            assert [(await client.get(f"{url}{path}")).status_code for path in ("/healthz", "/metrics")] == [200, 200]
+            assert (await busy).status_code == 200
     finally:
         await server.close()
 
