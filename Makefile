@@ -50,7 +50,7 @@ e2e: setup  ## against a real cluster: KUBECONFIG, or a throwaway kind cluster w
 bench: setup .venv-litellm/.installed  ## side-by-side benchmarks; tables on stdout, JSON in bench/results/
 	$(PY) bench/reconcile_scale.py
 	$(PY) bench/probe_client.py
-	$(PY) bench/gateway_overhead.py --throughput-optimized on --c256 --pairs 5 --pair-replicas 1 2 --c32-rounds 3 \
+	$(PY) bench/gateway_overhead.py --throughput-optimized on --c256 --pairs 4 --pair-replicas 1 2 --c32-rounds 3 \
 		--pair-direct-port 2 --duration 7 --c1-requests 200
 	$(PY) bench/gateway_instructions.py
 	$(PY) bench/serve_share.py
