@@ -20,8 +20,9 @@ Settings measured on a 2-core machine (DESIGN.md §9) and kept here as defaults:
   the mode holds a stopping ingress replica for 30 s unless the draining period is zeroed (done here).
 - ``direct_port`` (``pilothouse serve --direct-port``, what the operator renders for a Deployment's pod, one
   replica each): the replica's own server on that port as well, past Serve's ingress (``direct``): at c=32 the
-  gateway added 2.99 ms there against 7.16 through HAProxy and Serve's wrapper (bench/gateway_overhead.py), 6.2-8.1
-  against 13.8-22.4 in bench/serve_share.py's slower runs.
+  gateway added 2.99 and 4.07 ms there against 7.16 and 12.78 through HAProxy and Serve's wrapper, and sustained
+  1.18x the pass-through's RPS through Serve against 0.76x (bench/gateway_overhead.py); 6.2-8.1 ms against 13.8-22.4
+  in bench/serve_share.py's slower runs.
 """
 
 from __future__ import annotations
