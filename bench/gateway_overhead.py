@@ -603,6 +603,9 @@ def main() -> None:
                         help="run the --pairs windows at each of these replica counts (a Ray instance each; "
                              "LiteLLM's c=256 with as many workers): each target's max RPS is its best count's")
     args = parser.parse_args()
+    if args.pair_direct_port and not (args.c32_rounds and args.throughput_optimized != "off"):
+        parser.error("--pair-direct-port needs --c32-rounds and --throughput-optimized on or both: the gateway "
+                     "answers on its direct port only then")
     if args.role == "backend":
         role_backend(args.port, args.model or BACKEND_MODEL)
     elif args.role == "load":
@@ -673,7 +676,7 @@ def bench(args: argparse.Namespace) -> None:
                         running = n
                         ray_proc.stop()
                         ray_proc, urls, pids = up(folder, fixtures, (backend_url, backend.p.pid), tp, False, n,
-                                                  free_port() if args.c32_rounds else None)
+                                                  free_port() if tp and args.c32_rounds else None)
                         procs.append(ray_proc)
                         console.print(f"Ray Serve{suffix} up again with {n} replicas of each target")
                         if args.c32_rounds:  # a replica per core (the CRD's advice): is one loop the c=32 wait?
