@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -61,12 +61,14 @@ class InFlightLimit:
     Why not uvicorn's own ``limit_concurrency`` alone: past it uvicorn answers ``text/plain`` "Service Unavailable",
     which an OpenAI SDK reports as an unparsed error, and it counts open connections too, so a load balancer's idle
     keep-alive pool would turn requests away from a replica with nothing in flight. uvicorn's limit stays, set
-    higher, as the bound on connections. ``ALWAYS_ANSWERED`` paths neither count nor wait.
+    higher, as the bound on connections. ``ALWAYS_ANSWERED`` paths neither count nor wait. ``on_refused`` is called
+    once per refusal (the gateway counts it in its ``/metrics``), on the event loop.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, on_refused: Callable[[], None] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.on_refused = on_refused
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,6 +76,8 @@ class InFlightLimit:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
+            if self.on_refused is not None:
+                self.on_refused()
             refusal = openai_error(503, f"This gateway replica has {self.limit} requests in flight, its limit; "
                                    f"retry after {RETRY_AFTER_S} s, or add replicas.", code="overloaded",
                                    headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -111,16 +115,18 @@ class DirectServer:
     address: tuple[str, int]
 
     @classmethod
-    async def start(cls, app: ASGIApp, host: str, port: int, *, requests: int, connections: int) -> DirectServer:
-        """Serve ``app`` on ``host:port`` from the running loop, at most ``requests`` in flight (``InFlightLimit``)
-        and ``connections`` open (beyond it uvicorn answers a plain 503); raises ``OSError`` when the port cannot
-        be bound (taken by a process that does not share it), so the replica fails to start with the reason."""
+    async def start(cls, app: ASGIApp, host: str, port: int, *, requests: int, connections: int,
+                    on_refused: Callable[[], None] | None = None) -> DirectServer:
+        """Serve ``app`` on ``host:port`` from the running loop, at most ``requests`` in flight (``InFlightLimit``,
+        which calls ``on_refused`` for each request it turns away) and ``connections`` open (beyond it uvicorn
+        answers a plain 503); raises ``OSError`` when the port cannot be bound (taken by a process that does not
+        share it), so the replica fails to start with the reason."""
         sock = listen(host, port)
         # No proxy-headers middleware (uvicorn's default): it would rewrite every request's client address from
         # X-Forwarded-For, which nothing in the gateway reads, and no proxy on this host forwards to this port.
-        config = uvicorn.Config(InFlightLimit(app, requests), lifespan="off", access_log=False, log_config=None,
-                                limit_concurrency=connections,
-                                timeout_graceful_shutdown=GRACE_S, proxy_headers=False)
+        config = uvicorn.Config(InFlightLimit(app, requests, on_refused), lifespan="off", access_log=False,
+                                log_config=None, limit_concurrency=connections, timeout_graceful_shutdown=GRACE_S,
+                                proxy_headers=False)
         server = _Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="pilothouse-direct-port")
         while not server.started:

@@ -37,8 +37,9 @@ OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.0
 """Fine at the low end: the gateway's goal is a few milliseconds of added latency (issue 3)."""
 
 INTERNAL_ERROR = "internal_error"  # a failure in the gateway itself: the outcome, the error code, the attempt's class
+OVERLOADED = "overloaded"  # turned away unread: the replica had its limit of requests in flight (``direct``)
 OUTCOMES = frozenset({"ok", "cache_hit", "budget_rejected", "invalid_request", "unauthorized", "no_backend",
-                      "store_unavailable", INTERNAL_ERROR,
+                      "store_unavailable", INTERNAL_ERROR, OVERLOADED,
                       *(e.value for e in ErrorClass)})
 """Fixed vocabulary of ``outcome``: success, the gateway's own refusals, or the final error class."""
 REASONS = frozenset({"circuit_open", "unhealthy", "budget_downgrade", *(e.value for e in ErrorClass)})
@@ -185,6 +186,11 @@ class Metrics:
         self.request_duration.observe((name,), duration_s)
         if overhead_s is not None:
             self.gateway_overhead.observe((), overhead_s)
+
+    def overloaded(self) -> None:
+        """One request refused unread at the replica's in-flight limit: no route or backend to name, and no
+        duration, which would pull the latency histogram toward zero just when the replica is slowest."""
+        self.requests.inc((OTHER, OTHER, OVERLOADED))
 
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None:
         self.fallbacks.inc((self.backend(from_backend), self.backend(to_backend), _bounded(reason, REASONS)))

@@ -95,7 +95,8 @@ class Gateway:
         if config.direct_port is not None:
             self.direct = await DirectServer.start(self.gateway_app, config.direct_host, config.direct_port,
                                                    requests=MAX_ONGOING_REQUESTS,
-                                                   connections=DIRECT_MAX_CONNECTIONS)
+                                                   connections=DIRECT_MAX_CONNECTIONS,
+                                                   on_refused=self.gateway_app.state.dataplane.metrics.overloaded)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.gateway_app  # not ``app``: the name of the ASGI wrapper's own property

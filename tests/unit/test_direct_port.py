@@ -52,12 +52,15 @@ async def test_replicas_on_one_host_share_the_port() -> None:
 async def test_beyond_its_requests_in_flight_it_answers_an_openai_503_at_once_and_then_serves_again() -> None:
     """A refusal an OpenAI SDK can read (its error object, code ``overloaded``) with ``Retry-After``, not uvicorn's
     plain-text page; the requests it took still complete."""
-    server = await DirectServer.start(app(delay_s=0.3), "127.0.0.1", 0, requests=2, connections=32)
+    refusals: list[None] = []
+    server = await DirectServer.start(app(delay_s=0.3), "127.0.0.1", 0, requests=2, connections=32,
+                                      on_refused=lambda: refusals.append(None))
     url = f"http://127.0.0.1:{server.address[1]}/"
     try:
         async with httpx.AsyncClient() as client:
             answers = await asyncio.gather(*(client.get(url) for _ in range(6)))
             assert sorted(r.status_code for r in answers) == [200, 200, 503, 503, 503, 503]
+            assert len(refusals) == 4  # each refusal counted once, for the gateway's /metrics
             refused = next(r for r in answers if r.status_code == 503)
             assert refused.json()["error"]["code"] == "overloaded" and "limit" in refused.json()["error"]["message"]
             assert refused.headers["retry-after"] == "1"

@@ -100,6 +100,14 @@ def test_label_values_outside_the_routing_table_become_other(metrics: Metrics) -
     assert not any(v.startswith(("gpt-", "made-up-", "weird-", "policy-", "x-", "why-")) for v in label_values)
 
 
+def test_a_request_refused_at_the_in_flight_limit_counts_as_overloaded_without_a_duration(metrics: Metrics) -> None:
+    """An alert on refusals needs the count; a zero duration per refusal would make an overloaded replica look fast."""
+    metrics.overloaded()
+    metrics.overloaded()
+    assert value(metrics, "pilothouse_requests_total", route=OTHER, backend=OTHER, outcome="overloaded") == 2
+    assert value(metrics, "pilothouse_request_duration_seconds_count", route=OTHER) is None
+
+
 def test_gauges_of_unknown_names_are_not_recorded(metrics: Metrics) -> None:
     metrics.circuit("not-in-table", BreakerState.OPEN)
     metrics.budget_left("someone-else", "day", 1.0)
