@@ -84,9 +84,6 @@ def summarise(rounds: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-
-
-
 def report(rounds: dict[str, Any], summary: dict[str, Any], args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table

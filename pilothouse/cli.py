@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -320,16 +321,18 @@ def serve(
 
 def _check_direct_port(host: str, port: int, direct_port: int) -> None:
     """Refuse a direct port that cannot be had, before Ray starts: the replica's own failure would come back from
-    Serve as a deployment error after seconds."""
+    Serve as a deployment error after seconds. Unshared: this process's one replica is the first on the port, and a
+    gateway still running there would otherwise share it with the new one (both set ``SO_REUSEPORT``)."""
     from pilothouse.serving.direct import listen
 
     if direct_port == port:
         raise fail(f"--direct-port {direct_port} is --port too", "give the direct port a port of its own")
     try:
-        listen(host, direct_port).close()
+        listen(host, direct_port, shared=False).close()
     except OSError as exc:
-        raise fail(f"--direct-port {direct_port} on {host}: {exc.strerror or exc}",
-                   "pick a free port, or leave --direct-port out") from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise fail(f"--direct-port {direct_port} on {host}: {reason}",
+                   "pick a free port, or stop what listens there, or leave --direct-port out") from None
 
 
 def _absolute_store_url(store_url: str) -> str:

@@ -70,6 +70,10 @@ class InFlightLimit:
         self.limit = limit
         self.on_refused = on_refused
         self.in_flight = 0
+        # Built once: a refusal comes when the loop is busiest, and its answer never changes.
+        self._refusal = openai_error(503, f"This gateway replica has {limit} requests in flight, its limit; retry "
+                                     f"after {RETRY_AFTER_S} s, or add replicas.", code="overloaded",
+                                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in ALWAYS_ANSWERED:
@@ -78,10 +82,7 @@ class InFlightLimit:
         if self.in_flight >= self.limit:
             if self.on_refused is not None:
                 self.on_refused()
-            refusal = openai_error(503, f"This gateway replica has {self.limit} requests in flight, its limit; "
-                                   f"retry after {RETRY_AFTER_S} s, or add replicas.", code="overloaded",
-                                   headers={"Retry-After": str(RETRY_AFTER_S)})
-            await refusal(scope, receive, send)
+            await self._refusal(scope, receive, send)
             return
         self.in_flight += 1
         try:
@@ -90,19 +91,13 @@ class InFlightLimit:
             self.in_flight -= 1
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` that other replicas on this host may share (``SO_REUSEPORT``)."""
+def listen(host: str, port: int, *, shared: bool = True) -> socket.socket:
+    """A listening TCP socket on ``host:port``, non-blocking for uvicorn; ``shared``: other replicas on this host may
+    listen on it too (``SO_REUSEPORT``). Raises ``OSError`` when the port is taken (by any socket, when not
+    ``shared``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
+    sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=shared)
+    sock.setblocking(False)
     return sock
 
 

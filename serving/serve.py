@@ -88,7 +88,7 @@ class Gateway:
     when the args name one."""
 
     async def __init__(self, args: dict[str, Any]) -> None:
-        self.args = config = GatewayArgs.model_validate(args)
+        config = GatewayArgs.model_validate(args)
         self.gateway_app = build_app(config.routing, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes,
                                      store_url=config.store_url, otlp_endpoint=config.otlp_endpoint)
         self.direct: DirectServer | None = None

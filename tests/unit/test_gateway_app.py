@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from pilothouse.operator.api import RoutingTable
 from pilothouse.operator.routing import Dependencies, compile_table
 from pilothouse.serving.auth import ANONYMOUS, ApiKeyError, tenant_of
+from pilothouse.serving.direct import listen
 from pilothouse.serving.gateway import build_app, validate_chat
 from tests.polling import eventually_sync
 
@@ -335,18 +336,26 @@ def test_app_builder_is_importable_as_a_serve_config_import_path(routing: Path) 
 
 
 def test_cli_serve_refuses_a_direct_port_it_cannot_have_before_starting_ray(routing: Path) -> None:
+    def refusal(*argv: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "pilothouse", "serve", "--routing", str(routing), *argv],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, result.stderr
+        first, *rest = result.stderr.splitlines()
+        assert first.startswith("error: --direct-port") and "Traceback" not in result.stderr
+        assert rest and all(line.startswith("hint: ") for line in rest)
+        return first
+
+    assert "is --port too" in refusal("--port", "8123", "--direct-port", "8123")
     with socket.socket() as taken:  # held by another process's socket, not shared
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        for argv, said in ((["--direct-port", str(port)], "in use"), (["--port", "8123", "--direct-port", "8123"],
-                                                                     "is --port too")):
-            result = subprocess.run([sys.executable, "-m", "pilothouse", "serve", "--routing", str(routing), *argv],
-                                    capture_output=True, text=True, timeout=60, check=False)
-            assert result.returncode == 2, result.stderr
-            first, *rest = result.stderr.splitlines()
-            assert first.startswith("error: --direct-port") and said in first and "Traceback" not in result.stderr
-            assert rest and all(line.startswith("hint: ") for line in rest)
+        assert "in use" in refusal("--direct-port", str(taken.getsockname()[1]))
+    # a gateway replica still running there: its socket would share the port with the new gateway's
+    running = listen("127.0.0.1", 0)
+    try:
+        assert "in use" in refusal("--direct-port", str(running.getsockname()[1]))
+    finally:
+        running.close()
 
 
 @pytest.mark.parametrize("content", [None, "{}"])

@@ -101,7 +101,8 @@ def test_the_gateway_serves_on_the_pod_address_past_serves_ingress_in_a_deployme
     come in on the pod's address), and a writable /tmp under the read-only root for Ray. A Deployment's pod (one
     replica, the Service spreading requests over pods) is answered on the replica's direct port, past Serve's
     ingress; a RayService keeps Serve's ingress with HAProxy, as ``pilothouse serve --throughput-optimized``."""
-    rendered = {mode: rendered_gateway({"mode": mode}) for mode in ("deployment", "rayservice")}
+    deployment = rendered_objects({"mode": "deployment"})
+    rendered = {"deployment": deployment[1], "rayservice": rendered_gateway({"mode": "rayservice"})}
     pod = rendered["deployment"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     args = container["args"]
@@ -110,7 +111,7 @@ def test_the_gateway_serves_on_the_pod_address_past_serves_ingress_in_a_deployme
     assert direct != int(args[args.index("--port") + 1])
     assert container["ports"] == [{"name": "http", "containerPort": direct}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    service = rendered_objects({"mode": "deployment"})[2]
+    service = deployment[2]
     assert service["spec"]["ports"] == [{"name": "http", "port": render_gateway.PORT, "targetPort": direct}]
     assert container["securityContext"]["readOnlyRootFilesystem"]
     tmp = next(v["name"] for v in pod["volumes"] if "emptyDir" in v)
